@@ -1,0 +1,522 @@
+//! Settings: `config/default.toml` (or `--config FILE` / `KEYTURN_CONFIG`), then environment
+//! overrides `KEYTURN_<SECTION>__<KEY>`, then credentials from `CLOUD_SDK_AK` / `CLOUD_SDK_SK`.
+//!
+//! Loading validates everything once; a bad value is a [`ConfigError`] naming the key, which
+//! `main` prints as one line before exiting with status 2.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use secrecy::SecretString;
+use serde::{Deserialize, Serialize};
+
+use crate::gaussdb::regions;
+
+/// A configuration problem, always tied to the key that caused it.
+#[derive(Debug, thiserror::Error)]
+#[error("config key {key}: {problem}")]
+pub struct ConfigError {
+    pub key: String,
+    pub problem: String,
+}
+
+fn config_error(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError { key: key.into(), problem: problem.into() }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    pub amqp: AmqpSettings,
+    pub worker: WorkerSettings,
+    pub api: ApiSettings,
+    pub rate_limit: RateLimitSettings,
+    pub retry: RetrySettings,
+    pub audit: AuditSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AmqpSettings {
+    pub url: String,
+    pub jobs_queue: String,
+    pub dead_letter_exchange: String,
+    pub dead_queue: String,
+    pub results_exchange: String,
+    pub delivery_limit: u32,
+    pub heartbeat_secs: u16,
+    #[serde(with = "duration_text")]
+    pub reconnect_max_backoff: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerSettings {
+    /// Names this worker in event sources and audit rows; empty = host name and process id.
+    pub id: String,
+    pub concurrency: u16,
+    #[serde(with = "duration_text")]
+    pub grace_period: Duration,
+    /// Region for jobs that name none; empty = none.
+    pub default_region: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiSettings {
+    /// Replaces the region table when set (private endpoints, the simulator).
+    pub endpoint: String,
+    /// `aksk` (from CLOUD_SDK_AK / CLOUD_SDK_SK) or `token` (api.token).
+    pub auth: String,
+    /// Static IAM token for `auth = "token"`; better given as KEYTURN_API__TOKEN.
+    pub token: String,
+    pub language: String,
+    #[serde(with = "duration_text")]
+    pub connect_timeout: Duration,
+    #[serde(with = "duration_text")]
+    pub request_timeout: Duration,
+    /// Ask Describe after a successful Modify and report what the instance says.
+    pub confirm_after: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitSettings {
+    pub per_second: u32,
+    pub burst: u32,
+    pub per_project_per_second: u32,
+    pub per_project_burst: u32,
+    /// How long calls to one region+project pause after a 429 without Retry-After.
+    #[serde(with = "duration_text")]
+    pub throttle_pause: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetrySettings {
+    pub max_attempts: u32,
+    #[serde(with = "duration_text")]
+    pub base_delay: Duration,
+    #[serde(with = "duration_text")]
+    pub max_delay: Duration,
+    /// Total time a job may spend on API calls and waits before it ends `failed`.
+    #[serde(with = "duration_text")]
+    pub deadline: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditSettings {
+    pub path: PathBuf,
+    #[serde(with = "duration_text")]
+    pub busy_timeout: Duration,
+    /// SQLite `synchronous`: `full` (default, every commit reaches the disk) or `normal`.
+    pub synchronous: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    /// A tracing filter such as `info` or `keyturn=debug`; RUST_LOG wins when set.
+    pub level: String,
+    /// `text` or `json`.
+    pub format: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            amqp: AmqpSettings::default(),
+            worker: WorkerSettings::default(),
+            api: ApiSettings::default(),
+            rate_limit: RateLimitSettings::default(),
+            retry: RetrySettings::default(),
+            audit: AuditSettings::default(),
+            log: LogSettings::default(),
+        }
+    }
+}
+
+impl Default for AmqpSettings {
+    fn default() -> Self {
+        AmqpSettings {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            jobs_queue: "keyturn.jobs".into(),
+            dead_letter_exchange: "keyturn.dlx".into(),
+            dead_queue: "keyturn.jobs.dead".into(),
+            results_exchange: "keyturn.results".into(),
+            delivery_limit: 20,
+            heartbeat_secs: 10,
+            reconnect_max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        WorkerSettings {
+            id: String::new(),
+            concurrency: 16,
+            grace_period: Duration::from_secs(30),
+            default_region: String::new(),
+        }
+    }
+}
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        ApiSettings {
+            endpoint: String::new(),
+            auth: "aksk".into(),
+            token: String::new(),
+            language: "en-us".into(),
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(30),
+            confirm_after: false,
+        }
+    }
+}
+
+impl Default for RateLimitSettings {
+    fn default() -> Self {
+        RateLimitSettings {
+            per_second: 50,
+            burst: 10,
+            per_project_per_second: 5,
+            per_project_burst: 5,
+            throttle_pause: Duration::from_secs(3),
+        }
+    }
+}
+
+impl Default for RetrySettings {
+    fn default() -> Self {
+        RetrySettings {
+            max_attempts: 6,
+            base_delay: Duration::from_millis(200),
+            max_delay: Duration::from_secs(20),
+            deadline: Duration::from_secs(300),
+        }
+    }
+}
+
+impl Default for AuditSettings {
+    fn default() -> Self {
+        AuditSettings {
+            path: PathBuf::from("./keyturn-audit.db"),
+            busy_timeout: Duration::from_secs(5),
+            synchronous: "full".into(),
+        }
+    }
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings { level: "info".into(), format: "text".into() }
+    }
+}
+
+/// How the worker authenticates to the API. `Debug` never shows the secrets.
+#[derive(Debug, Clone)]
+pub enum Credentials {
+    AkSk { ak: String, sk: SecretString },
+    Token(SecretString),
+}
+
+impl Settings {
+    /// Reads `path` (or the built-in defaults when `None`), applies `env` overrides and validates.
+    pub fn load(path: Option<&Path>, env: &[(String, String)]) -> Result<Settings, ConfigError> {
+        let mut table = match path {
+            Some(path) => read_table(path)?,
+            None => toml::Table::new(),
+        };
+        apply_env(&mut table, env)?;
+        let settings: Settings = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|error| config_error(error.path().to_string(), error.inner().to_string()))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// The worker's name: `worker.id`, or host name and process id.
+    pub fn worker_id(&self) -> String {
+        if !self.worker.id.is_empty() {
+            return self.worker.id.clone();
+        }
+        let host = std::fs::read_to_string("/etc/hostname")
+            .map(|name| name.trim().to_owned())
+            .unwrap_or_else(|_| "localhost".into());
+        format!("{host}-{}", std::process::id())
+    }
+
+    /// The credentials `api.auth` asks for, from `env` (CLOUD_SDK_AK / CLOUD_SDK_SK) or `api.token`.
+    pub fn credentials(&self, env: &[(String, String)]) -> Result<Credentials, ConfigError> {
+        let var = |name: &str| {
+            env.iter()
+                .find(|(key, _)| key == name)
+                .map(|(_, value)| value.clone())
+                .filter(|value| !value.is_empty())
+        };
+        match self.api.auth.as_str() {
+            "aksk" => {
+                let ak = var("CLOUD_SDK_AK")
+                    .ok_or_else(|| config_error("CLOUD_SDK_AK", "is not set (api.auth = \"aksk\")"))?;
+                let sk = var("CLOUD_SDK_SK")
+                    .ok_or_else(|| config_error("CLOUD_SDK_SK", "is not set (api.auth = \"aksk\")"))?;
+                Ok(Credentials::AkSk { ak, sk: sk.into() })
+            }
+            "token" if !self.api.token.is_empty() => {
+                Ok(Credentials::Token(self.api.token.clone().into()))
+            }
+            "token" => Err(config_error("api.token", "is empty (api.auth = \"token\")")),
+            other => Err(config_error("api.auth", format!("must be aksk or token, not {other:?}"))),
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let amqp = &self.amqp;
+        amqp.url
+            .parse::<lapin::uri::AMQPUri>()
+            .map_err(|problem| config_error("amqp.url", format!("is not an AMQP URL: {problem}")))?;
+        for (key, name) in [
+            ("amqp.jobs_queue", &amqp.jobs_queue),
+            ("amqp.dead_letter_exchange", &amqp.dead_letter_exchange),
+            ("amqp.dead_queue", &amqp.dead_queue),
+            ("amqp.results_exchange", &amqp.results_exchange),
+        ] {
+            if name.is_empty() || name.len() > 255 || name.starts_with("amq.") {
+                return Err(config_error(key, "must be 1-255 characters and not start with amq."));
+            }
+        }
+        range("amqp.delivery_limit", amqp.delivery_limit.into(), 1, 1000)?;
+        range("amqp.heartbeat_secs", amqp.heartbeat_secs.into(), 1, 600)?;
+        range("worker.concurrency", self.worker.concurrency.into(), 1, 2000)?;
+        positive("amqp.reconnect_max_backoff", amqp.reconnect_max_backoff)?;
+        positive("worker.grace_period", self.worker.grace_period)?;
+        self.validate_api()?;
+        self.validate_limits()?;
+        match self.audit.synchronous.as_str() {
+            "full" | "normal" => {}
+            _ => return Err(config_error("audit.synchronous", "must be full or normal")),
+        }
+        if self.audit.path.as_os_str().is_empty() {
+            return Err(config_error("audit.path", "is empty"));
+        }
+        match self.log.format.as_str() {
+            "text" | "json" => {}
+            _ => return Err(config_error("log.format", "must be text or json")),
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|error| config_error("log.level", error.to_string()))?;
+        Ok(())
+    }
+
+    fn validate_api(&self) -> Result<(), ConfigError> {
+        let api = &self.api;
+        if !api.endpoint.is_empty() {
+            let url = reqwest::Url::parse(&api.endpoint)
+                .map_err(|error| config_error("api.endpoint", format!("is not a URL: {error}")))?;
+            if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+                return Err(config_error("api.endpoint", "must be an http(s) URL with a host"));
+            }
+        }
+        let default_region = &self.worker.default_region;
+        if !default_region.is_empty() && api.endpoint.is_empty() && regions::host_prefix(default_region).is_none() {
+            return Err(config_error("worker.default_region", format!("{default_region:?} is not a known region")));
+        }
+        if !matches!(api.auth.as_str(), "aksk" | "token") {
+            return Err(config_error("api.auth", format!("must be aksk or token, not {:?}", api.auth)));
+        }
+        if !matches!(api.language.as_str(), "en-us" | "zh-cn") {
+            return Err(config_error("api.language", "must be en-us or zh-cn"));
+        }
+        positive("api.connect_timeout", api.connect_timeout)?;
+        positive("api.request_timeout", api.request_timeout)
+    }
+
+    fn validate_limits(&self) -> Result<(), ConfigError> {
+        let limits = &self.rate_limit;
+        range("rate_limit.per_second", limits.per_second.into(), 1, 100_000)?;
+        range("rate_limit.burst", limits.burst.into(), 1, 100_000)?;
+        range("rate_limit.per_project_per_second", limits.per_project_per_second.into(), 1, 100_000)?;
+        range("rate_limit.per_project_burst", limits.per_project_burst.into(), 1, 100_000)?;
+        positive("rate_limit.throttle_pause", limits.throttle_pause)?;
+        let retry = &self.retry;
+        range("retry.max_attempts", retry.max_attempts.into(), 1, 100)?;
+        positive("retry.base_delay", retry.base_delay)?;
+        if retry.max_delay < retry.base_delay {
+            return Err(config_error("retry.max_delay", "must be at least retry.base_delay"));
+        }
+        positive("retry.deadline", retry.deadline)?;
+        if retry.deadline > Duration::from_secs(20 * 60) {
+            return Err(config_error(
+                "retry.deadline",
+                "must stay well under RabbitMQ's 30 min consumer timeout (at most 20m)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn range(key: &str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
+    if (min..=max).contains(&value) {
+        Ok(())
+    } else {
+        Err(config_error(key, format!("is {value}; it must be between {min} and {max}")))
+    }
+}
+
+fn positive(key: &str, value: Duration) -> Result<(), ConfigError> {
+    if value.is_zero() {
+        Err(config_error(key, "must be longer than zero"))
+    } else {
+        Ok(())
+    }
+}
+
+fn read_table(path: &Path) -> Result<toml::Table, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|error| config_error("--config", format!("cannot read {}: {error}", path.display())))?;
+    toml::from_str(&text).map_err(|error| {
+        let at = error.span().map(|span| format!(" (byte {})", span.start)).unwrap_or_default();
+        config_error(path.display().to_string(), format!("is not valid TOML{at}: {}", error.message()))
+    })
+}
+
+/// Applies `KEYTURN_<SECTION>__<KEY>` variables. Each value takes the type the key has in the
+/// defaults, so `KEYTURN_AMQP__URL=...` stays a string and `KEYTURN_WORKER__CONCURRENCY=8` a number.
+fn apply_env(table: &mut toml::Table, env: &[(String, String)]) -> Result<(), ConfigError> {
+    let defaults = match toml::Value::try_from(Settings::default()).expect("defaults serialize") {
+        toml::Value::Table(table) => table,
+        _ => unreachable!("settings serialize to a table"),
+    };
+    for (name, value) in env {
+        let Some(path) = name.strip_prefix("KEYTURN_") else { continue };
+        let Some((section, key)) = path.split_once("__") else { continue };
+        let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
+        let dotted = format!("{section}.{key}");
+        let Some(default) = defaults.get(&section).and_then(|s| s.get(&key)) else {
+            return Err(config_error(name.clone(), format!("names no config key ({dotted})")));
+        };
+        let typed = typed_value(default, value)
+            .ok_or_else(|| config_error(dotted.clone(), format!("{name} is not a valid {}", default.type_str())))?;
+        let entry = table
+            .entry(section)
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let toml::Value::Table(section_table) = entry else {
+            return Err(config_error(dotted, "its section is not a table"));
+        };
+        section_table.insert(key, typed);
+    }
+    Ok(())
+}
+
+fn typed_value(like: &toml::Value, text: &str) -> Option<toml::Value> {
+    Some(match like {
+        toml::Value::Integer(_) => toml::Value::Integer(text.trim().parse().ok()?),
+        toml::Value::Float(_) => toml::Value::Float(text.trim().parse().ok()?),
+        toml::Value::Boolean(_) => toml::Value::Boolean(text.trim().parse().ok()?),
+        _ => toml::Value::String(text.to_owned()),
+    })
+}
+
+/// Durations written the human way (`250ms`, `30s`, `10m`).
+mod duration_text {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&humantime::format_duration(*value).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        humantime::parse_duration(&text)
+            .map_err(|error| serde::de::Error::custom(format!("{text:?} is not a duration like 30s: {error}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn shipped() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/default.toml")
+    }
+
+    #[test]
+    fn shipped_file_loads_and_equals_the_defaults() {
+        let loaded = Settings::load(Some(&shipped()), &[]).unwrap();
+        let defaults = Settings::default();
+        assert_eq!(
+            toml::to_string(&loaded).unwrap(),
+            toml::to_string(&defaults).unwrap()
+        );
+    }
+
+    #[test]
+    fn env_overrides_take_the_key_type() {
+        let settings = Settings::load(
+            None,
+            &env(&[
+                ("KEYTURN_AMQP__URL", "amqp://u:p@host:5673/v"),
+                ("KEYTURN_WORKER__CONCURRENCY", "8"),
+                ("KEYTURN_API__CONFIRM_AFTER", "true"),
+                ("KEYTURN_RETRY__BASE_DELAY", "50ms"),
+                ("UNRELATED", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(settings.amqp.url, "amqp://u:p@host:5673/v");
+        assert_eq!(settings.worker.concurrency, 8);
+        assert!(settings.api.confirm_after);
+        assert_eq!(settings.retry.base_delay, Duration::from_millis(50));
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let cases = [
+            ("KEYTURN_WORKER__CONCURRENCY", "many", "worker.concurrency"),
+            ("KEYTURN_WORKER__CONCURRENCY", "0", "worker.concurrency"),
+            ("KEYTURN_AMQP__URL", "http://x", "amqp.url"),
+            ("KEYTURN_API__ENDPOINT", "not a url", "api.endpoint"),
+            ("KEYTURN_RETRY__BASE_DELAY", "soon", "retry.base_delay"),
+            ("KEYTURN_RETRY__DEADLINE", "40m", "retry.deadline"),
+            ("KEYTURN_API__AUTH", "password", "api.auth"),
+            ("KEYTURN_LOG__FORMAT", "xml", "log.format"),
+            ("KEYTURN_WORKER__DEFAULT_REGION", "mars-1", "worker.default_region"),
+            ("KEYTURN_NOPE__KEY", "1", "KEYTURN_NOPE__KEY"),
+        ];
+        for (name, value, key) in cases {
+            let result = Settings::load(None, &env(&[(name, value)]))
+                .and_then(|settings| settings.credentials(&[]).map(|_| settings));
+            let error = result.expect_err(name);
+            assert_eq!(error.key, key, "{name}={value}: {error}");
+        }
+    }
+
+    #[test]
+    fn unknown_file_keys_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, "[worker]\nconcurency = 3\n").unwrap();
+        let error = Settings::load(Some(&path), &[]).unwrap_err();
+        assert!(error.key.starts_with("worker"), "{error}");
+        assert!(error.problem.contains("concurency"), "{error}");
+    }
+
+    #[test]
+    fn credentials_come_from_the_sdk_variables_and_never_print() {
+        let settings = Settings::load(None, &[]).unwrap();
+        assert_eq!(settings.credentials(&[]).unwrap_err().key, "CLOUD_SDK_AK");
+        let creds = settings
+            .credentials(&env(&[("CLOUD_SDK_AK", "AK1"), ("CLOUD_SDK_SK", "very-secret-sk")]))
+            .unwrap();
+        assert!(!format!("{creds:?}").contains("very-secret-sk"));
+    }
+}
