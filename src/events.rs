@@ -1,0 +1,156 @@
+//! Result events: one CloudEvents 1.0 document (structured JSON mode) per finished job.
+//!
+//! The event is built once, stored in the audit row as JSON, and published from that stored form,
+//! so a replay for a duplicate delivery sends byte-for-byte the same event with the same id.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+
+/// AMQP content type of every result event.
+pub const CONTENT_TYPE: &str = "application/cloudevents+json";
+
+/// How a job ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Succeeded,
+    Failed,
+    Rejected,
+    Halted,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Succeeded => "succeeded",
+            Outcome::Failed => "failed",
+            Outcome::Rejected => "rejected",
+            Outcome::Halted => "halted",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Outcome> {
+        [Outcome::Succeeded, Outcome::Failed, Outcome::Rejected, Outcome::Halted]
+            .into_iter()
+            .find(|outcome| outcome.as_str() == text)
+    }
+}
+
+/// The `data` of a result event: everything a monitor needs about one job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobResult {
+    pub job_id: String,
+    pub rollout_id: Option<String>,
+    pub ticket: Option<String>,
+    pub region: Option<String>,
+    pub project_id: Option<String>,
+    pub instance_id: Option<String>,
+    pub requested_status: Option<String>,
+    pub resulting_status: Option<String>,
+    pub outcome: Outcome,
+    pub attempts: u32,
+    pub http_status: Option<u16>,
+    pub error_code: Option<String>,
+    pub error_msg: Option<String>,
+    pub request_id: Option<String>,
+    pub duration_ms: u64,
+}
+
+/// A CloudEvents 1.0 envelope around a [`JobResult`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResultEvent {
+    pub specversion: String,
+    pub id: String,
+    pub source: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub subject: Option<String>,
+    pub time: String,
+    pub datacontenttype: String,
+    pub data: JobResult,
+}
+
+impl ResultEvent {
+    /// Wraps `data` with a fresh time-ordered id (UUIDv7).
+    pub fn new(worker_id: &str, data: JobResult, at: DateTime<Utc>) -> ResultEvent {
+        ResultEvent {
+            specversion: "1.0".into(),
+            id: uuid::Uuid::now_v7().to_string(),
+            source: format!("/keyturn/worker/{worker_id}"),
+            kind: format!("dev.keyturn.job.{}", data.outcome.as_str()),
+            subject: data.instance_id.clone(),
+            time: at.to_rfc3339_opts(SecondsFormat::Millis, true),
+            datacontenttype: "application/json".into(),
+            data,
+        }
+    }
+
+    /// `job.<outcome>.<region>`; `unknown` stands in for a missing or unusable region.
+    pub fn routing_key(&self) -> String {
+        let region = self
+            .data
+            .region
+            .as_deref()
+            .filter(|region| {
+                !region.is_empty()
+                    && region.len() <= 32
+                    && region.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            })
+            .unwrap_or("unknown");
+        format!("job.{}.{region}", self.data.outcome.as_str())
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("events serialize")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(outcome: Outcome, region: Option<&str>) -> JobResult {
+        JobResult {
+            job_id: "J-1".into(),
+            rollout_id: None,
+            ticket: None,
+            region: region.map(str::to_owned),
+            project_id: None,
+            instance_id: Some("7033e7c3cf93438797d44ad7ae0a7d95in07".into()),
+            requested_status: Some("on".into()),
+            resulting_status: Some("on".into()),
+            outcome,
+            attempts: 1,
+            http_status: Some(200),
+            error_code: None,
+            error_msg: None,
+            request_id: Some("r-1".into()),
+            duration_ms: 12,
+        }
+    }
+
+    #[test]
+    fn envelope_has_the_cloudevents_shape() {
+        let at = DateTime::parse_from_rfc3339("2026-11-28T10:15:00.123Z").unwrap().to_utc();
+        let event = ResultEvent::new("w-1", result(Outcome::Succeeded, Some("cn-north-4")), at);
+        let json: serde_json::Value = serde_json::from_str(&event.to_json()).unwrap();
+        assert_eq!(json["specversion"], "1.0");
+        assert_eq!(json["type"], "dev.keyturn.job.succeeded");
+        assert_eq!(json["source"], "/keyturn/worker/w-1");
+        assert_eq!(json["time"], "2026-11-28T10:15:00.123Z");
+        assert_eq!(json["subject"], "7033e7c3cf93438797d44ad7ae0a7d95in07");
+        assert_eq!(json["data"]["outcome"], "succeeded");
+        assert_eq!(json["data"]["error_code"], serde_json::Value::Null);
+        assert_eq!(uuid::Uuid::parse_str(json["id"].as_str().unwrap()).unwrap().get_version_num(), 7);
+        assert_eq!(event.routing_key(), "job.succeeded.cn-north-4");
+    }
+
+    #[test]
+    fn unusable_regions_route_as_unknown() {
+        let at = Utc::now();
+        for region in [None, Some("a.b"), Some("#"), Some("")] {
+            let event = ResultEvent::new("w", result(Outcome::Rejected, region), at);
+            assert_eq!(event.routing_key(), "job.rejected.unknown");
+        }
+    }
+}
