@@ -1,0 +1,8 @@
+//! The GaussDB (for MySQL) backup-encryption API: the signed HTTP client, the pure signer, the
+//! region table.
+
+pub mod client;
+pub mod regions;
+pub mod signer;
+
+pub use client::{Call, CallError, Client, Exchange};
