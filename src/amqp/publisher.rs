@@ -1,0 +1,107 @@
+//! Result events out: a dedicated connection with publisher confirms. `publish` returns only
+//! once the broker confirmed the event (and its `reply_to` copy), so the pipeline can ack the job.
+//! A failed publish drops the channel; the next call reconnects.
+
+use std::sync::Arc;
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::ShortString;
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use tokio::sync::Mutex;
+
+use crate::config::AmqpSettings;
+use crate::events::{CONTENT_TYPE, ResultEvent};
+use crate::pipeline::EventSink;
+
+pub struct Publisher {
+    settings: AmqpSettings,
+    name: String,
+    link: Mutex<Option<(Connection, Channel)>>,
+}
+
+impl Publisher {
+    pub fn new(settings: &AmqpSettings, worker_id: &str) -> Arc<Publisher> {
+        Arc::new(Publisher {
+            settings: settings.clone(),
+            name: format!("keyturn-publisher-{worker_id}"),
+            link: Mutex::new(None),
+        })
+    }
+
+    /// The current confirm-mode channel, connecting first if there is none or it died.
+    async fn channel(&self) -> anyhow::Result<Channel> {
+        let mut link = self.link.lock().await;
+        if let Some((connection, channel)) = link.as_ref() {
+            if connection.status().connected() && channel.status().connected() {
+                return Ok(channel.clone());
+            }
+        }
+        *link = None;
+        let connection = super::connect(&self.settings, &self.name).await?;
+        let channel = connection.create_channel().await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        *link = Some((connection, channel.clone()));
+        Ok(channel)
+    }
+
+    async fn forget(&self) {
+        if let Some((connection, _)) = self.link.lock().await.take() {
+            let _ = connection.close(200, "publisher reset".into()).await;
+        }
+    }
+
+    async fn send(&self, channel: &Channel, exchange: &str, routing_key: &str, body: &[u8], properties: BasicProperties) -> anyhow::Result<()> {
+        let confirm = channel
+            .basic_publish(exchange.into(), routing_key.into(), BasicPublishOptions::default(), body, properties)
+            .await?
+            .await?;
+        match confirm {
+            Confirmation::Ack(_) => Ok(()),
+            Confirmation::Nack(_) => anyhow::bail!("broker refused the result event (nack)"),
+            Confirmation::NotRequested => anyhow::bail!("publisher confirms are not enabled"),
+        }
+    }
+
+    /// Closes the publishing connection.
+    pub async fn close(&self) {
+        self.forget().await;
+    }
+}
+
+#[async_trait::async_trait]
+impl EventSink for Publisher {
+    async fn publish(&self, event: &ResultEvent, correlation_id: &str, reply_to: Option<&str>) -> anyhow::Result<()> {
+        let body = event.to_json();
+        let properties = BasicProperties::default()
+            .with_content_type(CONTENT_TYPE.into())
+            .with_delivery_mode(2)
+            .with_message_id(event.id.as_str().into())
+            .with_correlation_id(short(correlation_id))
+            .with_type(event.kind.as_str().into())
+            .with_app_id("keyturn".into())
+            .with_timestamp(chrono::Utc::now().timestamp().max(0) as u64);
+        let result = async {
+            let channel = self.channel().await?;
+            let exchange = self.settings.results_exchange.as_str();
+            self.send(&channel, exchange, &event.routing_key(), body.as_bytes(), properties.clone()).await?;
+            if let Some(queue) = reply_to {
+                self.send(&channel, "", queue, body.as_bytes(), properties).await?;
+            }
+            anyhow::Ok(())
+        }
+        .await;
+        if result.is_err() {
+            self.forget().await;
+        }
+        result
+    }
+}
+
+/// AMQP short strings hold at most 255 bytes; longer values are cut at a character boundary.
+fn short(text: &str) -> ShortString {
+    let mut end = text.len().min(255);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].into()
+}

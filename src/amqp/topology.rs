@@ -1,0 +1,68 @@
+//! The broker objects keyturn owns, declared idempotently every time a worker (re)connects:
+//! the quorum jobs queue with its dead-letter exchange and delivery limit, the dead queue, and
+//! the results topic exchange.
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{Channel, ExchangeKind};
+
+use crate::config::AmqpSettings;
+
+/// Declares (or confirms) the whole topology on `channel`.
+pub async fn declare(channel: &Channel, settings: &AmqpSettings) -> lapin::Result<()> {
+    let durable_exchange = ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() };
+    channel
+        .exchange_declare(
+            settings.dead_letter_exchange.as_str().into(),
+            ExchangeKind::Fanout,
+            durable_exchange,
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_declare(settings.dead_queue.as_str().into(), QueueDeclareOptions::durable(), quorum())
+        .await?;
+    channel
+        .queue_bind(
+            settings.dead_queue.as_str().into(),
+            settings.dead_letter_exchange.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_declare(settings.jobs_queue.as_str().into(), QueueDeclareOptions::durable(), jobs_arguments(settings))
+        .await?;
+    channel
+        .exchange_declare(
+            settings.results_exchange.as_str().into(),
+            ExchangeKind::Topic,
+            durable_exchange,
+            FieldTable::default(),
+        )
+        .await
+}
+
+fn quorum() -> FieldTable {
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from("quorum")));
+    arguments
+}
+
+/// Quorum, dead-lettered to the DLX, and a delivery limit so a message that keeps killing
+/// workers ends in the dead queue instead of looping. On RabbitMQ 3.10 every redelivery counts
+/// toward the limit, including those caused by a closed channel.
+fn jobs_arguments(settings: &AmqpSettings) -> FieldTable {
+    let mut arguments = quorum();
+    arguments.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(LongString::from(settings.dead_letter_exchange.as_str())),
+    );
+    arguments.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(settings.delivery_limit.into()));
+    // At-least-once dead-lettering (3.10+) needs reject-publish overflow; without it the broker
+    // silently falls back to at-most-once and a dead letter could be lost.
+    arguments.insert("x-dead-letter-strategy".into(), AMQPValue::LongString(LongString::from("at-least-once")));
+    arguments.insert("x-overflow".into(), AMQPValue::LongString(LongString::from("reject-publish")));
+    arguments
+}
