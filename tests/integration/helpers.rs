@@ -1,0 +1,322 @@
+//! Shared test scaffolding: a real broker, the simulator on a real socket, a fresh SQLite file and
+//! uniquely named queues per test, so tests never share state and can run in parallel.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use keyturn::amqp::worker::{self, RunOptions};
+use keyturn::config::{Credentials, Settings};
+use keyturn::events::ResultEvent;
+use keyturn::simulator::{Faults, Simulator, SimulatorConfig, Stats};
+use lapin::options::{BasicGetOptions, ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions, BasicPublishOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use serde_json::{Value, json};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub const AK: &str = "TESTACCESSKEYKEYTURN";
+pub const SK: &str = "test-secret-key-3f9c2e71-never-log-me";
+pub const TOKEN: &str = "test-token-MIIZ-never-log-me-91b3";
+pub const PROJECT: &str = "619d3e78f61b4be68bc5aa0b59edcf7b";
+pub const KEY: &str = "b82fa43f-f6e8-4ec4-9c31-231bc547c526";
+
+static BROKER: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
+
+/// The broker for tests: KEYTURN_TEST_AMQP_URL, else the local one, else (built with
+/// `--features testcontainers`) a RabbitMQ container; with none of them the test fails and says
+/// how to get one. Never a silent skip.
+pub async fn broker_url() -> String {
+    BROKER.get_or_init(find_broker).await.clone()
+}
+
+async fn find_broker() -> String {
+    if let Ok(url) = std::env::var("KEYTURN_TEST_AMQP_URL") {
+        return url;
+    }
+    let local = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect("127.0.0.1:5672")).await;
+    if matches!(local, Ok(Ok(_))) {
+        return "amqp://guest:guest@127.0.0.1:5672/%2f".into();
+    }
+    match start_container().await {
+        Ok(url) => url,
+        Err(error) => panic!(
+            "no RabbitMQ for the tests: KEYTURN_TEST_AMQP_URL is unset, nothing listens on 127.0.0.1:5672, \
+             and no container could be started ({error}). Start one with `rabbitmq-server -detached` \
+             or `docker compose up -d rabbitmq`, set KEYTURN_TEST_AMQP_URL, or, with Docker, run \
+             `cargo test --features testcontainers`."
+        ),
+    }
+}
+
+#[cfg(feature = "testcontainers")]
+async fn start_container() -> Result<String, String> {
+    use testcontainers_modules::rabbitmq::RabbitMq;
+    use testcontainers_modules::testcontainers::ImageExt;
+    use testcontainers_modules::testcontainers::runners::AsyncRunner;
+    let container = RabbitMq::default().with_tag("3.13-management").start().await.map_err(|e| e.to_string())?;
+    let port = container.get_host_port_ipv4(5672).await.map_err(|e| e.to_string())?;
+    // The container must outlive every test of this process; Docker removes it with the
+    // process's other leftovers (`docker container prune`).
+    std::mem::forget(container);
+    Ok(format!("amqp://guest:guest@127.0.0.1:{port}/%2f"))
+}
+
+#[cfg(not(feature = "testcontainers"))]
+async fn start_container() -> Result<String, String> {
+    Err("built without the testcontainers feature".into())
+}
+
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+/// One isolated keyturn deployment: simulator, settings, topology names, audit file.
+pub struct TestApp {
+    pub settings: Settings,
+    pub simulator: Arc<Simulator>,
+    pub simulator_url: String,
+    pub events_queue: String,
+    pub channel: Channel,
+    _connection: Connection,
+    _dir: tempfile::TempDir,
+    stop_simulator: CancellationToken,
+}
+
+pub struct Options {
+    pub faults: Faults,
+    pub fleet: Option<Vec<(String, String)>>,
+    pub tweak: Box<dyn FnOnce(&mut Settings) + Send>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { faults: Faults::default(), fleet: None, tweak: Box::new(|_| {}) }
+    }
+}
+
+impl TestApp {
+    pub async fn spawn() -> TestApp {
+        Self::spawn_with(Options::default()).await
+    }
+
+    pub async fn spawn_with(options: Options) -> TestApp {
+        let simulator = Simulator::new(SimulatorConfig {
+            credentials: vec![(AK.into(), SK.to_owned().into())],
+            tokens: vec![TOKEN.to_owned().into()],
+            fleet: options.fleet,
+            faults: options.faults,
+            max_clock_skew: Duration::from_secs(15 * 60),
+            seed: 42,
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let simulator_url = format!("http://{}", listener.local_addr().unwrap());
+        let stop_simulator = CancellationToken::new();
+        let stop = stop_simulator.clone();
+        tokio::spawn(keyturn::simulator::serve(listener, simulator.clone(), async move { stop.cancelled().await }));
+
+        let dir = tempfile::tempdir().unwrap();
+        let name = unique("kt-test");
+        let mut settings = Settings::load(None, &[]).unwrap();
+        settings.amqp.url = broker_url().await;
+        settings.amqp.jobs_queue = format!("{name}.jobs");
+        settings.amqp.dead_queue = format!("{name}.jobs.dead");
+        settings.amqp.dead_letter_exchange = format!("{name}.dlx");
+        settings.amqp.results_exchange = format!("{name}.results");
+        settings.amqp.reconnect_max_backoff = Duration::from_secs(2);
+        settings.worker.id = name.clone();
+        settings.worker.concurrency = 4;
+        settings.worker.grace_period = Duration::from_secs(5);
+        settings.api.endpoint = simulator_url.clone();
+        settings.api.request_timeout = Duration::from_secs(5);
+        settings.retry.base_delay = Duration::from_millis(20);
+        settings.retry.max_delay = Duration::from_millis(200);
+        settings.retry.deadline = Duration::from_secs(30);
+        settings.rate_limit.per_project_per_second = 100;
+        settings.rate_limit.per_project_burst = 20;
+        settings.rate_limit.per_second = 200;
+        settings.rate_limit.burst = 50;
+        settings.rate_limit.throttle_pause = Duration::from_millis(300);
+        settings.audit.path = dir.path().join("audit.db");
+        (options.tweak)(&mut settings);
+
+        let connection = Connection::connect(&settings.amqp.url, ConnectionProperties::default()).await.unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        keyturn::amqp::topology::declare(&channel, &settings.amqp).await.unwrap();
+        let events_queue = format!("{name}.events");
+        channel
+            .queue_declare(events_queue.as_str().into(), QueueDeclareOptions { auto_delete: true, ..Default::default() }, FieldTable::default())
+            .await
+            .unwrap();
+        channel
+            .queue_bind(events_queue.as_str().into(), settings.amqp.results_exchange.as_str().into(), "job.#".into(), QueueBindOptions::default(), FieldTable::default())
+            .await
+            .unwrap();
+        channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+        TestApp { settings, simulator, simulator_url, events_queue, channel, _connection: connection, _dir: dir, stop_simulator }
+    }
+
+    pub fn credentials(&self) -> Credentials {
+        Credentials::AkSk { ak: AK.into(), sk: SK.to_owned().into() }
+    }
+
+    /// Starts an in-process worker; stop it with the returned token.
+    pub fn start_worker(&self) -> (CancellationToken, JoinHandle<()>) {
+        self.start_worker_with(self.credentials(), RunOptions::default())
+    }
+
+    pub fn start_worker_with(&self, credentials: Credentials, options: RunOptions) -> (CancellationToken, JoinHandle<()>) {
+        let (pipeline, publisher) = keyturn::cli::build_pipeline(self.settings.clone(), credentials).unwrap();
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        let handle = tokio::spawn(async move {
+            worker::run(pipeline, options, token).await.unwrap();
+            publisher.close().await;
+        });
+        (shutdown, handle)
+    }
+
+    /// Runs a worker until the queue has been idle for a moment, then returns.
+    pub async fn drain(&self) {
+        let (_, handle) = self.start_worker_with(self.credentials(), RunOptions { exit_when_idle: Some(Duration::from_millis(600)) });
+        tokio::time::timeout(Duration::from_secs(60), handle).await.expect("worker drained in time").unwrap();
+    }
+
+    pub async fn publish(&self, body: &[u8], properties: BasicProperties) {
+        let confirm = self
+            .channel
+            .basic_publish("".into(), self.settings.amqp.jobs_queue.as_str().into(), BasicPublishOptions::default(), body, properties.with_delivery_mode(2))
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirm.is_ack());
+    }
+
+    pub async fn publish_job(&self, job: &Value) {
+        self.publish(job.to_string().as_bytes(), BasicProperties::default().with_content_type("application/json".into())).await;
+    }
+
+    /// Collects result events until at least `count` arrived or 30 s passed, and returns them.
+    pub async fn events(&self, count: usize) -> Vec<ResultEvent> {
+        self.events_until(|events| events.len() >= count).await
+    }
+
+    /// Collects result events until `enough` holds or 60 s passed; each is checked on the way.
+    pub async fn events_until(&self, enough: impl Fn(&[ResultEvent]) -> bool) -> Vec<ResultEvent> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let mut events = Vec::new();
+        loop {
+            while let Some(message) = self.channel.basic_get(self.events_queue.as_str().into(), BasicGetOptions { no_ack: true }).await.unwrap() {
+                let properties = &message.delivery.properties;
+                assert_eq!(properties.content_type().as_ref().map(|c| c.as_str()), Some("application/cloudevents+json"));
+                let event: ResultEvent = serde_json::from_slice(&message.delivery.data).unwrap();
+                assert_eq!(properties.message_id().as_ref().map(|m| m.as_str()), Some(event.id.as_str()));
+                assert_eq!(message.delivery.routing_key.as_str(), event.routing_key());
+                events.push(event);
+            }
+            if enough(&events) || tokio::time::Instant::now() >= deadline {
+                return events;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn queue_len(&self, queue: &str) -> u32 {
+        let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+        self.channel.queue_declare(queue.into(), passive, FieldTable::default()).await.unwrap().message_count()
+    }
+
+    /// Takes every message from the dead queue (acking them) and returns their bodies.
+    pub async fn dead_letters(&self) -> Vec<Vec<u8>> {
+        let mut bodies = Vec::new();
+        while let Some(message) = self.channel.basic_get(self.settings.amqp.dead_queue.as_str().into(), BasicGetOptions { no_ack: true }).await.unwrap() {
+            bodies.push(message.delivery.data.clone());
+        }
+        bodies
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.simulator.stats()
+    }
+
+    pub fn audit_path(&self) -> PathBuf {
+        self.settings.audit.path.clone()
+    }
+
+    /// Every `toggles` row as a JSON object keyed by column.
+    pub fn toggles(&self) -> Vec<Value> {
+        rows(&self.audit_path(), "SELECT * FROM toggles ORDER BY id")
+    }
+
+    pub fn attempts(&self, job_id: &str) -> Vec<Value> {
+        rows(&self.audit_path(), &format!("SELECT * FROM attempts WHERE job_id = '{job_id}' ORDER BY id"))
+    }
+
+    pub async fn cleanup(&self) {
+        let names = &self.settings.amqp;
+        for queue in [&names.jobs_queue, &names.dead_queue, &self.events_queue] {
+            let _ = self.channel.queue_delete(queue.as_str().into(), Default::default()).await;
+        }
+        for exchange in [&names.dead_letter_exchange, &names.results_exchange] {
+            let _ = self.channel.exchange_delete(exchange.as_str().into(), Default::default()).await;
+        }
+        self.stop_simulator.cancel();
+    }
+}
+
+pub fn rows(path: &std::path::Path, sql: &str) -> Vec<Value> {
+    let connection = rusqlite::Connection::open(path).unwrap();
+    let mut statement = connection.prepare(sql).unwrap();
+    let names: Vec<String> = statement.column_names().iter().map(|s| s.to_string()).collect();
+    statement
+        .query_map([], |row| {
+            let mut object = serde_json::Map::new();
+            for (index, name) in names.iter().enumerate() {
+                let value = match row.get_ref(index)? {
+                    rusqlite::types::ValueRef::Null => Value::Null,
+                    rusqlite::types::ValueRef::Integer(i) => json!(i),
+                    rusqlite::types::ValueRef::Real(f) => json!(f),
+                    rusqlite::types::ValueRef::Text(t) => json!(String::from_utf8_lossy(t)),
+                    rusqlite::types::ValueRef::Blob(_) => json!("<blob>"),
+                };
+                object.insert(name.clone(), value);
+            }
+            Ok(Value::Object(object))
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+/// Polls `condition` until it holds or `limit` passes; panics on the deadline.
+pub async fn wait_until<F, Fut>(limit: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while !condition().await {
+        assert!(tokio::time::Instant::now() < deadline, "condition not met within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A valid job for instance number `n`.
+pub fn job(job_id: &str, n: u32, status: &str) -> Value {
+    let mut body = json!({
+        "job_id": job_id, "rollout_id": "R-1", "ticket": "CHG-1042", "region": "cn-north-4",
+        "project_id": PROJECT, "instance_id": instance(n), "encryption_status": status,
+        "requested_by": "alice",
+    });
+    if status.eq_ignore_ascii_case("on") {
+        body["type"] = json!("kms");
+        body["kms_key_id"] = json!(KEY);
+    }
+    body
+}
+
+pub fn instance(n: u32) -> String {
+    format!("{n:032x}in07")
+}

@@ -1,0 +1,8 @@
+//! keyturn's integration tests: one binary, real RabbitMQ, the simulator over a socket, a real
+//! SQLite file per test.
+
+mod guarantees;
+mod helpers;
+mod lifecycle;
+mod pipeline;
+mod properties;
