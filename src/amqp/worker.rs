@@ -10,7 +10,10 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use lapin::message::Delivery as AmqpDelivery;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions,
+    QueueDeclareOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use tokio::sync::Semaphore;
@@ -36,10 +39,17 @@ enum SessionEnd {
 }
 
 /// Consumes until `shutdown` fires (or the queue stays idle, with `exit_when_idle`).
-pub async fn run(pipeline: Arc<Pipeline>, options: RunOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    pipeline: Arc<Pipeline>,
+    options: RunOptions,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let stop = shutdown.child_token();
     let settings = &pipeline.settings.amqp;
-    let backoff = Backoff { base: Duration::from_millis(200), cap: settings.reconnect_max_backoff };
+    let backoff = Backoff {
+        base: Duration::from_millis(200),
+        cap: settings.reconnect_max_backoff,
+    };
     let mut failures = 0u32;
     while !stop.is_cancelled() {
         match session(&pipeline, &options, &stop).await {
@@ -49,7 +59,9 @@ pub async fn run(pipeline: Arc<Pipeline>, options: RunOptions, shutdown: Cancell
                 failures = 0;
             }
             Err(error) => {
-                let wait = backoff.delay(failures, &mut rand::rng()).max(Duration::from_millis(100));
+                let wait = backoff
+                    .delay(failures, &mut rand::rng())
+                    .max(Duration::from_millis(100));
                 tracing::warn!(error = %format!("{error:#}"), retry_in_ms = wait.as_millis() as u64, "cannot consume");
                 failures = failures.saturating_add(1);
                 tokio::select! {
@@ -63,16 +75,35 @@ pub async fn run(pipeline: Arc<Pipeline>, options: RunOptions, shutdown: Cancell
 }
 
 /// One connection's life: set up, consume, and on the way out settle or hand back in-flight jobs.
-async fn session(pipeline: &Arc<Pipeline>, options: &RunOptions, stop: &CancellationToken) -> anyhow::Result<SessionEnd> {
+async fn session(
+    pipeline: &Arc<Pipeline>,
+    options: &RunOptions,
+    stop: &CancellationToken,
+) -> anyhow::Result<SessionEnd> {
     let settings = &pipeline.settings;
-    let connection = super::connect(&settings.amqp, &format!("keyturn-worker-{}", pipeline.worker_id)).await?;
+    let connection = super::connect(
+        &settings.amqp,
+        &format!("keyturn-worker-{}", pipeline.worker_id),
+    )
+    .await?;
     let channel = connection.create_channel().await?;
     topology::declare(&channel, &settings.amqp).await?;
     let concurrency = settings.worker.concurrency;
-    channel.basic_qos(concurrency, BasicQosOptions::default()).await?;
-    let tag = format!("keyturn-{}-{}", pipeline.worker_id, uuid::Uuid::new_v4().simple());
+    channel
+        .basic_qos(concurrency, BasicQosOptions::default())
+        .await?;
+    let tag = format!(
+        "keyturn-{}-{}",
+        pipeline.worker_id,
+        uuid::Uuid::new_v4().simple()
+    );
     let mut consumer = channel
-        .basic_consume(settings.amqp.jobs_queue.as_str().into(), tag.as_str().into(), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(
+            settings.amqp.jobs_queue.as_str().into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await?;
     tracing::info!(queue = %settings.amqp.jobs_queue, prefetch = concurrency, "consuming");
 
@@ -80,55 +111,76 @@ async fn session(pipeline: &Arc<Pipeline>, options: &RunOptions, stop: &Cancella
     let slots = Arc::new(Semaphore::new(concurrency.into()));
     let idle = IdleWatch::new(options.exit_when_idle);
     let mut tick = tokio::time::interval(Duration::from_millis(200));
-    let end = loop {
-        tokio::select! {
+    let end = 'consume: loop {
+        let permit = tokio::select! {
             () = stop.cancelled() => break SessionEnd::Shutdown,
-            _ = tick.tick(), if idle.enabled() => {
-                if idle.is_over(&channel, &settings.amqp.jobs_queue, &tracker).await {
-                    tracing::info!("queue idle; stopping");
-                    stop.cancel();
+            permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+        };
+        // With a free slot, wait for the next delivery; meanwhile watch for idleness.
+        let next = loop {
+            tokio::select! {
+                () = stop.cancelled() => break 'consume SessionEnd::Shutdown,
+                _ = tick.tick(), if idle.enabled() => {
+                    if idle.is_over(&channel, &settings.amqp.jobs_queue, &tracker).await {
+                        tracing::info!("queue idle; stopping");
+                        stop.cancel();
+                    }
                 }
+                next = consumer.next() => break next,
             }
-            permit = slots.clone().acquire_owned() => {
-                let permit = permit.expect("the semaphore is never closed");
-                let next = tokio::select! {
-                    () = stop.cancelled() => break SessionEnd::Shutdown,
-                    next = consumer.next() => next,
-                };
-                let delivery = match next {
-                    Some(Ok(delivery)) => delivery,
-                    Some(Err(error)) => break SessionEnd::Lost(error.to_string()),
-                    None => break SessionEnd::Lost("consumer stream ended".into()),
-                };
-                idle.touch();
-                let pipeline = pipeline.clone();
-                let stop = stop.clone();
-                tracker.spawn(async move {
-                    handle(&pipeline, delivery, &stop).await;
-                    drop(permit);
-                });
-            }
-        }
+        };
+        let delivery = match next {
+            Some(Ok(delivery)) => delivery,
+            Some(Err(error)) => break SessionEnd::Lost(error.to_string()),
+            None => break SessionEnd::Lost("consumer stream ended".into()),
+        };
+        idle.touch();
+        let pipeline = pipeline.clone();
+        let stop = stop.clone();
+        tracker.spawn(async move {
+            handle(&pipeline, delivery, &stop).await;
+            drop(permit);
+        });
     };
     tracker.close();
     if let SessionEnd::Shutdown = end {
-        drain(&channel, &connection, &tag, &tracker, settings.worker.grace_period).await;
+        drain(
+            &channel,
+            &connection,
+            &tag,
+            &tracker,
+            settings.worker.grace_period,
+        )
+        .await;
     }
     Ok(end)
 }
 
 /// Stops deliveries, gives in-flight jobs the grace period, then closes: the broker requeues
 /// whatever is still unacked.
-async fn drain(channel: &Channel, connection: &Connection, tag: &str, tracker: &TaskTracker, grace: Duration) {
-    let _ = channel.basic_cancel(tag.into(), BasicCancelOptions::default()).await;
+async fn drain(
+    channel: &Channel,
+    connection: &Connection,
+    tag: &str,
+    tracker: &TaskTracker,
+    grace: Duration,
+) {
+    let _ = channel
+        .basic_cancel(tag.into(), BasicCancelOptions::default())
+        .await;
     let in_flight = tracker.len();
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-        tracing::warn!(unfinished = tracker.len(), "grace period over; unfinished jobs go back to the queue");
+        tracing::warn!(
+            unfinished = tracker.len(),
+            "grace period over; unfinished jobs go back to the queue"
+        );
     } else {
         tracing::info!(in_flight, "in-flight jobs finished");
     }
     let _ = channel.close(200, "keyturn worker stopping".into()).await;
-    let _ = connection.close(200, "keyturn worker stopping".into()).await;
+    let _ = connection
+        .close(200, "keyturn worker stopping".into())
+        .await;
 }
 
 async fn handle(pipeline: &Pipeline, delivery: AmqpDelivery, stop: &CancellationToken) {
@@ -136,7 +188,12 @@ async fn handle(pipeline: &Pipeline, delivery: AmqpDelivery, stop: &Cancellation
     let disposition = pipeline.process(incoming, stop).await;
     let settled = match disposition {
         Disposition::Ack => delivery.acker.ack(Default::default()).await,
-        Disposition::DeadLetter => delivery.acker.reject(BasicRejectOptions { requeue: false }).await,
+        Disposition::DeadLetter => {
+            delivery
+                .acker
+                .reject(BasicRejectOptions { requeue: false })
+                .await
+        }
         Disposition::Abandon => return,
     };
     match settled {
@@ -150,7 +207,8 @@ async fn handle(pipeline: &Pipeline, delivery: AmqpDelivery, stop: &Cancellation
 
 fn to_domain(delivery: &AmqpDelivery) -> Delivery {
     let properties = &delivery.properties;
-    let text = |value: &Option<lapin::types::ShortString>| value.as_ref().map(|s| s.as_str().to_owned());
+    let text =
+        |value: &Option<lapin::types::ShortString>| value.as_ref().map(|s| s.as_str().to_owned());
     Delivery {
         body: delivery.data.clone(),
         message_id: text(properties.message_id()),
@@ -170,7 +228,10 @@ struct IdleWatch {
 
 impl IdleWatch {
     fn new(after: Option<Duration>) -> IdleWatch {
-        IdleWatch { after, since: std::sync::Mutex::new(None) }
+        IdleWatch {
+            after,
+            since: std::sync::Mutex::new(None),
+        }
     }
 
     fn enabled(&self) -> bool {
@@ -182,9 +243,17 @@ impl IdleWatch {
     }
 
     async fn is_over(&self, channel: &Channel, queue: &str, tracker: &TaskTracker) -> bool {
-        let Some(after) = self.after else { return false };
-        let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
-        let ready = match channel.queue_declare(queue.into(), passive, FieldTable::default()).await {
+        let Some(after) = self.after else {
+            return false;
+        };
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let ready = match channel
+            .queue_declare(queue.into(), passive, FieldTable::default())
+            .await
+        {
             Ok(queue) => queue.message_count(),
             Err(_) => return false,
         };
