@@ -21,11 +21,17 @@ fn worker_process(app: &TestApp, extra: &[(&str, &str)]) -> tokio::process::Comm
         .arg("worker")
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("KEYTURN_CONFIG", concat!(env!("CARGO_MANIFEST_DIR"), "/config/default.toml"))
+        .env(
+            "KEYTURN_CONFIG",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config/default.toml"),
+        )
         .env("KEYTURN_AMQP__URL", &names.url)
         .env("KEYTURN_AMQP__JOBS_QUEUE", &names.jobs_queue)
         .env("KEYTURN_AMQP__DEAD_QUEUE", &names.dead_queue)
-        .env("KEYTURN_AMQP__DEAD_LETTER_EXCHANGE", &names.dead_letter_exchange)
+        .env(
+            "KEYTURN_AMQP__DEAD_LETTER_EXCHANGE",
+            &names.dead_letter_exchange,
+        )
         .env("KEYTURN_AMQP__RESULTS_EXCHANGE", &names.results_exchange)
         .env("KEYTURN_WORKER__ID", &app.settings.worker.id)
         .env("KEYTURN_API__ENDPOINT", &app.simulator_url)
@@ -51,25 +57,42 @@ fn worker_process(app: &TestApp, extra: &[(&str, &str)]) -> tokio::process::Comm
 fn by_job(events: &[ResultEvent]) -> HashMap<String, Vec<&ResultEvent>> {
     let mut grouped: HashMap<String, Vec<&ResultEvent>> = HashMap::new();
     for event in events {
-        grouped.entry(event.data.job_id.clone()).or_default().push(event);
+        grouped
+            .entry(event.data.job_id.clone())
+            .or_default()
+            .push(event);
     }
     grouped
 }
 
 /// Drains the events queue until every job has at least one event; asserts replays share ids.
 async fn assert_one_outcome_per_job(app: &TestApp, jobs: &[(String, u32, &str)]) {
-    let all = app.events_until(|events| by_job(events).len() >= jobs.len()).await;
+    let all = app
+        .events_until(|events| by_job(events).len() >= jobs.len())
+        .await;
     let grouped = by_job(&all);
     for (job_id, _, _) in jobs {
-        let events = grouped.get(job_id).unwrap_or_else(|| panic!("no event for {job_id}"));
-        assert!(events.iter().all(|e| e.id == events[0].id), "replays of {job_id} keep the event id");
+        let events = grouped
+            .get(job_id)
+            .unwrap_or_else(|| panic!("no event for {job_id}"));
+        assert!(
+            events.iter().all(|e| e.id == events[0].id),
+            "replays of {job_id} keep the event id"
+        );
     }
     let rows = app.toggles();
     assert_eq!(rows.len(), jobs.len(), "one final audit row per job");
     let stats = app.stats();
     for (job_id, n, status) in jobs {
-        assert_eq!(app.simulator.status_of(PROJECT, &instance(*n)).as_deref(), Some(*status), "{job_id}");
-        let modify_calls = stats.instances.get(&instance(*n)).map_or(0, |i| i.modify_calls);
+        assert_eq!(
+            app.simulator.status_of(PROJECT, &instance(*n)).as_deref(),
+            Some(*status),
+            "{job_id}"
+        );
+        let modify_calls = stats
+            .instances
+            .get(&instance(*n))
+            .map_or(0, |i| i.modify_calls);
         assert!(modify_calls <= 1, "{job_id} was sent {modify_calls} times");
     }
 }
@@ -87,38 +110,84 @@ async fn publish_fleet(app: &TestApp, count: u32, base: u32) -> Vec<(String, u32
 
 #[tokio::test]
 async fn sigkill_at_random_moments_loses_nothing_and_toggles_nothing_twice() {
-    let app = TestApp::spawn_with(Options { faults: Faults { latency_ms: 30, ..Faults::default() }, ..Options::default() }).await;
+    let app = TestApp::spawn_with(Options {
+        faults: Faults {
+            latency_ms: 30,
+            ..Faults::default()
+        },
+        ..Options::default()
+    })
+    .await;
     let jobs = publish_fleet(&app, 240, 10_000).await;
     let mut killed_at = Vec::new();
     for round in 0..4u32 {
-        let mut child = worker_process(&app, &[("KEYTURN_WORKER__CONCURRENCY", "8")]).spawn().unwrap();
+        let mut child = worker_process(&app, &[("KEYTURN_WORKER__CONCURRENCY", "8")])
+            .spawn()
+            .unwrap();
         let target = (round as usize + 1) * 40 + rand::random_range(0..20);
-        wait_until(Duration::from_secs(60), || async { app.stats().requests as usize >= target }).await;
+        wait_until(Duration::from_secs(60), || async {
+            app.stats().requests as usize >= target
+        })
+        .await;
         tokio::time::sleep(Duration::from_millis(rand::random_range(0..150))).await;
         child.start_kill().unwrap();
         child.wait().await.unwrap();
         killed_at.push(app.toggles().len());
     }
-    let status = worker_process(&app, &[("KEYTURN_WORKER__CONCURRENCY", "8")]).arg("--exit-when-idle").arg("1s").status().await.unwrap();
+    let status = worker_process(&app, &[("KEYTURN_WORKER__CONCURRENCY", "8")])
+        .arg("--exit-when-idle")
+        .arg("1s")
+        .status()
+        .await
+        .unwrap();
     assert_eq!(status.code(), Some(0));
-    assert!(killed_at.windows(2).all(|w| w[0] <= w[1]) && killed_at[0] < jobs.len(), "kills happened mid-run: {killed_at:?}");
+    assert!(
+        killed_at.windows(2).all(|w| w[0] <= w[1]) && killed_at[0] < jobs.len(),
+        "kills happened mid-run: {killed_at:?}"
+    );
     assert_one_outcome_per_job(&app, &jobs).await;
-    let reconciled: usize = app.stats().instances.values().map(|i| i.describe_calls as usize).sum();
-    eprintln!("SIGKILL test: rows when killed {killed_at:?}, Describe reconciliations {reconciled}");
+    let reconciled: usize = app
+        .stats()
+        .instances
+        .values()
+        .map(|i| i.describe_calls as usize)
+        .sum();
+    eprintln!(
+        "SIGKILL test: rows when killed {killed_at:?}, Describe reconciliations {reconciled}"
+    );
     assert_eq!(app.queue_len(&app.settings.amqp.jobs_queue).await, 0);
     app.cleanup().await;
 }
 
 #[tokio::test]
 async fn force_closed_broker_connections_are_survived_without_loss_or_double_toggles() {
-    let app = TestApp::spawn_with(Options { faults: Faults { latency_ms: 100, ..Faults::default() }, ..Options::default() }).await;
+    let app = TestApp::spawn_with(Options {
+        faults: Faults {
+            latency_ms: 100,
+            ..Faults::default()
+        },
+        ..Options::default()
+    })
+    .await;
     let jobs = publish_fleet(&app, 60, 20_000).await;
     let (shutdown, handle) = app.start_worker();
-    wait_until(Duration::from_secs(60), || async { app.toggles().len() >= 8 }).await;
+    wait_until(Duration::from_secs(60), || async {
+        app.toggles().len() >= 8
+    })
+    .await;
     let closed = close_connections_named(&app.settings.worker.id).await;
-    assert!(closed >= 2, "closed the worker's consumer and publisher connections ({closed})");
-    wait_until(Duration::from_secs(120), || async { app.toggles().len() == jobs.len() }).await;
-    wait_until(Duration::from_secs(60), || async { app.queue_len(&app.settings.amqp.jobs_queue).await == 0 }).await;
+    assert!(
+        closed >= 2,
+        "closed the worker's consumer and publisher connections ({closed})"
+    );
+    wait_until(Duration::from_secs(120), || async {
+        app.toggles().len() == jobs.len()
+    })
+    .await;
+    wait_until(Duration::from_secs(60), || async {
+        app.queue_len(&app.settings.amqp.jobs_queue).await == 0
+    })
+    .await;
     assert_one_outcome_per_job(&app, &jobs).await;
     shutdown.cancel();
     handle.await.unwrap();
@@ -128,14 +197,28 @@ async fn force_closed_broker_connections_are_survived_without_loss_or_double_tog
 /// Closes, with `rabbitmqctl`, every connection whose client-given name contains `worker_id`.
 async fn close_connections_named(worker_id: &str) -> usize {
     let listing = tokio::process::Command::new("rabbitmqctl")
-        .args(["-q", "list_connections", "--no-table-headers", "pid", "client_properties"])
+        .args([
+            "-q",
+            "list_connections",
+            "--no-table-headers",
+            "pid",
+            "client_properties",
+        ])
         .output()
         .await
         .expect("rabbitmqctl is installed with the broker");
     let text = String::from_utf8_lossy(&listing.stdout);
-    let pids: Vec<&str> = text.lines().filter(|line| line.contains(worker_id)).filter_map(|line| line.split('\t').next()).collect();
+    let pids: Vec<&str> = text
+        .lines()
+        .filter(|line| line.contains(worker_id))
+        .filter_map(|line| line.split('\t').next())
+        .collect();
     for pid in &pids {
-        let status = tokio::process::Command::new("rabbitmqctl").args(["close_connection", pid, "keyturn test: forced close"]).status().await.unwrap();
+        let status = tokio::process::Command::new("rabbitmqctl")
+            .args(["close_connection", pid, "keyturn test: forced close"])
+            .status()
+            .await
+            .unwrap();
         assert!(status.success());
     }
     pids.len()
@@ -143,28 +226,56 @@ async fn close_connections_named(worker_id: &str) -> usize {
 
 #[tokio::test]
 async fn a_locked_audit_store_holds_jobs_unacked_and_stops_new_toggles_until_it_heals() {
-    let app = TestApp::spawn_with(Options { tweak: Box::new(|s| s.audit.busy_timeout = Duration::from_millis(100)), ..Options::default() }).await;
+    let app = TestApp::spawn_with(Options {
+        faults: Faults {
+            latency_ms: 1_500,
+            ..Faults::default()
+        },
+        tweak: Box::new(|s| s.audit.busy_timeout = Duration::from_millis(100)),
+        ..Options::default()
+    })
+    .await;
     let (shutdown, handle) = app.start_worker();
-    let blocker = rusqlite::Connection::open(app.audit_path()).unwrap();
-    wait_until(Duration::from_secs(10), || async { app.audit_path().exists() }).await;
-    blocker.execute_batch("BEGIN EXCLUSIVE").unwrap();
-
     app.publish_job(&job("J-held", 30, "on")).await;
-    wait_until(Duration::from_secs(20), || async { app.stats().instances.get(&instance(30)).is_some_and(|i| i.modify_calls == 1) }).await;
-    // The commit fails while the lock is held; meanwhile a second job must not reach the API.
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Lock the file while the Modify is in flight: its marker is written, its final row cannot be.
+    wait_until(Duration::from_secs(20), || async {
+        app.stats()
+            .instances
+            .get(&instance(30))
+            .is_some_and(|i| i.modify_calls == 1)
+    })
+    .await;
+    let blocker = rusqlite::Connection::open(app.audit_path()).unwrap();
+    blocker.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
     app.publish_job(&job("J-waiting", 31, "on")).await;
     tokio::time::sleep(Duration::from_millis(1_500)).await;
-    assert!(app.stats().instances.get(&instance(31)).is_none_or(|i| i.modify_calls == 0), "no new toggles while the audit log fails");
-    assert!(app.events(0).await.is_empty());
+    assert!(
+        app.stats()
+            .instances
+            .get(&instance(31))
+            .is_none_or(|i| i.modify_calls == 0),
+        "no new toggles while the audit log fails"
+    );
+    assert!(
+        app.events(0).await.is_empty(),
+        "no event before the record is safe"
+    );
+    assert_eq!(
+        app.queue_len(&app.settings.amqp.jobs_queue).await,
+        0,
+        "both jobs are held, unacked"
+    );
 
     blocker.execute_batch("ROLLBACK").unwrap();
     let events = app.events(2).await;
     assert_eq!(events.len(), 2);
-    assert!(events.iter().all(|e| e.data.outcome == Outcome::Succeeded), "a transient fault never fails a job");
+    assert!(
+        events.iter().all(|e| e.data.outcome == Outcome::Succeeded),
+        "a transient fault never fails a job"
+    );
     assert_eq!(app.stats().instances[&instance(30)].modify_calls, 1);
     assert_eq!(app.toggles().len(), 2);
-    assert_eq!(app.queue_len(&app.settings.amqp.jobs_queue).await, 0);
     assert!(app.dead_letters().await.is_empty());
     shutdown.cancel();
     handle.await.unwrap();
@@ -175,21 +286,54 @@ async fn a_locked_audit_store_holds_jobs_unacked_and_stops_new_toggles_until_it_
 async fn a_refused_result_publish_is_retried_until_the_broker_takes_it() {
     let app = TestApp::spawn().await;
     let exchange = app.settings.amqp.results_exchange.clone();
-    app.channel.exchange_delete(exchange.as_str().into(), Default::default()).await.unwrap();
+    app.channel
+        .exchange_delete(exchange.as_str().into(), Default::default())
+        .await
+        .unwrap();
     let (shutdown, handle) = app.start_worker();
     // The worker declares the exchange on connect; delete it again once it consumes.
-    wait_until(Duration::from_secs(20), || async { app.toggles().is_empty() }).await;
+    wait_until(Duration::from_secs(20), || async {
+        app.toggles().is_empty()
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    app.channel.exchange_delete(exchange.as_str().into(), Default::default()).await.unwrap();
-    app.publish_job(&job("J-publish", 40, "on")).await;
-    wait_until(Duration::from_secs(20), || async { app.toggles().len() == 1 }).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(app.queue_len(&app.settings.amqp.jobs_queue).await, 0, "the job is held unacked, not requeued");
-
-    let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
-    app.channel.exchange_declare(exchange.as_str().into(), lapin::ExchangeKind::Topic, durable, FieldTable::default()).await.unwrap();
     app.channel
-        .queue_bind(app.events_queue.as_str().into(), exchange.as_str().into(), "job.#".into(), QueueBindOptions::default(), FieldTable::default())
+        .exchange_delete(exchange.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    app.publish_job(&job("J-publish", 40, "on")).await;
+    wait_until(Duration::from_secs(20), || async {
+        app.toggles().len() == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        app.queue_len(&app.settings.amqp.jobs_queue).await,
+        0,
+        "the job is held unacked, not requeued"
+    );
+
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    app.channel
+        .exchange_declare(
+            exchange.as_str().into(),
+            lapin::ExchangeKind::Topic,
+            durable,
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    app.channel
+        .queue_bind(
+            app.events_queue.as_str().into(),
+            exchange.as_str().into(),
+            "job.#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
         .await
         .unwrap();
     let events = app.events(1).await;
@@ -202,8 +346,20 @@ async fn a_refused_result_publish_is_retried_until_the_broker_takes_it() {
 
 #[tokio::test]
 async fn a_429_pauses_only_its_region_and_project() {
-    let app = TestApp::spawn_with(Options { tweak: Box::new(|s| s.rate_limit.throttle_pause = Duration::from_secs(2)), ..Options::default() }).await;
-    app.simulator.script(&instance(50), vec![Step::Error { status: 429, code: "APIGW.0308".into(), msg: None, retry_after_secs: None }]);
+    let app = TestApp::spawn_with(Options {
+        tweak: Box::new(|s| s.rate_limit.throttle_pause = Duration::from_secs(2)),
+        ..Options::default()
+    })
+    .await;
+    app.simulator.script(
+        &instance(50),
+        vec![Step::Error {
+            status: 429,
+            code: "APIGW.0308".into(),
+            msg: None,
+            retry_after_secs: None,
+        }],
+    );
     app.publish_job(&job("J-throttled", 50, "on")).await;
     let mut other = job("J-other-region", 51, "on");
     other["region"] = json!("ap-southeast-1");
@@ -211,24 +367,58 @@ async fn a_429_pauses_only_its_region_and_project() {
     app.drain().await;
 
     let events = app.events(2).await;
-    let throttled = events.iter().find(|e| e.data.job_id == "J-throttled").unwrap();
-    let free = events.iter().find(|e| e.data.job_id == "J-other-region").unwrap();
-    assert_eq!((throttled.data.outcome, throttled.data.attempts), (Outcome::Succeeded, 2));
-    assert!(throttled.data.duration_ms >= 2_000, "paused for throttle_pause: {}ms", throttled.data.duration_ms);
-    assert!(free.data.duration_ms < 2_000, "other regions carry on: {}ms", free.data.duration_ms);
+    let throttled = events
+        .iter()
+        .find(|e| e.data.job_id == "J-throttled")
+        .unwrap();
+    let free = events
+        .iter()
+        .find(|e| e.data.job_id == "J-other-region")
+        .unwrap();
+    assert_eq!(
+        (throttled.data.outcome, throttled.data.attempts),
+        (Outcome::Succeeded, 2)
+    );
+    assert!(
+        throttled.data.duration_ms >= 2_000,
+        "paused for throttle_pause: {}ms",
+        throttled.data.duration_ms
+    );
+    assert!(
+        free.data.duration_ms < 2_000,
+        "other regions carry on: {}ms",
+        free.data.duration_ms
+    );
     app.cleanup().await;
 }
 
 #[tokio::test]
 async fn retries_stop_at_the_attempt_limit_with_the_last_error() {
-    let app = TestApp::spawn_with(Options { tweak: Box::new(|s| s.retry.max_attempts = 3), ..Options::default() }).await;
-    let busy = || Step::Error { status: 409, code: "DBS.200019".into(), msg: Some("busy".into()), retry_after_secs: None };
-    app.simulator.script(&instance(60), vec![busy(), busy(), busy(), Step::Ok]);
+    let app = TestApp::spawn_with(Options {
+        tweak: Box::new(|s| s.retry.max_attempts = 3),
+        ..Options::default()
+    })
+    .await;
+    let busy = || Step::Error {
+        status: 409,
+        code: "DBS.200019".into(),
+        msg: Some("busy".into()),
+        retry_after_secs: None,
+    };
+    app.simulator
+        .script(&instance(60), vec![busy(), busy(), busy(), Step::Ok]);
     app.publish_job(&job("J-busy", 60, "on")).await;
     app.drain().await;
 
     let event = &app.events(1).await[0];
-    assert_eq!((event.data.outcome, event.data.attempts, event.data.http_status), (Outcome::Failed, 3, Some(409)));
+    assert_eq!(
+        (
+            event.data.outcome,
+            event.data.attempts,
+            event.data.http_status
+        ),
+        (Outcome::Failed, 3, Some(409))
+    );
     assert_eq!(event.data.error_code.as_deref(), Some("DBS.200019"));
     assert!(event.data.request_id.is_some());
     app.cleanup().await;
@@ -251,17 +441,28 @@ async fn hostile_messages_are_dead_lettered_and_the_jobs_around_them_proceed() {
         json!({"job_id": "J-num", "region": "cn-north-4", "project_id": 12345678901234567890u64, "instance_id": instance(72), "encryption_status": "off"}).to_string().into_bytes(),
     ];
     for (i, body) in hostile.iter().enumerate() {
-        app.publish_job(&job(&format!("J-good-{i}"), 80 + i as u32, "on")).await;
+        app.publish_job(&job(&format!("J-good-{i}"), 80 + i as u32, "on"))
+            .await;
         app.publish(body, lapin::BasicProperties::default()).await;
     }
-    app.publish(&job("J-xml", 73, "on").to_string().into_bytes(), lapin::BasicProperties::default().with_content_type("application/xml".into())).await;
+    app.publish(
+        &job("J-xml", 73, "on").to_string().into_bytes(),
+        lapin::BasicProperties::default().with_content_type("application/xml".into()),
+    )
+    .await;
     app.drain().await;
 
     let events = app.events(2 * hostile.len() + 1).await;
-    let good: Vec<_> = events.iter().filter(|e| e.data.job_id.starts_with("J-good-")).collect();
+    let good: Vec<_> = events
+        .iter()
+        .filter(|e| e.data.job_id.starts_with("J-good-"))
+        .collect();
     assert_eq!(good.len(), hostile.len());
     assert!(good.iter().all(|e| e.data.outcome == Outcome::Succeeded));
-    let rejected: Vec<_> = events.iter().filter(|e| e.data.outcome == Outcome::Rejected).collect();
+    let rejected: Vec<_> = events
+        .iter()
+        .filter(|e| e.data.outcome == Outcome::Rejected)
+        .collect();
     assert_eq!(rejected.len(), hostile.len() + 1);
     for event in &rejected {
         let code = event.data.error_code.as_deref().unwrap();
@@ -270,31 +471,64 @@ async fn hostile_messages_are_dead_lettered_and_the_jobs_around_them_proceed() {
     }
     assert_eq!(app.dead_letters().await.len(), hostile.len() + 1);
     let calls: u64 = app.stats().instances.values().map(|i| i.modify_calls).sum();
-    assert_eq!(calls, hostile.len() as u64, "only the good jobs reached the API");
+    assert_eq!(
+        calls,
+        hostile.len() as u64,
+        "only the good jobs reached the API"
+    );
     app.cleanup().await;
 }
 
 #[tokio::test]
 async fn secrets_never_appear_in_logs_events_audit_or_errors() {
     let app = TestApp::spawn().await;
-    app.simulator.script(&instance(90), vec![Step::Error { status: 500, code: "DBS.05000000".into(), msg: None, retry_after_secs: None }]);
+    app.simulator.script(
+        &instance(90),
+        vec![Step::Error {
+            status: 500,
+            code: "DBS.05000000".into(),
+            msg: None,
+            retry_after_secs: None,
+        }],
+    );
     app.publish_job(&job("J-s1", 90, "on")).await;
     app.publish_job(&job("J-s2", 91, "off")).await;
-    app.publish(b"{not json", lapin::BasicProperties::default()).await;
-    let aksk = worker_process(&app, &[("RUST_LOG", "trace")]).arg("--exit-when-idle").arg("1s").stderr(Stdio::piped()).output().await.unwrap();
-    app.publish_job(&job("J-s3", 92, "on")).await;
-    let token = worker_process(&app, &[("RUST_LOG", "trace"), ("KEYTURN_API__AUTH", "token"), ("KEYTURN_API__TOKEN", TOKEN)])
+    app.publish(b"{not json", lapin::BasicProperties::default())
+        .await;
+    let aksk = worker_process(&app, &[("RUST_LOG", "trace")])
         .arg("--exit-when-idle")
         .arg("1s")
         .stderr(Stdio::piped())
         .output()
         .await
         .unwrap();
-    let bad_config = worker_process(&app, &[("KEYTURN_API__AUTH", "token"), ("KEYTURN_API__TOKEN", TOKEN), ("KEYTURN_WORKER__CONCURRENCY", "0")])
-        .stderr(Stdio::piped())
-        .output()
-        .await
-        .unwrap();
+    app.publish_job(&job("J-s3", 92, "on")).await;
+    let token = worker_process(
+        &app,
+        &[
+            ("RUST_LOG", "trace"),
+            ("KEYTURN_API__AUTH", "token"),
+            ("KEYTURN_API__TOKEN", TOKEN),
+        ],
+    )
+    .arg("--exit-when-idle")
+    .arg("1s")
+    .stderr(Stdio::piped())
+    .output()
+    .await
+    .unwrap();
+    let bad_config = worker_process(
+        &app,
+        &[
+            ("KEYTURN_API__AUTH", "token"),
+            ("KEYTURN_API__TOKEN", TOKEN),
+            ("KEYTURN_WORKER__CONCURRENCY", "0"),
+        ],
+    )
+    .stderr(Stdio::piped())
+    .output()
+    .await
+    .unwrap();
     assert!(aksk.status.success() && token.status.success());
     assert_eq!(bad_config.status.code(), Some(2));
 
@@ -312,7 +546,11 @@ async fn secrets_never_appear_in_logs_events_audit_or_errors() {
             haystacks.push((path, bytes));
         }
     }
-    assert!(aksk.stderr.len() > 10_000, "trace logging was on: {} bytes", aksk.stderr.len());
+    assert!(
+        aksk.stderr.len() > 10_000,
+        "trace logging was on: {} bytes",
+        aksk.stderr.len()
+    );
     for (name, bytes) in &haystacks {
         let text = String::from_utf8_lossy(bytes);
         for secret in [SK, TOKEN, AK] {
@@ -321,4 +559,3 @@ async fn secrets_never_appear_in_logs_events_audit_or_errors() {
     }
     app.cleanup().await;
 }
-
