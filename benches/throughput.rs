@@ -21,20 +21,36 @@ fn main() {
     bench_signing();
     bench_parsing();
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    let jobs: usize = std::env::var("KEYTURN_BENCH_JOBS").ok().and_then(|n| n.parse().ok()).unwrap_or(2_000);
+    let jobs: usize = std::env::var("KEYTURN_BENCH_JOBS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(2_000);
     runtime.block_on(bench_end_to_end(jobs));
 }
 
 fn bench_signing() {
     let headers = vec![
-        ("Content-Type".to_owned(), "application/json;charset=UTF-8".to_owned()),
-        ("Host".to_owned(), "gaussdb.cn-north-4.myhuaweicloud.com".to_owned()),
+        (
+            "Content-Type".to_owned(),
+            "application/json;charset=UTF-8".to_owned(),
+        ),
+        (
+            "Host".to_owned(),
+            "gaussdb.cn-north-4.myhuaweicloud.com".to_owned(),
+        ),
         ("X-Project-Id".to_owned(), PROJECT.to_owned()),
         ("X-Sdk-Date".to_owned(), "20261128T101500Z".to_owned()),
     ];
     let body = br#"{"encryption_status":"on","type":"kms","kms_key_id":"b82fa43f-f6e8-4ec4-9c31-231bc547c526"}"#;
-    let path = format!("/v3/{PROJECT}/instances/7033e7c3cf93438797d44ad7ae0a7d95in07/backups/encryption");
-    let request = signer::Request { method: "POST", path: &path, query: &[], headers: &headers, body };
+    let path =
+        format!("/v3/{PROJECT}/instances/7033e7c3cf93438797d44ad7ae0a7d95in07/backups/encryption");
+    let request = signer::Request {
+        method: "POST",
+        path: &path,
+        query: &[],
+        headers: &headers,
+        body,
+    };
     let signed = signer::signable_headers(&headers);
     let rounds = 50_000;
     let start = Instant::now();
@@ -58,11 +74,15 @@ fn bench_parsing() {
 
 fn report(what: &str, rounds: usize, elapsed: Duration) {
     let per_second = rounds as f64 / elapsed.as_secs_f64();
-    println!("{what:<12} {rounds:>8} in {:>8.1} ms  = {per_second:>12.0}/s", elapsed.as_secs_f64() * 1e3);
+    println!(
+        "{what:<12} {rounds:>8} in {:>8.1} ms  = {per_second:>12.0}/s",
+        elapsed.as_secs_f64() * 1e3
+    );
 }
 
 async fn bench_end_to_end(jobs: usize) {
-    let url = std::env::var("KEYTURN_TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    let url = std::env::var("KEYTURN_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
     let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
     let dir = tempfile::tempdir().expect("temp dir");
     let simulator = Simulator::new(SimulatorConfig {
@@ -73,10 +93,16 @@ async fn bench_end_to_end(jobs: usize) {
         max_clock_skew: Duration::from_secs(900),
         seed: 1,
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let endpoint = format!("http://{}", listener.local_addr().expect("address"));
     let stop = CancellationToken::new();
-    tokio::spawn(keyturn::simulator::serve(listener, simulator.clone(), stop.clone().cancelled_owned()));
+    tokio::spawn(keyturn::simulator::serve(
+        listener,
+        simulator.clone(),
+        stop.clone().cancelled_owned(),
+    ));
 
     let mut settings = Settings::load(None, &[]).expect("defaults");
     settings.amqp.url = url;
@@ -92,9 +118,13 @@ async fn bench_end_to_end(jobs: usize) {
     settings.rate_limit.per_project_burst = 10_000;
     settings.audit.path = dir.path().join("audit.db");
 
-    let connection = keyturn::amqp::connect(&settings.amqp, "keyturn-bench").await.expect("broker");
+    let connection = keyturn::amqp::connect(&settings.amqp, "keyturn-bench")
+        .await
+        .expect("broker");
     let channel = connection.create_channel().await.expect("channel");
-    keyturn::amqp::topology::declare(&channel, &settings.amqp).await.expect("topology");
+    keyturn::amqp::topology::declare(&channel, &settings.amqp)
+        .await
+        .expect("topology");
     let bodies: Vec<(String, Vec<u8>)> = (0..jobs)
         .map(|i| {
             let id = format!("B-{run}-{i}");
@@ -104,14 +134,26 @@ async fn bench_end_to_end(jobs: usize) {
             (id, body.into_bytes())
         })
         .collect();
-    keyturn::amqp::publish_jobs(&channel, &settings.amqp.jobs_queue, &bodies).await.expect("publish");
-
-    let credentials = Credentials::AkSk { ak: "BENCHAK".into(), sk: "bench-sk".to_owned().into() };
-    let (pipeline, publisher) = keyturn::cli::build_pipeline(settings.clone(), credentials).expect("pipeline");
-    let start = Instant::now();
-    worker::run(pipeline, RunOptions { exit_when_idle: Some(Duration::from_millis(500)) }, CancellationToken::new())
+    keyturn::amqp::publish_jobs(&channel, &settings.amqp.jobs_queue, &bodies)
         .await
-        .expect("worker");
+        .expect("publish");
+
+    let credentials = Credentials::AkSk {
+        ak: "BENCHAK".into(),
+        sk: "bench-sk".to_owned().into(),
+    };
+    let (pipeline, publisher) =
+        keyturn::cli::build_pipeline(settings.clone(), credentials).expect("pipeline");
+    let start = Instant::now();
+    worker::run(
+        pipeline,
+        RunOptions {
+            exit_when_idle: Some(Duration::from_millis(500)),
+        },
+        CancellationToken::new(),
+    )
+    .await
+    .expect("worker");
     let elapsed = start.elapsed().saturating_sub(Duration::from_millis(500));
     publisher.close().await;
     report("end to end", jobs, elapsed);
@@ -122,13 +164,31 @@ async fn bench_end_to_end(jobs: usize) {
         .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
         .expect("latencies");
     latencies.sort_unstable();
-    let at = |q: f64| latencies.get(((latencies.len() as f64 - 1.0) * q) as usize).copied().unwrap_or(0);
-    println!("job latency  p50 {} ms  p99 {} ms  max {} ms  (rows {})", at(0.5), at(0.99), at(1.0), latencies.len());
+    let at = |q: f64| {
+        latencies
+            .get(((latencies.len() as f64 - 1.0) * q) as usize)
+            .copied()
+            .unwrap_or(0)
+    };
+    println!(
+        "job latency  p50 {} ms  p99 {} ms  max {} ms  (rows {})",
+        at(0.5),
+        at(0.99),
+        at(1.0),
+        latencies.len()
+    );
     for queue in [&settings.amqp.jobs_queue, &settings.amqp.dead_queue] {
-        let _ = channel.queue_delete(queue.as_str().into(), Default::default()).await;
+        let _ = channel
+            .queue_delete(queue.as_str().into(), Default::default())
+            .await;
     }
-    for exchange in [&settings.amqp.dead_letter_exchange, &settings.amqp.results_exchange] {
-        let _ = channel.exchange_delete(exchange.as_str().into(), Default::default()).await;
+    for exchange in [
+        &settings.amqp.dead_letter_exchange,
+        &settings.amqp.results_exchange,
+    ] {
+        let _ = channel
+            .exchange_delete(exchange.as_str().into(), Default::default())
+            .await;
     }
     stop.cancel();
 }

@@ -21,7 +21,10 @@ pub struct ConfigError {
 }
 
 fn config_error(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
-    ConfigError { key: key.into(), problem: problem.into() }
+    ConfigError {
+        key: key.into(),
+        problem: problem.into(),
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -213,7 +216,10 @@ impl Default for AuditSettings {
 
 impl Default for LogSettings {
     fn default() -> Self {
-        LogSettings { level: "info".into(), format: "text".into() }
+        LogSettings {
+            level: "info".into(),
+            format: "text".into(),
+        }
     }
 }
 
@@ -259,25 +265,30 @@ impl Settings {
         };
         match self.api.auth.as_str() {
             "aksk" => {
-                let ak = var("CLOUD_SDK_AK")
-                    .ok_or_else(|| config_error("CLOUD_SDK_AK", "is not set (api.auth = \"aksk\")"))?;
-                let sk = var("CLOUD_SDK_SK")
-                    .ok_or_else(|| config_error("CLOUD_SDK_SK", "is not set (api.auth = \"aksk\")"))?;
+                let ak = var("CLOUD_SDK_AK").ok_or_else(|| {
+                    config_error("CLOUD_SDK_AK", "is not set (api.auth = \"aksk\")")
+                })?;
+                let sk = var("CLOUD_SDK_SK").ok_or_else(|| {
+                    config_error("CLOUD_SDK_SK", "is not set (api.auth = \"aksk\")")
+                })?;
                 Ok(Credentials::AkSk { ak, sk: sk.into() })
             }
             "token" if !self.api.token.is_empty() => {
                 Ok(Credentials::Token(self.api.token.clone().into()))
             }
             "token" => Err(config_error("api.token", "is empty (api.auth = \"token\")")),
-            other => Err(config_error("api.auth", format!("must be aksk or token, not {other:?}"))),
+            other => Err(config_error(
+                "api.auth",
+                format!("must be aksk or token, not {other:?}"),
+            )),
         }
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
         let amqp = &self.amqp;
-        amqp.url
-            .parse::<lapin::uri::AMQPUri>()
-            .map_err(|problem| config_error("amqp.url", format!("is not an AMQP URL: {problem}")))?;
+        amqp.url.parse::<lapin::uri::AMQPUri>().map_err(|problem| {
+            config_error("amqp.url", format!("is not an AMQP URL: {problem}"))
+        })?;
         for (key, name) in [
             ("amqp.jobs_queue", &amqp.jobs_queue),
             ("amqp.dead_letter_exchange", &amqp.dead_letter_exchange),
@@ -285,12 +296,20 @@ impl Settings {
             ("amqp.results_exchange", &amqp.results_exchange),
         ] {
             if name.is_empty() || name.len() > 255 || name.starts_with("amq.") {
-                return Err(config_error(key, "must be 1-255 characters and not start with amq."));
+                return Err(config_error(
+                    key,
+                    "must be 1-255 characters and not start with amq.",
+                ));
             }
         }
         range("amqp.delivery_limit", amqp.delivery_limit.into(), 1, 1000)?;
         range("amqp.heartbeat_secs", amqp.heartbeat_secs.into(), 1, 600)?;
-        range("worker.concurrency", self.worker.concurrency.into(), 1, 2000)?;
+        range(
+            "worker.concurrency",
+            self.worker.concurrency.into(),
+            1,
+            2000,
+        )?;
         positive("amqp.reconnect_max_backoff", amqp.reconnect_max_backoff)?;
         positive("worker.grace_period", self.worker.grace_period)?;
         self.validate_api()?;
@@ -317,15 +336,27 @@ impl Settings {
             let url = reqwest::Url::parse(&api.endpoint)
                 .map_err(|error| config_error("api.endpoint", format!("is not a URL: {error}")))?;
             if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
-                return Err(config_error("api.endpoint", "must be an http(s) URL with a host"));
+                return Err(config_error(
+                    "api.endpoint",
+                    "must be an http(s) URL with a host",
+                ));
             }
         }
         let default_region = &self.worker.default_region;
-        if !default_region.is_empty() && api.endpoint.is_empty() && regions::host_prefix(default_region).is_none() {
-            return Err(config_error("worker.default_region", format!("{default_region:?} is not a known region")));
+        if !default_region.is_empty()
+            && api.endpoint.is_empty()
+            && regions::host_prefix(default_region).is_none()
+        {
+            return Err(config_error(
+                "worker.default_region",
+                format!("{default_region:?} is not a known region"),
+            ));
         }
         if !matches!(api.auth.as_str(), "aksk" | "token") {
-            return Err(config_error("api.auth", format!("must be aksk or token, not {:?}", api.auth)));
+            return Err(config_error(
+                "api.auth",
+                format!("must be aksk or token, not {:?}", api.auth),
+            ));
         }
         if !matches!(api.language.as_str(), "en-us" | "zh-cn") {
             return Err(config_error("api.language", "must be en-us or zh-cn"));
@@ -336,16 +367,34 @@ impl Settings {
 
     fn validate_limits(&self) -> Result<(), ConfigError> {
         let limits = &self.rate_limit;
-        range("rate_limit.per_second", limits.per_second.into(), 1, 100_000)?;
+        range(
+            "rate_limit.per_second",
+            limits.per_second.into(),
+            1,
+            100_000,
+        )?;
         range("rate_limit.burst", limits.burst.into(), 1, 100_000)?;
-        range("rate_limit.per_project_per_second", limits.per_project_per_second.into(), 1, 100_000)?;
-        range("rate_limit.per_project_burst", limits.per_project_burst.into(), 1, 100_000)?;
+        range(
+            "rate_limit.per_project_per_second",
+            limits.per_project_per_second.into(),
+            1,
+            100_000,
+        )?;
+        range(
+            "rate_limit.per_project_burst",
+            limits.per_project_burst.into(),
+            1,
+            100_000,
+        )?;
         positive("rate_limit.throttle_pause", limits.throttle_pause)?;
         let retry = &self.retry;
         range("retry.max_attempts", retry.max_attempts.into(), 1, 100)?;
         positive("retry.base_delay", retry.base_delay)?;
         if retry.max_delay < retry.base_delay {
-            return Err(config_error("retry.max_delay", "must be at least retry.base_delay"));
+            return Err(config_error(
+                "retry.max_delay",
+                "must be at least retry.base_delay",
+            ));
         }
         positive("retry.deadline", retry.deadline)?;
         if retry.deadline > Duration::from_secs(20 * 60) {
@@ -362,7 +411,10 @@ fn range(key: &str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
     if (min..=max).contains(&value) {
         Ok(())
     } else {
-        Err(config_error(key, format!("is {value}; it must be between {min} and {max}")))
+        Err(config_error(
+            key,
+            format!("is {value}; it must be between {min} and {max}"),
+        ))
     }
 }
 
@@ -375,11 +427,21 @@ fn positive(key: &str, value: Duration) -> Result<(), ConfigError> {
 }
 
 fn read_table(path: &Path) -> Result<toml::Table, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|error| config_error("--config", format!("cannot read {}: {error}", path.display())))?;
+    let text = std::fs::read_to_string(path).map_err(|error| {
+        config_error(
+            "--config",
+            format!("cannot read {}: {error}", path.display()),
+        )
+    })?;
     toml::from_str(&text).map_err(|error| {
-        let at = error.span().map(|span| format!(" (byte {})", span.start)).unwrap_or_default();
-        config_error(path.display().to_string(), format!("is not valid TOML{at}: {}", error.message()))
+        let at = error
+            .span()
+            .map(|span| format!(" (byte {})", span.start))
+            .unwrap_or_default();
+        config_error(
+            path.display().to_string(),
+            format!("is not valid TOML{at}: {}", error.message()),
+        )
     })
 }
 
@@ -391,15 +453,26 @@ fn apply_env(table: &mut toml::Table, env: &[(String, String)]) -> Result<(), Co
         _ => unreachable!("settings serialize to a table"),
     };
     for (name, value) in env {
-        let Some(path) = name.strip_prefix("KEYTURN_") else { continue };
-        let Some((section, key)) = path.split_once("__") else { continue };
+        let Some(path) = name.strip_prefix("KEYTURN_") else {
+            continue;
+        };
+        let Some((section, key)) = path.split_once("__") else {
+            continue;
+        };
         let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
         let dotted = format!("{section}.{key}");
         let Some(default) = defaults.get(&section).and_then(|s| s.get(&key)) else {
-            return Err(config_error(name.clone(), format!("names no config key ({dotted})")));
+            return Err(config_error(
+                name.clone(),
+                format!("names no config key ({dotted})"),
+            ));
         };
-        let typed = typed_value(default, value)
-            .ok_or_else(|| config_error(dotted.clone(), format!("{name} is not a valid {}", default.type_str())))?;
+        let typed = typed_value(default, value).ok_or_else(|| {
+            config_error(
+                dotted.clone(),
+                format!("{name} is not a valid {}", default.type_str()),
+            )
+        })?;
         let entry = table
             .entry(section)
             .or_insert_with(|| toml::Value::Table(toml::Table::new()));
@@ -432,8 +505,9 @@ mod duration_text {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
         let text = String::deserialize(deserializer)?;
-        humantime::parse_duration(&text)
-            .map_err(|error| serde::de::Error::custom(format!("{text:?} is not a duration like 30s: {error}")))
+        humantime::parse_duration(&text).map_err(|error| {
+            serde::de::Error::custom(format!("{text:?} is not a duration like 30s: {error}"))
+        })
     }
 }
 
@@ -442,7 +516,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn shipped() -> PathBuf {
@@ -489,7 +566,11 @@ mod tests {
             ("KEYTURN_RETRY__DEADLINE", "40m", "retry.deadline"),
             ("KEYTURN_API__AUTH", "password", "api.auth"),
             ("KEYTURN_LOG__FORMAT", "xml", "log.format"),
-            ("KEYTURN_WORKER__DEFAULT_REGION", "mars-1", "worker.default_region"),
+            (
+                "KEYTURN_WORKER__DEFAULT_REGION",
+                "mars-1",
+                "worker.default_region",
+            ),
             ("KEYTURN_NOPE__KEY", "1", "KEYTURN_NOPE__KEY"),
         ];
         for (name, value, key) in cases {
@@ -515,7 +596,10 @@ mod tests {
         let settings = Settings::load(None, &[]).unwrap();
         assert_eq!(settings.credentials(&[]).unwrap_err().key, "CLOUD_SDK_AK");
         let creds = settings
-            .credentials(&env(&[("CLOUD_SDK_AK", "AK1"), ("CLOUD_SDK_SK", "very-secret-sk")]))
+            .credentials(&env(&[
+                ("CLOUD_SDK_AK", "AK1"),
+                ("CLOUD_SDK_SK", "very-secret-sk"),
+            ]))
             .unwrap();
         assert!(!format!("{creds:?}").contains("very-secret-sk"));
     }

@@ -30,9 +30,14 @@ impl Outcome {
     }
 
     pub fn parse(text: &str) -> Option<Outcome> {
-        [Outcome::Succeeded, Outcome::Failed, Outcome::Rejected, Outcome::Halted]
-            .into_iter()
-            .find(|outcome| outcome.as_str() == text)
+        [
+            Outcome::Succeeded,
+            Outcome::Failed,
+            Outcome::Rejected,
+            Outcome::Halted,
+        ]
+        .into_iter()
+        .find(|outcome| outcome.as_str() == text)
     }
 }
 
@@ -94,7 +99,9 @@ impl ResultEvent {
             .filter(|region| {
                 !region.is_empty()
                     && region.len() <= 32
-                    && region.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                    && region
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
             })
             .unwrap_or("unknown");
         format!("job.{}.{region}", self.data.outcome.as_str())
@@ -131,7 +138,9 @@ mod tests {
 
     #[test]
     fn envelope_has_the_cloudevents_shape() {
-        let at = DateTime::parse_from_rfc3339("2026-11-28T10:15:00.123Z").unwrap().to_utc();
+        let at = DateTime::parse_from_rfc3339("2026-11-28T10:15:00.123Z")
+            .unwrap()
+            .to_utc();
         let event = ResultEvent::new("w-1", result(Outcome::Succeeded, Some("cn-north-4")), at);
         let json: serde_json::Value = serde_json::from_str(&event.to_json()).unwrap();
         assert_eq!(json["specversion"], "1.0");
@@ -141,7 +150,12 @@ mod tests {
         assert_eq!(json["subject"], "7033e7c3cf93438797d44ad7ae0a7d95in07");
         assert_eq!(json["data"]["outcome"], "succeeded");
         assert_eq!(json["data"]["error_code"], serde_json::Value::Null);
-        assert_eq!(uuid::Uuid::parse_str(json["id"].as_str().unwrap()).unwrap().get_version_num(), 7);
+        assert_eq!(
+            uuid::Uuid::parse_str(json["id"].as_str().unwrap())
+                .unwrap()
+                .get_version_num(),
+            7
+        );
         assert_eq!(event.routing_key(), "job.succeeded.cn-north-4");
     }
 

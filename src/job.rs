@@ -209,7 +209,10 @@ pub fn parse(body: &[u8], ctx: &ParseContext<'_>) -> Result<Job, Rejection> {
         rollout_id: optional(&raw.rollout_id, |v| token("rollout_id", v).map(RolloutId))?,
         ticket: optional(&raw.ticket, |v| label("ticket", v, 256))?,
         region: region(raw.region.as_ref(), ctx)?,
-        project_id: ProjectId(hex_id("project_id", required("project_id", &raw.project_id)?)?),
+        project_id: ProjectId(hex_id(
+            "project_id",
+            required("project_id", &raw.project_id)?,
+        )?),
         instance_id: instance_id(required("instance_id", &raw.instance_id)?)?,
         change: change(&raw)?,
         requested_by: optional(&raw.requested_by, |v| label("requested_by", v, 128))?,
@@ -251,7 +254,10 @@ fn check_envelope(body: &[u8], ctx: &ParseContext<'_>) -> Result<(), Rejection> 
         }
     }
     if body.len() > MAX_BODY_BYTES {
-        return Err(reject("body", format!("is {} bytes; the limit is {MAX_BODY_BYTES}", body.len())));
+        return Err(reject(
+            "body",
+            format!("is {} bytes; the limit is {MAX_BODY_BYTES}", body.len()),
+        ));
     }
     Ok(())
 }
@@ -293,14 +299,19 @@ fn optional<T>(
 }
 
 fn string<'v>(field: &str, value: &'v Value) -> Result<&'v str, Rejection> {
-    value.as_str().ok_or_else(|| reject(field, "must be a string"))
+    value
+        .as_str()
+        .ok_or_else(|| reject(field, "must be a string"))
 }
 
 fn token(field: &str, value: &Value) -> Result<String, Rejection> {
     let text = string(field, value)?;
     let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-');
     if text.is_empty() || text.len() > 128 || !text.chars().all(allowed) {
-        return Err(reject(field, "must be 1-128 characters of A-Z a-z 0-9 . _ : -"));
+        return Err(reject(
+            field,
+            "must be 1-128 characters of A-Z a-z 0-9 . _ : -",
+        ));
     }
     Ok(text.to_owned())
 }
@@ -308,7 +319,10 @@ fn token(field: &str, value: &Value) -> Result<String, Rejection> {
 fn label(field: &str, value: &Value, max_chars: usize) -> Result<Label, Rejection> {
     let text = string(field, value)?;
     if text.chars().count() > max_chars {
-        return Err(reject(field, format!("is longer than {max_chars} characters")));
+        return Err(reject(
+            field,
+            format!("is longer than {max_chars} characters"),
+        ));
     }
     if text.chars().any(char::is_control) {
         return Err(reject(field, "must not contain control characters"));
@@ -333,7 +347,10 @@ fn instance_id(value: &Value) -> Result<InstanceId, Rejection> {
         && &text[32..34] == "in"
         && text[34..].bytes().all(|b| b.is_ascii_digit());
     if !shape_ok {
-        return Err(reject(FIELD, "must be 32 hexadecimal characters followed by 'in' and two digits"));
+        return Err(reject(
+            FIELD,
+            "must be 32 hexadecimal characters followed by 'in' and two digits",
+        ));
     }
     Ok(InstanceId(text.to_owned()))
 }
@@ -342,22 +359,35 @@ fn region(value: Option<&Value>, ctx: &ParseContext<'_>) -> Result<Region, Rejec
     let text = match (value, ctx.default_region) {
         (Some(value), _) => string("region", value)?,
         (None, Some(default)) => default,
-        (None, None) => return Err(reject("region", "is required (no default region is configured)")),
+        (None, None) => {
+            return Err(reject(
+                "region",
+                "is required (no default region is configured)",
+            ));
+        }
     };
     let well_formed = !text.is_empty()
         && text.len() <= 32
-        && text.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
     if !well_formed {
         return Err(reject("region", "must be a region id such as cn-north-4"));
     }
     if !ctx.any_region && regions::host_prefix(text).is_none() {
-        return Err(reject("region", "is not a region this service is offered in"));
+        return Err(reject(
+            "region",
+            "is not a region this service is offered in",
+        ));
     }
     Ok(Region(text.to_owned()))
 }
 
 fn change(raw: &RawJob) -> Result<Change, Rejection> {
-    let status = string("encryption_status", required("encryption_status", &raw.encryption_status)?)?;
+    let status = string(
+        "encryption_status",
+        required("encryption_status", &raw.encryption_status)?,
+    )?;
     match Status::parse(status) {
         Some(Status::On) => {
             let kind = string("type", required("type", &raw.kind)?)?;
@@ -369,14 +399,22 @@ fn change(raw: &RawJob) -> Result<Change, Rejection> {
                 .ok()
                 .filter(|_| key.len() == 36)
                 .ok_or_else(|| reject("kms_key_id", "must be a UUID"))?;
-            Ok(Change::On { key: KmsKeyId(key.to_owned()) })
+            Ok(Change::On {
+                key: KmsKeyId(key.to_owned()),
+            })
         }
         Some(Status::Off) => {
             if raw.kind.is_some() {
-                return Err(reject("type", "must be absent when encryption_status is off"));
+                return Err(reject(
+                    "type",
+                    "must be absent when encryption_status is off",
+                ));
             }
             if raw.kms_key_id.is_some() {
-                return Err(reject("kms_key_id", "must be absent when encryption_status is off"));
+                return Err(reject(
+                    "kms_key_id",
+                    "must be absent when encryption_status is off",
+                ));
             }
             Ok(Change::Off)
         }
@@ -410,14 +448,26 @@ mod tests {
         assert_eq!(job.id.as_str(), "CHG-1042-0001");
         assert_eq!(job.region.as_str(), "cn-north-4");
         assert_eq!(job.change.status(), Status::On);
-        assert_eq!(job.change.kms_key_id().unwrap().as_str(), "b82fa43f-f6e8-4ec4-9c31-231bc547c526");
+        assert_eq!(
+            job.change.kms_key_id().unwrap().as_str(),
+            "b82fa43f-f6e8-4ec4-9c31-231bc547c526"
+        );
     }
 
     #[test]
     fn status_and_type_are_case_insensitive() {
         let body = with("encryption_status", "ON".into());
-        let body: Vec<u8> = String::from_utf8(body).unwrap().replace("\"kms\"", "\"KMS\"").into();
-        assert_eq!(parse(&body, &ParseContext::default()).unwrap().change.status(), Status::On);
+        let body: Vec<u8> = String::from_utf8(body)
+            .unwrap()
+            .replace("\"kms\"", "\"KMS\"")
+            .into();
+        assert_eq!(
+            parse(&body, &ParseContext::default())
+                .unwrap()
+                .change
+                .status(),
+            Status::On
+        );
     }
 
     #[test]
@@ -426,9 +476,16 @@ mod tests {
         assert_eq!(field_of(&off), "type");
         let mut object: serde_json::Map<String, Value> = serde_json::from_slice(&off).unwrap();
         object.remove("type");
-        assert_eq!(field_of(&serde_json::to_vec(&object).unwrap()), "kms_key_id");
+        assert_eq!(
+            field_of(&serde_json::to_vec(&object).unwrap()),
+            "kms_key_id"
+        );
         object.remove("kms_key_id");
-        let job = parse(&serde_json::to_vec(&object).unwrap(), &ParseContext::default()).unwrap();
+        let job = parse(
+            &serde_json::to_vec(&object).unwrap(),
+            &ParseContext::default(),
+        )
+        .unwrap();
         assert_eq!(job.change, Change::Off);
     }
 
@@ -447,7 +504,10 @@ mod tests {
             ("project_id", "619d3e78f61b4be68bc5aa0b59edcf7".into()),
             ("project_id", Value::Null),
             ("instance_id", "7033e7c3cf93438797d44ad7ae0a7d95in7".into()),
-            ("instance_id", "7033e7c3cf93438797d44ad7ae0a7d95%2F07".into()),
+            (
+                "instance_id",
+                "7033e7c3cf93438797d44ad7ae0a7d95%2F07".into(),
+            ),
             ("instance_id", "7033e7c3cf93438797d44ad7ae0a7d95іn07".into()),
             ("encryption_status", "enabled".into()),
             ("encryption_status", Value::Null),
@@ -456,7 +516,11 @@ mod tests {
             ("kms_key_id", Value::Null),
         ];
         for (field, value) in cases {
-            assert_eq!(field_of(&with(field, value.clone())), field, "{field} = {value}");
+            assert_eq!(
+                field_of(&with(field, value.clone())),
+                field,
+                "{field} = {value}"
+            );
         }
     }
 
@@ -474,11 +538,23 @@ mod tests {
         assert_eq!(field_of(b"[1,2]"), "body");
         assert_eq!(field_of(b"{\"job_id\":"), "body");
         let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
-        assert_eq!(field_of(format!("{{\"ticket\":{deep}}}").as_bytes()), "body");
+        assert_eq!(
+            field_of(format!("{{\"ticket\":{deep}}}").as_bytes()),
+            "body"
+        );
         assert_eq!(field_of(&vec![b' '; MAX_BODY_BYTES + 1]), "body");
-        let ctx = ParseContext { content_type: Some("text/plain"), ..Default::default() };
-        assert_eq!(parse(ON.as_bytes(), &ctx).unwrap_err().field, "content_type");
-        let ctx = ParseContext { content_type: Some("application/json; charset=utf-8"), ..Default::default() };
+        let ctx = ParseContext {
+            content_type: Some("text/plain"),
+            ..Default::default()
+        };
+        assert_eq!(
+            parse(ON.as_bytes(), &ctx).unwrap_err().field,
+            "content_type"
+        );
+        let ctx = ParseContext {
+            content_type: Some("application/json; charset=utf-8"),
+            ..Default::default()
+        };
         assert!(parse(ON.as_bytes(), &ctx).is_ok());
     }
 
@@ -490,15 +566,25 @@ mod tests {
         let mut object: serde_json::Map<String, Value> = serde_json::from_slice(&body).unwrap();
         object.remove("job_id");
         let body = serde_json::to_vec(&object).unwrap();
-        let ctx = ParseContext { message_id: Some("msg-1"), default_region: Some("ap-southeast-1"), ..Default::default() };
+        let ctx = ParseContext {
+            message_id: Some("msg-1"),
+            default_region: Some("ap-southeast-1"),
+            ..Default::default()
+        };
         let job = parse(&body, &ctx).unwrap();
-        assert_eq!((job.id.as_str(), job.region.as_str()), ("msg-1", "ap-southeast-1"));
+        assert_eq!(
+            (job.id.as_str(), job.region.as_str()),
+            ("msg-1", "ap-southeast-1")
+        );
     }
 
     #[test]
     fn any_region_accepts_well_formed_unknown_regions() {
         let body = with("region", "my-private-1".into());
-        let ctx = ParseContext { any_region: true, ..Default::default() };
+        let ctx = ParseContext {
+            any_region: true,
+            ..Default::default()
+        };
         assert_eq!(parse(&body, &ctx).unwrap().region.as_str(), "my-private-1");
     }
 

@@ -51,7 +51,12 @@ pub enum Disposition {
 #[async_trait::async_trait]
 pub trait EventSink: Send + Sync {
     /// Publishes `event` and returns once the broker confirmed it.
-    async fn publish(&self, event: &ResultEvent, correlation_id: &str, reply_to: Option<&str>) -> anyhow::Result<()>;
+    async fn publish(
+        &self,
+        event: &ResultEvent,
+        correlation_id: &str,
+        reply_to: Option<&str>,
+    ) -> anyhow::Result<()>;
 }
 
 /// Infrastructure health: while the audit store or the broker fails, jobs hold before calling
@@ -63,13 +68,16 @@ pub struct Health {
 
 impl Default for Health {
     fn default() -> Self {
-        Health { healthy: watch::Sender::new(true) }
+        Health {
+            healthy: watch::Sender::new(true),
+        }
     }
 }
 
 impl Health {
     pub fn set(&self, healthy: bool) {
-        self.healthy.send_if_modified(|current| std::mem::replace(current, healthy) != healthy);
+        self.healthy
+            .send_if_modified(|current| std::mem::replace(current, healthy) != healthy);
     }
 
     pub fn is_healthy(&self) -> bool {
@@ -106,7 +114,12 @@ impl JobLocks {
             locks.entry(job_id.to_owned()).or_default().clone()
         };
         let guard = lock.clone().lock_owned().await;
-        JobGuard { locks: self, job_id: job_id.to_owned(), lock, _guard: guard }
+        JobGuard {
+            locks: self,
+            job_id: job_id.to_owned(),
+            lock,
+            _guard: guard,
+        }
     }
 }
 
@@ -147,23 +160,38 @@ impl Pipeline {
         };
         let span = tracing::Span::current();
         span.record("job_id", identity.job_id.as_str());
-        span.record("instance_id", identity.instance_id.as_deref().unwrap_or("-"));
+        span.record(
+            "instance_id",
+            identity.instance_id.as_deref().unwrap_or("-"),
+        );
         let _one_at_a_time = self.locks.lock(&identity.job_id).await;
 
-        let earlier = self.infra("audit lookup", shutdown, || self.audit.find_final(&identity.job_id, &digest));
-        let Some(earlier) = earlier.await else { return Disposition::Abandon };
+        let earlier = self.infra("audit lookup", shutdown, || {
+            self.audit.find_final(&identity.job_id, &digest)
+        });
+        let Some(earlier) = earlier.await else {
+            return Disposition::Abandon;
+        };
         if let Some(event) = earlier {
             tracing::info!(event_id = %event.id, outcome = event.data.outcome.as_str(), "duplicate delivery: replaying the stored result");
             return self.finish(event, &delivery, &identity, shutdown).await;
         }
         let (result, kms_key_id, attempts) = match &parsed {
-            Err(rejection) => (self.rejected(&identity, rejection, &delivery), None, Vec::new()),
+            Err(rejection) => (
+                self.rejected(&identity, rejection, &delivery),
+                None,
+                Vec::new(),
+            ),
             Ok(job) => {
                 let Some(run) = self.run(job, delivery.redelivered, shutdown).await else {
                     return Disposition::Abandon;
                 };
                 let attempts = run.exchanges.iter().map(attempt_record).collect();
-                (self.result(job, run, &delivery), job.change.kms_key_id().map(|k| k.to_string()), attempts)
+                (
+                    self.result(job, run, &delivery),
+                    job.change.kms_key_id().map(|k| k.to_string()),
+                    attempts,
+                )
             }
         };
         let record = FinalRecord {
@@ -176,7 +204,11 @@ impl Pipeline {
             worker_id: self.worker_id.clone(),
             attempts,
         };
-        let stored = self.infra("audit commit", shutdown, || self.audit.record(record.clone())).await;
+        let stored = self
+            .infra("audit commit", shutdown, || {
+                self.audit.record(record.clone())
+            })
+            .await;
         let Some(event) = stored.and_then(|recorded| recorded.into_event()) else {
             return Disposition::Abandon;
         };
@@ -185,7 +217,8 @@ impl Pipeline {
 
     fn parse_context<'a>(&'a self, delivery: &'a Delivery) -> ParseContext<'a> {
         ParseContext {
-            default_region: Some(self.settings.worker.default_region.as_str()).filter(|r| !r.is_empty()),
+            default_region: Some(self.settings.worker.default_region.as_str())
+                .filter(|r| !r.is_empty()),
             any_region: !self.settings.api.endpoint.is_empty(),
             message_id: delivery.message_id.as_deref(),
             content_type: delivery.content_type.as_deref(),
@@ -193,11 +226,22 @@ impl Pipeline {
     }
 
     /// Publishes the stored event and picks the disposition its outcome calls for.
-    async fn finish(&self, event: ResultEvent, delivery: &Delivery, identity: &Identity, shutdown: &CancellationToken) -> Disposition {
-        let correlation_id = delivery.correlation_id.clone().unwrap_or_else(|| identity.job_id.clone());
+    async fn finish(
+        &self,
+        event: ResultEvent,
+        delivery: &Delivery,
+        identity: &Identity,
+        shutdown: &CancellationToken,
+    ) -> Disposition {
+        let correlation_id = delivery
+            .correlation_id
+            .clone()
+            .unwrap_or_else(|| identity.job_id.clone());
         let reply_to = delivery.reply_to.as_deref().filter(|r| !r.is_empty());
         let published = self
-            .infra("result publish", shutdown, || self.events.publish(&event, &correlation_id, reply_to))
+            .infra("result publish", shutdown, || {
+                self.events.publish(&event, &correlation_id, reply_to)
+            })
             .await;
         match (published, event.data.outcome) {
             (None, _) => Disposition::Abandon,
@@ -210,13 +254,21 @@ impl Pipeline {
     }
 
     /// Retries an infrastructure operation until it succeeds; `None` only when shutting down.
-    async fn infra<T, E, F, Fut>(&self, what: &str, shutdown: &CancellationToken, mut op: F) -> Option<T>
+    async fn infra<T, E, F, Fut>(
+        &self,
+        what: &str,
+        shutdown: &CancellationToken,
+        mut op: F,
+    ) -> Option<T>
     where
         E: std::fmt::Display,
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        let backoff = Backoff { base: Duration::from_millis(100), cap: Duration::from_secs(5) };
+        let backoff = Backoff {
+            base: Duration::from_millis(100),
+            cap: Duration::from_secs(5),
+        };
         for failures in 0u32.. {
             match op().await {
                 Ok(value) => {
@@ -241,24 +293,50 @@ impl Pipeline {
     async fn run(&self, job: &Job, redelivered: bool, shutdown: &CancellationToken) -> Option<Run> {
         let retry = &self.settings.retry;
         let deadline = Instant::now() + retry.deadline;
-        let backoff = Backoff { base: retry.base_delay, cap: retry.max_delay };
+        let backoff = Backoff {
+            base: retry.base_delay,
+            cap: retry.max_delay,
+        };
         let key: LimitKey = (job.region.to_string(), job.project_id.to_string());
-        let mut uncertain = redelivered && self.infra("audit lookup", shutdown, || self.audit.was_sent(job.id.as_str())).await?;
+        let mut uncertain = redelivered
+            && self
+                .infra("audit lookup", shutdown, || {
+                    self.audit.was_sent(job.id.as_str())
+                })
+                .await?;
         let mut marked = uncertain;
         let mut exchanges: Vec<Exchange> = Vec::new();
         let mut last_error: Option<(String, String)> = None;
         let mut retries = 0u32;
         loop {
             if exchanges.len() as u32 >= retry.max_attempts {
-                return Some(Run::failed(last_error, exchanges, "keyturn.attempts_exhausted"));
+                return Some(Run::failed(
+                    last_error,
+                    exchanges,
+                    "keyturn.attempts_exhausted",
+                ));
             }
             self.health.wait_healthy().await;
-            if tokio::time::timeout_at(deadline, self.limits.acquire(&key)).await.is_err() {
-                return Some(Run::failed(last_error, exchanges, "keyturn.deadline_exceeded"));
+            if tokio::time::timeout_at(deadline, self.limits.acquire(&key))
+                .await
+                .is_err()
+            {
+                return Some(Run::failed(
+                    last_error,
+                    exchanges,
+                    "keyturn.deadline_exceeded",
+                ));
             }
-            let call = if uncertain { Call::Describe } else { Call::Modify };
+            let call = if uncertain {
+                Call::Describe
+            } else {
+                Call::Modify
+            };
             if call == Call::Modify && !marked {
-                self.infra("in-flight marker", shutdown, || self.audit.mark_sending(job.id.as_str(), &self.worker_id)).await?;
+                self.infra("in-flight marker", shutdown, || {
+                    self.audit.mark_sending(job.id.as_str(), &self.worker_id)
+                })
+                .await?;
                 marked = true;
             }
             let exchange = match call {
@@ -269,8 +347,12 @@ impl Pipeline {
             let result = exchange.result.clone();
             exchanges.push(exchange);
             let error = match result {
-                Ok(status) if call == Call::Modify => return Some(self.succeeded(job, status, exchanges).await),
-                Ok(status) if status == job.change.status() => return Some(Run::ok(status, exchanges)),
+                Ok(status) if call == Call::Modify => {
+                    return Some(self.succeeded(job, status, exchanges).await);
+                }
+                Ok(status) if status == job.change.status() => {
+                    return Some(Run::ok(status, exchanges));
+                }
                 Ok(_) => {
                     uncertain = false;
                     continue;
@@ -291,7 +373,11 @@ impl Pipeline {
                     uncertain |= call == Call::Modify && error.may_have_landed();
                     let wait = backoff.delay(retries, &mut rand::rng());
                     if Instant::now() + wait >= deadline {
-                        return Some(Run::failed(last_error, exchanges, "keyturn.deadline_exceeded"));
+                        return Some(Run::failed(
+                            last_error,
+                            exchanges,
+                            "keyturn.deadline_exceeded",
+                        ));
                     }
                     tokio::time::sleep(wait).await;
                 }
@@ -316,7 +402,10 @@ impl Pipeline {
             Ok(read) => Run {
                 outcome: Outcome::Failed,
                 resulting_status: Some(read),
-                error: Some(("keyturn.not_confirmed".into(), format!("Describe reports {} after Modify", read.as_str()))),
+                error: Some((
+                    "keyturn.not_confirmed".into(),
+                    format!("Describe reports {} after Modify", read.as_str()),
+                )),
                 exchanges,
             },
             // The toggle was accepted; a failed read-back does not undo it.
@@ -326,7 +415,9 @@ impl Pipeline {
 
     fn result(&self, job: &Job, run: Run, delivery: &Delivery) -> JobResult {
         let last = run.exchanges.last();
-        let (error_code, error_msg) = run.error.map_or((None, None), |(code, msg)| (Some(code), Some(msg)));
+        let (error_code, error_msg) = run
+            .error
+            .map_or((None, None), |(code, msg)| (Some(code), Some(msg)));
         JobResult {
             job_id: job.id.to_string(),
             rollout_id: job.rollout_id.as_ref().map(ToString::to_string),
@@ -346,7 +437,12 @@ impl Pipeline {
         }
     }
 
-    fn rejected(&self, identity: &Identity, rejection: &Rejection, delivery: &Delivery) -> JobResult {
+    fn rejected(
+        &self,
+        identity: &Identity,
+        rejection: &Rejection,
+        delivery: &Delivery,
+    ) -> JobResult {
         tracing::warn!(field = %rejection.field, reason = %rejection.reason, "job rejected");
         JobResult {
             job_id: identity.job_id.clone(),
@@ -370,7 +466,12 @@ impl Pipeline {
 
 impl Run {
     fn ok(status: Status, exchanges: Vec<Exchange>) -> Run {
-        Run { outcome: Outcome::Succeeded, resulting_status: Some(status), error: None, exchanges }
+        Run {
+            outcome: Outcome::Succeeded,
+            resulting_status: Some(status),
+            error: None,
+            exchanges,
+        }
     }
 
     /// A failed run keeps the last API error; `fallback` names why when there was none or the
@@ -379,9 +480,17 @@ impl Run {
         let error = match (last_error, reason) {
             (Some(error), "") => error,
             (Some((code, msg)), reason) => (code, format!("{msg} ({reason})")),
-            (None, reason) => (reason.to_owned(), "no attempt could be made in time".to_owned()),
+            (None, reason) => (
+                reason.to_owned(),
+                "no attempt could be made in time".to_owned(),
+            ),
         };
-        Run { outcome: Outcome::Failed, resulting_status: None, error: Some(error), exchanges }
+        Run {
+            outcome: Outcome::Failed,
+            resulting_status: None,
+            error: Some(error),
+            exchanges,
+        }
     }
 }
 
@@ -395,7 +504,9 @@ fn verdict(error: &CallError) -> Verdict {
 /// The `(error_code, error_msg)` reported for a failed attempt.
 fn error_pair(error: &CallError) -> (String, String) {
     match error {
-        CallError::Api { status, code, msg, .. } => (
+        CallError::Api {
+            status, code, msg, ..
+        } => (
             code.clone().unwrap_or_else(|| format!("HTTP.{status}")),
             msg.clone().unwrap_or_default(),
         ),

@@ -73,13 +73,20 @@ mod tests {
         assert_eq!(classify(409, Some("DBS.200019")), Verdict::Retry);
         assert_eq!(classify(409, Some("DBS.999999")), Verdict::Fatal);
         for status in [400, 401, 403, 404] {
-            assert_eq!(classify(status, Some("DBS.200001")), Verdict::Fatal, "{status}");
+            assert_eq!(
+                classify(status, Some("DBS.200001")),
+                Verdict::Fatal,
+                "{status}"
+            );
         }
     }
 
     #[test]
     fn ceiling_doubles_then_caps_and_never_overflows() {
-        let backoff = Backoff { base: Duration::from_millis(100), cap: Duration::from_secs(5) };
+        let backoff = Backoff {
+            base: Duration::from_millis(100),
+            cap: Duration::from_secs(5),
+        };
         assert_eq!(backoff.ceiling(0), Duration::from_millis(100));
         assert_eq!(backoff.ceiling(3), Duration::from_millis(800));
         assert_eq!(backoff.ceiling(6), Duration::from_secs(5));
@@ -88,7 +95,10 @@ mod tests {
 
     #[test]
     fn jittered_delays_stay_within_the_ceiling() {
-        let backoff = Backoff { base: Duration::from_millis(10), cap: Duration::from_millis(300) };
+        let backoff = Backoff {
+            base: Duration::from_millis(10),
+            cap: Duration::from_millis(300),
+        };
         let mut rng = rand::rng();
         for retry in 0..40 {
             assert!(backoff.delay(retry, &mut rng) <= backoff.ceiling(retry));

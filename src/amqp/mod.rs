@@ -30,7 +30,12 @@ pub async fn connect(settings: &AmqpSettings, name: &str) -> anyhow::Result<Conn
     let properties = ConnectionProperties::default().with_connection_name(name.into());
     Connection::connect_uri(uri, properties)
         .await
-        .map_err(|error| anyhow::anyhow!("cannot connect to RabbitMQ at {}: {error}", redacted_url(&settings.url)))
+        .map_err(|error| {
+            anyhow::anyhow!(
+                "cannot connect to RabbitMQ at {}: {error}",
+                redacted_url(&settings.url)
+            )
+        })
 }
 
 /// The URL with any password replaced, for logs and error messages.
@@ -38,7 +43,11 @@ pub fn redacted_url(url: &str) -> String {
     match url.parse::<AMQPUri>() {
         Ok(uri) => format!(
             "{}://{}@{}:{}/{}",
-            if uri.scheme == lapin::uri::AMQPScheme::AMQPS { "amqps" } else { "amqp" },
+            if uri.scheme == lapin::uri::AMQPScheme::AMQPS {
+                "amqps"
+            } else {
+                "amqp"
+            },
             uri.authority.userinfo.username,
             uri.authority.host,
             uri.authority.port,
@@ -50,16 +59,32 @@ pub fn redacted_url(url: &str) -> String {
 
 /// Publishes jobs `(job_id, body)` to `queue` through the default exchange, persistent, as JSON
 /// with `message_id` = job id, and waits for every confirm.
-pub async fn publish_jobs(channel: &lapin::Channel, queue: &str, jobs: &[(String, Vec<u8>)]) -> anyhow::Result<()> {
+pub async fn publish_jobs(
+    channel: &lapin::Channel,
+    queue: &str,
+    jobs: &[(String, Vec<u8>)],
+) -> anyhow::Result<()> {
     use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
     let mut confirms = Vec::with_capacity(jobs.len());
     for (job_id, body) in jobs {
         let properties = lapin::BasicProperties::default()
             .with_content_type("application/json".into())
             .with_delivery_mode(2)
             .with_message_id(job_id.as_str().into());
-        confirms.push(channel.basic_publish("".into(), queue.into(), BasicPublishOptions::default(), body, properties).await?);
+        confirms.push(
+            channel
+                .basic_publish(
+                    "".into(),
+                    queue.into(),
+                    BasicPublishOptions::default(),
+                    body,
+                    properties,
+                )
+                .await?,
+        );
     }
     for confirm in confirms {
         anyhow::ensure!(confirm.await?.is_ack(), "the broker refused a job");

@@ -39,7 +39,9 @@ impl Publisher {
         *link = None;
         let connection = super::connect(&self.settings, &self.name).await?;
         let channel = connection.create_channel().await?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
         *link = Some((connection, channel.clone()));
         Ok(channel)
     }
@@ -50,9 +52,22 @@ impl Publisher {
         }
     }
 
-    async fn send(&self, channel: &Channel, exchange: &str, routing_key: &str, body: &[u8], properties: BasicProperties) -> anyhow::Result<()> {
+    async fn send(
+        &self,
+        channel: &Channel,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> anyhow::Result<()> {
         let confirm = channel
-            .basic_publish(exchange.into(), routing_key.into(), BasicPublishOptions::default(), body, properties)
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                body,
+                properties,
+            )
             .await?
             .await?;
         match confirm {
@@ -70,7 +85,12 @@ impl Publisher {
 
 #[async_trait::async_trait]
 impl EventSink for Publisher {
-    async fn publish(&self, event: &ResultEvent, correlation_id: &str, reply_to: Option<&str>) -> anyhow::Result<()> {
+    async fn publish(
+        &self,
+        event: &ResultEvent,
+        correlation_id: &str,
+        reply_to: Option<&str>,
+    ) -> anyhow::Result<()> {
         let body = event.to_json();
         let properties = BasicProperties::default()
             .with_content_type(CONTENT_TYPE.into())
@@ -83,9 +103,17 @@ impl EventSink for Publisher {
         let result = async {
             let channel = self.channel().await?;
             let exchange = self.settings.results_exchange.as_str();
-            self.send(&channel, exchange, &event.routing_key(), body.as_bytes(), properties.clone()).await?;
+            self.send(
+                &channel,
+                exchange,
+                &event.routing_key(),
+                body.as_bytes(),
+                properties.clone(),
+            )
+            .await?;
             if let Some(queue) = reply_to {
-                self.send(&channel, "", queue, body.as_bytes(), properties).await?;
+                self.send(&channel, "", queue, body.as_bytes(), properties)
+                    .await?;
             }
             anyhow::Ok(())
         }

@@ -10,7 +10,10 @@ use crate::config::AmqpSettings;
 
 /// Declares (or confirms) the whole topology on `channel`.
 pub async fn declare(channel: &Channel, settings: &AmqpSettings) -> lapin::Result<()> {
-    let durable_exchange = ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() };
+    let durable_exchange = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
     channel
         .exchange_declare(
             settings.dead_letter_exchange.as_str().into(),
@@ -20,7 +23,11 @@ pub async fn declare(channel: &Channel, settings: &AmqpSettings) -> lapin::Resul
         )
         .await?;
     channel
-        .queue_declare(settings.dead_queue.as_str().into(), QueueDeclareOptions::durable(), quorum())
+        .queue_declare(
+            settings.dead_queue.as_str().into(),
+            QueueDeclareOptions::durable(),
+            quorum(),
+        )
         .await?;
     channel
         .queue_bind(
@@ -32,7 +39,11 @@ pub async fn declare(channel: &Channel, settings: &AmqpSettings) -> lapin::Resul
         )
         .await?;
     channel
-        .queue_declare(settings.jobs_queue.as_str().into(), QueueDeclareOptions::durable(), jobs_arguments(settings))
+        .queue_declare(
+            settings.jobs_queue.as_str().into(),
+            QueueDeclareOptions::durable(),
+            jobs_arguments(settings),
+        )
         .await?;
     channel
         .exchange_declare(
@@ -46,7 +57,10 @@ pub async fn declare(channel: &Channel, settings: &AmqpSettings) -> lapin::Resul
 
 fn quorum() -> FieldTable {
     let mut arguments = FieldTable::default();
-    arguments.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from("quorum")));
+    arguments.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
     arguments
 }
 
@@ -59,10 +73,19 @@ fn jobs_arguments(settings: &AmqpSettings) -> FieldTable {
         "x-dead-letter-exchange".into(),
         AMQPValue::LongString(LongString::from(settings.dead_letter_exchange.as_str())),
     );
-    arguments.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(settings.delivery_limit.into()));
+    arguments.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongLongInt(settings.delivery_limit.into()),
+    );
     // At-least-once dead-lettering (3.10+) needs reject-publish overflow; without it the broker
     // silently falls back to at-most-once and a dead letter could be lost.
-    arguments.insert("x-dead-letter-strategy".into(), AMQPValue::LongString(LongString::from("at-least-once")));
-    arguments.insert("x-overflow".into(), AMQPValue::LongString(LongString::from("reject-publish")));
+    arguments.insert(
+        "x-dead-letter-strategy".into(),
+        AMQPValue::LongString(LongString::from("at-least-once")),
+    );
+    arguments.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString(LongString::from("reject-publish")),
+    );
     arguments
 }

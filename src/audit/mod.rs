@@ -16,7 +16,8 @@ use tokio::sync::oneshot;
 use crate::events::ResultEvent;
 
 /// Versioned schema files, applied in order, each once.
-const MIGRATIONS: &[(&str, &str)] = &[("0001_init", include_str!("../../migrations/0001_init.sql"))];
+const MIGRATIONS: &[(&str, &str)] =
+    &[("0001_init", include_str!("../../migrations/0001_init.sql"))];
 
 /// Most writes committed in one transaction.
 const MAX_BATCH: usize = 256;
@@ -24,7 +25,10 @@ const MAX_BATCH: usize = 256;
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
     #[error("audit log {path}: {source}")]
-    Open { path: PathBuf, source: rusqlite::Error },
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
     #[error("audit log: {0}")]
     Sql(#[from] rusqlite::Error),
     #[error("audit log: stored event is unreadable: {0}")]
@@ -82,9 +86,19 @@ impl Recorded {
 }
 
 enum Command {
-    Find { job_id: String, body_sha256: String, reply: oneshot::Sender<Result<Option<ResultEvent>, AuditError>> },
-    WasSent { job_id: String, reply: oneshot::Sender<Result<bool, AuditError>> },
-    Write { write: Write, reply: oneshot::Sender<Result<Recorded, AuditError>> },
+    Find {
+        job_id: String,
+        body_sha256: String,
+        reply: oneshot::Sender<Result<Option<ResultEvent>, AuditError>>,
+    },
+    WasSent {
+        job_id: String,
+        reply: oneshot::Sender<Result<bool, AuditError>>,
+    },
+    Write {
+        write: Write,
+        reply: oneshot::Sender<Result<Recorded, AuditError>>,
+    },
 }
 
 enum Write {
@@ -109,7 +123,10 @@ pub struct AuditOptions {
 impl AuditStore {
     /// Opens (creating if needed) the file, applies pending migrations and starts the writer.
     pub fn open(path: &Path, options: &AuditOptions) -> Result<AuditStore, AuditError> {
-        let open_error = |source| AuditError::Open { path: path.to_owned(), source };
+        let open_error = |source| AuditError::Open {
+            path: path.to_owned(),
+            source,
+        };
         let mut connection = Connection::open(path).map_err(open_error)?;
         configure(&connection, options).map_err(open_error)?;
         migrate(&mut connection).map_err(open_error)?;
@@ -118,7 +135,10 @@ impl AuditStore {
             .name("keyturn-audit".into())
             .spawn(move || writer_loop(connection, receiver))
             .expect("spawn the audit writer thread");
-        Ok(AuditStore { commands, path: path.to_owned() })
+        Ok(AuditStore {
+            commands,
+            path: path.to_owned(),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -127,9 +147,17 @@ impl AuditStore {
 
     /// The stored event of an earlier final outcome of `job_id`, if any. A rejection counts only
     /// for the same body: a corrected resubmission under the same job id is processed.
-    pub async fn find_final(&self, job_id: &str, body_sha256: &str) -> Result<Option<ResultEvent>, AuditError> {
+    pub async fn find_final(
+        &self,
+        job_id: &str,
+        body_sha256: &str,
+    ) -> Result<Option<ResultEvent>, AuditError> {
         let (reply, answer) = oneshot::channel();
-        self.send(Command::Find { job_id: job_id.to_owned(), body_sha256: body_sha256.to_owned(), reply })?;
+        self.send(Command::Find {
+            job_id: job_id.to_owned(),
+            body_sha256: body_sha256.to_owned(),
+            reply,
+        })?;
         answer.await.map_err(|_| AuditError::Closed)?
     }
 
@@ -140,14 +168,20 @@ impl AuditStore {
 
     /// Durably notes that a Modify for `job_id` is about to go out (before the first one only).
     pub async fn mark_sending(&self, job_id: &str, worker_id: &str) -> Result<(), AuditError> {
-        let write = Write::MarkSending { job_id: job_id.to_owned(), worker_id: worker_id.to_owned() };
+        let write = Write::MarkSending {
+            job_id: job_id.to_owned(),
+            worker_id: worker_id.to_owned(),
+        };
         self.write(write).await.map(|_| ())
     }
 
     /// Whether an earlier delivery of `job_id` may have sent a Modify.
     pub async fn was_sent(&self, job_id: &str) -> Result<bool, AuditError> {
         let (reply, answer) = oneshot::channel();
-        self.send(Command::WasSent { job_id: job_id.to_owned(), reply })?;
+        self.send(Command::WasSent {
+            job_id: job_id.to_owned(),
+            reply,
+        })?;
         answer.await.map_err(|_| AuditError::Closed)?
     }
 
@@ -164,8 +198,13 @@ impl AuditStore {
 
 fn configure(connection: &Connection, options: &AuditOptions) -> rusqlite::Result<()> {
     connection.busy_timeout(options.busy_timeout)?;
-    connection.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get::<_, String>(0))?;
-    let synchronous = if options.synchronous_full { "FULL" } else { "NORMAL" };
+    connection
+        .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get::<_, String>(0))?;
+    let synchronous = if options.synchronous_full {
+        "FULL"
+    } else {
+        "NORMAL"
+    };
     connection.pragma_update(None, "synchronous", synchronous)?;
     connection.pragma_update(None, "foreign_keys", "ON")
 }
@@ -199,7 +238,11 @@ fn writer_loop(mut connection: Connection, commands: mpsc::Receiver<Command>) {
         let mut next = Some(first);
         while let Some(command) = next {
             match command {
-                Command::Find { job_id, body_sha256, reply } => {
+                Command::Find {
+                    job_id,
+                    body_sha256,
+                    reply,
+                } => {
                     let _ = reply.send(find_final(&connection, &job_id, &body_sha256));
                 }
                 Command::WasSent { job_id, reply } => {
@@ -207,7 +250,11 @@ fn writer_loop(mut connection: Connection, commands: mpsc::Receiver<Command>) {
                 }
                 Command::Write { write, reply } => writes.push((write, reply)),
             }
-            next = if writes.len() < MAX_BATCH { commands.try_recv().ok() } else { None };
+            next = if writes.len() < MAX_BATCH {
+                commands.try_recv().ok()
+            } else {
+                None
+            };
         }
         if !writes.is_empty() {
             commit_batch(&mut connection, writes);
@@ -235,7 +282,10 @@ fn commit_batch(connection: &mut Connection, writes: Vec<Pending>) {
 }
 
 /// Writes every pending record in one transaction: all of them are committed, or none.
-fn commit_all(connection: &mut Connection, writes: &[Pending]) -> Result<Vec<Recorded>, AuditError> {
+fn commit_all(
+    connection: &mut Connection,
+    writes: &[Pending],
+) -> Result<Vec<Recorded>, AuditError> {
     let tx = connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let results = writes
         .iter()
@@ -248,7 +298,11 @@ fn commit_all(connection: &mut Connection, writes: &[Pending]) -> Result<Vec<Rec
     Ok(results)
 }
 
-fn find_final(connection: &Connection, job_id: &str, body_sha256: &str) -> Result<Option<ResultEvent>, AuditError> {
+fn find_final(
+    connection: &Connection,
+    job_id: &str,
+    body_sha256: &str,
+) -> Result<Option<ResultEvent>, AuditError> {
     let json: Option<String> = connection
         .prepare_cached(
             "SELECT event_json FROM toggles
@@ -261,11 +315,16 @@ fn find_final(connection: &Connection, job_id: &str, body_sha256: &str) -> Resul
 }
 
 fn was_sent(connection: &Connection, job_id: &str) -> Result<bool, AuditError> {
-    let mut statement = connection.prepare_cached("SELECT EXISTS (SELECT 1 FROM in_flight WHERE job_id = ?1)")?;
+    let mut statement =
+        connection.prepare_cached("SELECT EXISTS (SELECT 1 FROM in_flight WHERE job_id = ?1)")?;
     Ok(statement.query_row([job_id], |row| row.get(0))?)
 }
 
-fn mark(tx: &rusqlite::Transaction<'_>, job_id: &str, worker_id: &str) -> Result<Recorded, AuditError> {
+fn mark(
+    tx: &rusqlite::Transaction<'_>,
+    job_id: &str,
+    worker_id: &str,
+) -> Result<Recorded, AuditError> {
     tx.prepare_cached(
         "INSERT INTO in_flight (job_id, first_sent_at, worker_id) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
     )?
@@ -276,45 +335,47 @@ fn mark(tx: &rusqlite::Transaction<'_>, job_id: &str, worker_id: &str) -> Result
 fn insert(tx: &rusqlite::Transaction<'_>, record: &FinalRecord) -> Result<Recorded, AuditError> {
     let event = &record.event;
     let data = &event.data;
-    let inserted = tx.prepare_cached(
-        "INSERT INTO toggles (job_id, rollout_id, ticket, region, project_id, instance_id,
+    let inserted = tx
+        .prepare_cached(
+            "INSERT INTO toggles (job_id, rollout_id, ticket, region, project_id, instance_id,
              requested_status, kms_key_id, requested_by, outcome, resulting_status, http_status,
              error_code, error_msg, request_id, attempts, received_at, finished_at, duration_ms,
              event_id, event_json, body_sha256, worker_id)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
                  ?19, ?20, ?21, ?22, ?23)
          ON CONFLICT DO NOTHING",
-    )?
-    .execute(params![
-        data.job_id,
-        data.rollout_id,
-        data.ticket,
-        data.region,
-        data.project_id,
-        data.instance_id,
-        data.requested_status,
-        record.kms_key_id,
-        record.requested_by,
-        data.outcome.as_str(),
-        data.resulting_status,
-        data.http_status,
-        data.error_code,
-        data.error_msg,
-        data.request_id,
-        data.attempts,
-        timestamp(record.received_at),
-        timestamp(record.finished_at),
-        data.duration_ms,
-        event.id,
-        event.to_json(),
-        record.body_sha256,
-        record.worker_id,
-    ])?;
+        )?
+        .execute(params![
+            data.job_id,
+            data.rollout_id,
+            data.ticket,
+            data.region,
+            data.project_id,
+            data.instance_id,
+            data.requested_status,
+            record.kms_key_id,
+            record.requested_by,
+            data.outcome.as_str(),
+            data.resulting_status,
+            data.http_status,
+            data.error_code,
+            data.error_msg,
+            data.request_id,
+            data.attempts,
+            timestamp(record.received_at),
+            timestamp(record.finished_at),
+            data.duration_ms,
+            event.id,
+            event.to_json(),
+            record.body_sha256,
+            record.worker_id,
+        ])?;
     if inserted == 0 {
         let existing = find_final(tx, &data.job_id, &record.body_sha256)?;
         return existing.map(Recorded::Existing).ok_or(AuditError::Conflict);
     }
-    tx.prepare_cached("DELETE FROM in_flight WHERE job_id = ?1")?.execute([&data.job_id])?;
+    tx.prepare_cached("DELETE FROM in_flight WHERE job_id = ?1")?
+        .execute([&data.job_id])?;
     let mut statement = tx.prepare_cached(
         "INSERT INTO attempts (event_id, job_id, number, call, started_at, latency_ms, http_status,
              error_code, error_msg, request_id)
@@ -345,8 +406,12 @@ pub fn timestamp(at: DateTime<Utc>) -> String {
 /// Finished jobs per outcome, read from the file at `path` (for summaries).
 pub fn outcome_counts(path: &Path) -> Result<Vec<(String, i64)>, AuditError> {
     let connection = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .map_err(|source| AuditError::Open { path: path.to_owned(), source })?;
-    let mut statement = connection.prepare("SELECT outcome, COUNT(*) FROM toggles GROUP BY outcome ORDER BY outcome")?;
+        .map_err(|source| AuditError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+    let mut statement = connection
+        .prepare("SELECT outcome, COUNT(*) FROM toggles GROUP BY outcome ORDER BY outcome")?;
     let rows = statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
@@ -357,7 +422,10 @@ mod tests {
     use crate::events::{JobResult, Outcome};
 
     fn store(dir: &tempfile::TempDir) -> AuditStore {
-        let options = AuditOptions { busy_timeout: Duration::from_secs(1), synchronous_full: true };
+        let options = AuditOptions {
+            busy_timeout: Duration::from_secs(1),
+            synchronous_full: true,
+        };
         AuditStore::open(&dir.path().join("audit.db"), &options).unwrap()
     }
 
@@ -403,9 +471,17 @@ mod tests {
     async fn a_second_final_record_returns_the_first_one() {
         let dir = tempfile::tempdir().unwrap();
         let audit = store(&dir);
-        let first = audit.record(record("J-1", Outcome::Succeeded, "d1")).await.unwrap();
-        let second = audit.record(record("J-1", Outcome::Succeeded, "d1")).await.unwrap();
-        let Recorded::New(first) = first else { panic!("first write is new") };
+        let first = audit
+            .record(record("J-1", Outcome::Succeeded, "d1"))
+            .await
+            .unwrap();
+        let second = audit
+            .record(record("J-1", Outcome::Succeeded, "d1"))
+            .await
+            .unwrap();
+        let Recorded::New(first) = first else {
+            panic!("first write is new")
+        };
         assert_eq!(second, Recorded::Existing(first.clone()));
         assert_eq!(audit.find_final("J-1", "other").await.unwrap(), Some(first));
     }
@@ -414,12 +490,27 @@ mod tests {
     async fn a_rejection_only_blocks_the_same_body() {
         let dir = tempfile::tempdir().unwrap();
         let audit = store(&dir);
-        audit.record(record("J-2", Outcome::Rejected, "bad")).await.unwrap();
+        audit
+            .record(record("J-2", Outcome::Rejected, "bad"))
+            .await
+            .unwrap();
         assert!(audit.find_final("J-2", "bad").await.unwrap().is_some());
         assert!(audit.find_final("J-2", "fixed").await.unwrap().is_none());
-        let fixed = audit.record(record("J-2", Outcome::Succeeded, "fixed")).await.unwrap();
+        let fixed = audit
+            .record(record("J-2", Outcome::Succeeded, "fixed"))
+            .await
+            .unwrap();
         assert!(matches!(fixed, Recorded::New(_)));
-        assert_eq!(audit.find_final("J-2", "bad").await.unwrap().unwrap().data.outcome, Outcome::Succeeded);
+        assert_eq!(
+            audit
+                .find_final("J-2", "bad")
+                .await
+                .unwrap()
+                .unwrap()
+                .data
+                .outcome,
+            Outcome::Succeeded
+        );
     }
 
     #[tokio::test]
@@ -430,7 +521,10 @@ mod tests {
         audit.mark_sending("J-3", "w-1").await.unwrap();
         audit.mark_sending("J-3", "w-1").await.unwrap();
         assert!(audit.was_sent("J-3").await.unwrap());
-        audit.record(record("J-3", Outcome::Succeeded, "d")).await.unwrap();
+        audit
+            .record(record("J-3", Outcome::Succeeded, "d"))
+            .await
+            .unwrap();
         assert!(!audit.was_sent("J-3").await.unwrap());
     }
 
@@ -438,7 +532,10 @@ mod tests {
     async fn toggles_and_attempts_refuse_update_and_delete() {
         let dir = tempfile::tempdir().unwrap();
         let audit = store(&dir);
-        audit.record(record("J-4", Outcome::Succeeded, "d")).await.unwrap();
+        audit
+            .record(record("J-4", Outcome::Succeeded, "d"))
+            .await
+            .unwrap();
         let connection = Connection::open(audit.path()).unwrap();
         for sql in [
             "UPDATE toggles SET outcome = 'failed'",
@@ -449,7 +546,10 @@ mod tests {
             let error = connection.execute(sql, []).unwrap_err().to_string();
             assert!(error.contains("append-only"), "{sql}: {error}");
         }
-        assert_eq!(outcome_counts(audit.path()).unwrap(), vec![("succeeded".to_owned(), 1)]);
+        assert_eq!(
+            outcome_counts(audit.path()).unwrap(),
+            vec![("succeeded".to_owned(), 1)]
+        );
     }
 
     #[tokio::test]
@@ -458,7 +558,9 @@ mod tests {
         drop(store(&dir));
         let audit = store(&dir);
         let connection = Connection::open(audit.path()).unwrap();
-        let applied: i64 = connection.query_row("SELECT COUNT(*) FROM schema_migrations", [], |r| r.get(0)).unwrap();
+        let applied: i64 = connection
+            .query_row("SELECT COUNT(*) FROM schema_migrations", [], |r| r.get(0))
+            .unwrap();
         assert_eq!(applied, MIGRATIONS.len() as i64);
     }
 }

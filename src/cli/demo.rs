@@ -4,9 +4,12 @@
 
 use std::time::Duration;
 
-use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions, ExchangeDeleteOptions};
-use lapin::types::FieldTable;
 use lapin::Channel;
+use lapin::options::{
+    BasicGetOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -31,7 +34,13 @@ const DEMO_AK: &str = "KEYTURNDEMOACCESSKEY";
 const DEMO_SK: &str = "keyturn-demo-secret-key-not-for-production";
 const PROJECT: &str = "619d3e78f61b4be68bc5aa0b59edcf7b";
 const KEY: &str = "b82fa43f-f6e8-4ec4-9c31-231bc547c526";
-const REGIONS: &[&str] = &["cn-north-4", "ap-southeast-1", "af-south-1", "cn-east-3", "tr-west-1"];
+const REGIONS: &[&str] = &[
+    "cn-north-4",
+    "ap-southeast-1",
+    "af-south-1",
+    "cn-east-3",
+    "tr-west-1",
+];
 
 pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
@@ -86,17 +95,44 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
 
     topology::declare(&channel, &settings.amqp).await?;
     let events_queue = format!("keyturn.demo.{run_id}.events");
-    channel.queue_declare(events_queue.as_str().into(), QueueDeclareOptions { exclusive: true, ..Default::default() }, FieldTable::default()).await?;
-    channel.queue_bind(events_queue.as_str().into(), settings.amqp.results_exchange.as_str().into(), "job.#".into(), QueueBindOptions::default(), FieldTable::default()).await?;
+    channel
+        .queue_declare(
+            events_queue.as_str().into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            events_queue.as_str().into(),
+            settings.amqp.results_exchange.as_str().into(),
+            "job.#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
 
     let jobs = sample_fleet(args.jobs, &run_id);
     amqp::publish_jobs(&channel, &settings.amqp.jobs_queue, &jobs).await?;
-    println!("keyturn demo: {} jobs published to {} on {broker}; simulator at {}", jobs.len(), settings.amqp.jobs_queue, settings.api.endpoint);
+    println!(
+        "keyturn demo: {} jobs published to {} on {broker}; simulator at {}",
+        jobs.len(),
+        settings.amqp.jobs_queue,
+        settings.api.endpoint
+    );
 
-    let credentials = Credentials::AkSk { ak: DEMO_AK.into(), sk: DEMO_SK.to_owned().into() };
+    let credentials = Credentials::AkSk {
+        ak: DEMO_AK.into(),
+        sk: DEMO_SK.to_owned().into(),
+    };
     let audit_path = settings.audit.path.clone();
     let (pipeline, publisher) = super::build_pipeline(settings.clone(), credentials)?;
-    let options = worker::RunOptions { exit_when_idle: Some(Duration::from_secs(1)) };
+    let options = worker::RunOptions {
+        exit_when_idle: Some(Duration::from_secs(1)),
+    };
     let shutdown = CancellationToken::new();
     tokio::spawn(super::cancel_on_signal(shutdown.clone()));
     worker::run(pipeline, options, shutdown).await?;
@@ -141,7 +177,10 @@ fn sample_fleet(count: usize, run_id: &str) -> Vec<(String, Vec<u8>)> {
 
 async fn drain_count(channel: &Channel, queue: &str) -> anyhow::Result<usize> {
     let mut count = 0;
-    while let Some(message) = channel.basic_get(queue.into(), BasicGetOptions { no_ack: true }).await? {
+    while let Some(message) = channel
+        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+        .await?
+    {
         drop(message);
         count += 1;
     }
@@ -149,11 +188,23 @@ async fn drain_count(channel: &Channel, queue: &str) -> anyhow::Result<usize> {
 }
 
 async fn message_count(channel: &Channel, queue: &str) -> anyhow::Result<u32> {
-    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
-    Ok(channel.queue_declare(queue.into(), passive, FieldTable::default()).await?.message_count())
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    Ok(channel
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await?
+        .message_count())
 }
 
-fn print_summary(counts: &[(String, i64)], events: usize, dead: u32, stats: &crate::simulator::Stats, audit: &std::path::Path) {
+fn print_summary(
+    counts: &[(String, i64)],
+    events: usize,
+    dead: u32,
+    stats: &crate::simulator::Stats,
+    audit: &std::path::Path,
+) {
     println!();
     println!("{:<12} {:>6}", "outcome", "jobs");
     println!("{:-<12} {:->6}", "", "");
@@ -161,21 +212,32 @@ fn print_summary(counts: &[(String, i64)], events: usize, dead: u32, stats: &cra
         println!("{outcome:<12} {count:>6}");
     }
     println!("{:-<12} {:->6}", "", "");
-    println!("{:<12} {:>6}", "total", counts.iter().map(|(_, c)| c).sum::<i64>());
+    println!(
+        "{:<12} {:>6}",
+        "total",
+        counts.iter().map(|(_, c)| c).sum::<i64>()
+    );
     println!();
     println!("result events received: {events}; dead-lettered messages: {dead}");
     let modify: u64 = stats.instances.values().map(|i| i.modify_calls).sum();
     let applied: u64 = stats.instances.values().map(|i| i.toggles_applied).sum();
-    println!("simulator: {modify} Modify calls, {applied} toggles applied, {} faults injected", stats.faults_injected);
+    println!(
+        "simulator: {modify} Modify calls, {applied} toggles applied, {} faults injected",
+        stats.faults_injected
+    );
     println!("audit log: {}", audit.display());
 }
 
 async fn cleanup(channel: &Channel, settings: &Settings) {
     let names = &settings.amqp;
     for queue in [&names.jobs_queue, &names.dead_queue] {
-        let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
+        let _ = channel
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await;
     }
     for exchange in [&names.dead_letter_exchange, &names.results_exchange] {
-        let _ = channel.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default()).await;
+        let _ = channel
+            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+            .await;
     }
 }

@@ -21,7 +21,11 @@ use crate::limits::Limits;
 use crate::pipeline::{Health, JobLocks, Pipeline};
 
 #[derive(Parser, Debug)]
-#[command(name = "keyturn", version, about = "Roll GaussDB backup encryption on or off across a fleet")]
+#[command(
+    name = "keyturn",
+    version,
+    about = "Roll GaussDB backup encryption on or off across a fleet"
+)]
 pub struct Cli {
     /// Settings file (default: config/default.toml when present, else built-in defaults).
     #[arg(long, global = true, env = "KEYTURN_CONFIG")]
@@ -78,14 +82,22 @@ fn config_failure(error: &ConfigError) -> ExitCode {
     ExitCode::from(2)
 }
 
-fn load_settings(path: Option<&std::path::Path>, env: &[(String, String)]) -> Result<Settings, ConfigError> {
+fn load_settings(
+    path: Option<&std::path::Path>,
+    env: &[(String, String)],
+) -> Result<Settings, ConfigError> {
     let shipped = PathBuf::from("config/default.toml");
-    let path = path.map(PathBuf::from).or_else(|| shipped.exists().then_some(shipped));
+    let path = path
+        .map(PathBuf::from)
+        .or_else(|| shipped.exists().then_some(shipped));
     Settings::load(path.as_deref(), env)
 }
 
 /// Builds the pipeline the worker and the demo share.
-pub fn build_pipeline(settings: Settings, credentials: Credentials) -> anyhow::Result<(Arc<Pipeline>, Arc<Publisher>)> {
+pub fn build_pipeline(
+    settings: Settings,
+    credentials: Credentials,
+) -> anyhow::Result<(Arc<Pipeline>, Arc<Publisher>)> {
     let audit_options = AuditOptions {
         busy_timeout: settings.audit.busy_timeout,
         synchronous_full: settings.audit.synchronous == "full",
@@ -107,7 +119,11 @@ pub fn build_pipeline(settings: Settings, credentials: Credentials) -> anyhow::R
     Ok((Arc::new(pipeline), publisher))
 }
 
-async fn run_worker(settings: Settings, credentials: Credentials, exit_when_idle: Option<Duration>) -> anyhow::Result<()> {
+async fn run_worker(
+    settings: Settings,
+    credentials: Credentials,
+    exit_when_idle: Option<Duration>,
+) -> anyhow::Result<()> {
     let (pipeline, publisher) = build_pipeline(settings, credentials)?;
     tracing::info!(
         worker_id = %pipeline.worker_id,

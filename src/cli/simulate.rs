@@ -53,20 +53,35 @@ impl From<anyhow::Error> for Failure {
 }
 
 fn config_error(key: &str, problem: impl Into<String>) -> Failure {
-    Failure::Config(ConfigError { key: key.into(), problem: problem.into() })
+    Failure::Config(ConfigError {
+        key: key.into(),
+        problem: problem.into(),
+    })
 }
 
 pub async fn run(args: SimulatorArgs, env: &[(String, String)]) -> Result<(), Failure> {
-    let var = |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()).filter(|v| !v.is_empty());
+    let var = |name: &str| {
+        env.iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .filter(|v| !v.is_empty())
+    };
     let credentials: Vec<_> = match (var("CLOUD_SDK_AK"), var("CLOUD_SDK_SK")) {
         (Some(ak), Some(sk)) => vec![(ak, sk.into())],
         _ => Vec::new(),
     };
     let tokens: Vec<_> = var("KEYTURN_SIMULATOR_TOKENS")
-        .map(|list| list.split(',').map(|t| t.trim().to_owned().into()).collect())
+        .map(|list| {
+            list.split(',')
+                .map(|t| t.trim().to_owned().into())
+                .collect()
+        })
         .unwrap_or_default();
     if credentials.is_empty() && tokens.is_empty() {
-        return Err(config_error("CLOUD_SDK_AK", "set CLOUD_SDK_AK and CLOUD_SDK_SK (or KEYTURN_SIMULATOR_TOKENS) for the simulator to accept"));
+        return Err(config_error(
+            "CLOUD_SDK_AK",
+            "set CLOUD_SDK_AK and CLOUD_SDK_SK (or KEYTURN_SIMULATOR_TOKENS) for the simulator to accept",
+        ));
     }
     for (key, rate) in [
         ("--error-rate", args.error_rate),
@@ -100,20 +115,31 @@ pub async fn run(args: SimulatorArgs, env: &[(String, String)]) -> Result<(), Fa
     };
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
-        .map_err(|error| config_error("--listen", format!("cannot listen on {}: {error}", args.listen)))?;
+        .map_err(|error| {
+            config_error(
+                "--listen",
+                format!("cannot listen on {}: {error}", args.listen),
+            )
+        })?;
     let address = listener.local_addr().map_err(anyhow::Error::from)?;
     eprintln!("keyturn simulator listening on http://{address}");
     tracing::info!(%address, "simulator listening");
     let shutdown = CancellationToken::new();
     tokio::spawn(super::cancel_on_signal(shutdown.clone()));
-    crate::simulator::serve(listener, Simulator::new(config), async move { shutdown.cancelled().await })
-        .await
-        .map_err(|error| Failure::Other(error.into()))
+    crate::simulator::serve(listener, Simulator::new(config), async move {
+        shutdown.cancelled().await
+    })
+    .await
+    .map_err(|error| Failure::Other(error.into()))
 }
 
 fn read_fleet(path: &std::path::Path) -> Result<Vec<(String, String)>, Failure> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|error| config_error("--fleet", format!("cannot read {}: {error}", path.display())))?;
+    let text = std::fs::read_to_string(path).map_err(|error| {
+        config_error(
+            "--fleet",
+            format!("cannot read {}: {error}", path.display()),
+        )
+    })?;
     text.lines()
         .map(str::trim)
         .filter(|line| !line.is_empty() && !line.starts_with('#'))
@@ -121,8 +147,13 @@ fn read_fleet(path: &std::path::Path) -> Result<Vec<(String, String)>, Failure> 
         .map(|(number, line)| {
             let mut parts = line.split_whitespace();
             match (parts.next(), parts.next(), parts.next()) {
-                (Some(project), Some(instance), None) => Ok((project.to_owned(), instance.to_owned())),
-                _ => Err(config_error("--fleet", format!("entry {} is not `<project_id> <instance_id>`", number + 1))),
+                (Some(project), Some(instance), None) => {
+                    Ok((project.to_owned(), instance.to_owned()))
+                }
+                _ => Err(config_error(
+                    "--fleet",
+                    format!("entry {} is not `<project_id> <instance_id>`", number + 1),
+                )),
             }
         })
         .collect()

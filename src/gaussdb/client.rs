@@ -35,7 +35,12 @@ impl Call {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CallError {
     #[error("HTTP {status} {}: {}", code.as_deref().unwrap_or("-"), msg.as_deref().unwrap_or("-"))]
-    Api { status: u16, code: Option<String>, msg: Option<String>, retry_after: Option<Duration> },
+    Api {
+        status: u16,
+        code: Option<String>,
+        msg: Option<String>,
+        retry_after: Option<Duration>,
+    },
     #[error("no answer within the request timeout")]
     Timeout,
     #[error("could not connect: {0}")]
@@ -47,7 +52,10 @@ pub enum CallError {
 impl CallError {
     /// True when the request may have reached the API although no answer came back.
     pub fn may_have_landed(&self) -> bool {
-        matches!(self, CallError::Timeout | CallError::Connect(_) | CallError::Protocol(_))
+        matches!(
+            self,
+            CallError::Timeout | CallError::Connect(_) | CallError::Protocol(_)
+        )
     }
 }
 
@@ -87,8 +95,14 @@ impl Client {
             .timeout(settings.request_timeout)
             .user_agent(concat!("keyturn/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        let endpoint = Some(settings.endpoint.trim_end_matches('/').to_owned()).filter(|e| !e.is_empty());
-        Ok(Client { http, endpoint, credentials, language: settings.language.clone() })
+        let endpoint =
+            Some(settings.endpoint.trim_end_matches('/').to_owned()).filter(|e| !e.is_empty());
+        Ok(Client {
+            http,
+            endpoint,
+            credentials,
+            language: settings.language.clone(),
+        })
     }
 
     /// Sets the state `job` asks for.
@@ -110,7 +124,14 @@ impl Client {
             Ok(answer) => answer,
             Err(error) => (None, None, Err(error)),
         };
-        Exchange { call, started_at, latency: clock.elapsed(), http_status, request_id, result }
+        Exchange {
+            call,
+            started_at,
+            latency: clock.elapsed(),
+            http_status,
+            request_id,
+            result,
+        }
     }
 
     async fn attempt(
@@ -148,11 +169,16 @@ impl Client {
     fn url(&self, job: &Job) -> Result<reqwest::Url, CallError> {
         let base = match &self.endpoint {
             Some(endpoint) => endpoint.clone(),
-            None => regions::endpoint(job.region.as_str())
-                .ok_or_else(|| CallError::Protocol(format!("no endpoint for region {}", job.region)))?,
+            None => regions::endpoint(job.region.as_str()).ok_or_else(|| {
+                CallError::Protocol(format!("no endpoint for region {}", job.region))
+            })?,
         };
-        let path = format!("/v3/{}/instances/{}/backups/encryption", job.project_id, job.instance_id);
-        reqwest::Url::parse(&format!("{base}{path}")).map_err(|error| CallError::Protocol(error.to_string()))
+        let path = format!(
+            "/v3/{}/instances/{}/backups/encryption",
+            job.project_id, job.instance_id
+        );
+        reqwest::Url::parse(&format!("{base}{path}"))
+            .map_err(|error| CallError::Protocol(error.to_string()))
     }
 
     /// The headers of one attempt, signed when the credentials are AK/SK.
@@ -188,7 +214,8 @@ impl Client {
                     body,
                 };
                 let signed = signer::signable_headers(&pairs);
-                let authorization = signer::sign(&request, &signed, ak, sk.expose_secret().as_bytes());
+                let authorization =
+                    signer::sign(&request, &signed, ak, sk.expose_secret().as_bytes());
                 pairs.push(("Authorization".into(), authorization));
             }
             Credentials::Token(token) => {
@@ -202,7 +229,8 @@ impl Client {
 fn to_header_map(pairs: Vec<(String, String)>) -> Result<HeaderMap, CallError> {
     let mut map = HeaderMap::with_capacity(pairs.len());
     for (name, value) in pairs {
-        let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| CallError::Protocol(format!("bad header name {name}")))?;
+        let name = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| CallError::Protocol(format!("bad header name {name}")))?;
         let mut value = HeaderValue::from_str(&value)
             .map_err(|_| CallError::Protocol(format!("bad value for header {name}")))?;
         if name == "authorization" || name == "x-auth-token" {
@@ -224,19 +252,33 @@ pub fn modify_body(change: &Change) -> String {
     body.to_string()
 }
 
-fn interpret(status: u16, answer: Option<Answer>, retry_after: Option<Duration>) -> Result<Status, CallError> {
+fn interpret(
+    status: u16,
+    answer: Option<Answer>,
+    retry_after: Option<Duration>,
+) -> Result<Status, CallError> {
     if status == 200 {
         return answer
             .and_then(|a| a.encryption_status)
             .and_then(|s| Status::parse(&s))
             .ok_or_else(|| CallError::Protocol("200 without a valid encryption_status".into()));
     }
-    let (code, msg) = answer.map(|a| (a.error_code, a.error_msg)).unwrap_or_default();
-    Err(CallError::Api { status, code, msg: msg.map(|m| m.chars().take(1024).collect()), retry_after })
+    let (code, msg) = answer
+        .map(|a| (a.error_code, a.error_msg))
+        .unwrap_or_default();
+    Err(CallError::Api {
+        status,
+        code,
+        msg: msg.map(|m| m.chars().take(1024).collect()),
+        retry_after,
+    })
 }
 
 fn header_text(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers.get(name).and_then(|value| value.to_str().ok()).map(|text| text.chars().take(128).collect())
+    headers
+        .get(name)
+        .and_then(|value| value.to_str().ok())
+        .map(|text| text.chars().take(128).collect())
 }
 
 fn transport_error(error: reqwest::Error) -> CallError {

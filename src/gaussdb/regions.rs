@@ -7,12 +7,33 @@ const TABLE: &[(&str, &[&str])] = &[
     (
         "gaussdb",
         &[
-            "cn-north-4", "cn-north-2", "cn-north-9", "cn-east-3", "cn-south-1", "cn-south-4",
-            "cn-southwest-2", "ap-southeast-3", "ap-southeast-4", "sa-brazil-1", "ru-northwest-2",
+            "cn-north-4",
+            "cn-north-2",
+            "cn-north-9",
+            "cn-east-3",
+            "cn-south-1",
+            "cn-south-4",
+            "cn-southwest-2",
+            "ap-southeast-3",
+            "ap-southeast-4",
+            "sa-brazil-1",
+            "ru-northwest-2",
         ],
     ),
-    ("gaussdbformysql", &["tr-west-1", "ap-southeast-1", "ap-southeast-2", "cn-north-11", "me-east-1"]),
-    ("gaussdb-mysql", &["af-south-1", "cn-east-5", "la-north-2", "cn-southwest-3"]),
+    (
+        "gaussdbformysql",
+        &[
+            "tr-west-1",
+            "ap-southeast-1",
+            "ap-southeast-2",
+            "cn-north-11",
+            "me-east-1",
+        ],
+    ),
+    (
+        "gaussdb-mysql",
+        &["af-south-1", "cn-east-5", "la-north-2", "cn-southwest-3"],
+    ),
 ];
 
 /// The host prefix for `region`, or `None` for a region the service is not offered in.
@@ -30,7 +51,9 @@ pub fn endpoint(region: &str) -> Option<String> {
 
 /// Every known region id.
 pub fn all() -> impl Iterator<Item = &'static str> {
-    TABLE.iter().flat_map(|(_, regions)| regions.iter().copied())
+    TABLE
+        .iter()
+        .flat_map(|(_, regions)| regions.iter().copied())
 }
 
 #[cfg(test)]

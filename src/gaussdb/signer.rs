@@ -269,7 +269,12 @@ mod tests {
             let signed = signable_headers(&headers);
             if let Some(hash) = &vector.canonical_request_sha256 {
                 let canonical = canonical_request(&request, &signed);
-                assert_eq!(&hex::encode(Sha256::digest(canonical)), hash, "{}", vector.name);
+                assert_eq!(
+                    &hex::encode(Sha256::digest(canonical)),
+                    hash,
+                    "{}",
+                    vector.name
+                );
             }
             let got = sign(&request, &signed, ak, sk.as_bytes());
             assert_eq!(got, vector.authorization, "vector {}", vector.name);
@@ -293,14 +298,20 @@ mod tests {
             body: tampered.as_bytes(),
         };
         assert!(!verify(&request, &parsed, all.sk.as_bytes()));
-        let request = Request { body: vector.body.as_bytes(), ..request };
+        let request = Request {
+            body: vector.body.as_bytes(),
+            ..request
+        };
         assert!(verify(&request, &parsed, all.sk.as_bytes()));
         assert!(!verify(&request, &parsed, b"OtherKey"));
     }
 
     #[test]
     fn canonical_uri_encodes_segments_and_appends_slash() {
-        assert_eq!(canonical_uri("/v1/resources/ab:c@d+e"), "/v1/resources/ab%3Ac%40d%2Be/");
+        assert_eq!(
+            canonical_uri("/v1/resources/ab:c@d+e"),
+            "/v1/resources/ab%3Ac%40d%2Be/"
+        );
         assert_eq!(canonical_uri("/a b/"), "/a%20b/");
     }
 
@@ -311,7 +322,9 @@ mod tests {
             parse_authorization("SDK-HMAC-SHA256 Access=a, Signature=b"),
             Err(ParseError::Missing("SignedHeaders"))
         );
-        assert!(parse_authorization("SDK-HMAC-SHA256 Access=a, SignedHeaders=;, Signature=b").is_err());
+        assert!(
+            parse_authorization("SDK-HMAC-SHA256 Access=a, SignedHeaders=;, Signature=b").is_err()
+        );
         assert!(parse_authorization("SDK-HMAC-SHA256X Access=a").is_err());
     }
 

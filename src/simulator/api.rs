@@ -76,15 +76,18 @@ impl Route {
             Method::GET => Call::Describe,
             _ => return None,
         };
-        let segments: Vec<&str> = path.split('/').collect();
-        match segments.as_slice() {
-            ["", "v3", project, "instances", instance, "backups", "encryption"] => Some(Self {
-                call,
-                project_id: auth::percent_decode(project),
-                instance_id: auth::percent_decode(instance),
-            }),
-            _ => None,
+        let ids = path
+            .strip_prefix("/v3/")?
+            .strip_suffix("/backups/encryption")?;
+        let (project, instance) = ids.split_once("/instances/")?;
+        if project.contains('/') || instance.contains('/') {
+            return None;
         }
+        Some(Self {
+            call,
+            project_id: auth::percent_decode(project),
+            instance_id: auth::percent_decode(instance),
+        })
     }
 
     /// The service's own check of the ids, after authentication.
@@ -93,7 +96,9 @@ impl Route {
             return Some("Parameter project_id is invalid: it must be 32 letters or digits.");
         }
         if !is_instance_id(&self.instance_id) {
-            return Some("Parameter instance_id is invalid: it must be 32 hex digits, 'in' and 2 digits.");
+            return Some(
+                "Parameter instance_id is invalid: it must be 32 hex digits, in, 2 digits.",
+            );
         }
         None
     }
@@ -156,21 +161,34 @@ impl Reply {
 
     fn bad_request(msg: impl Into<String>) -> Self {
         let reply = Self::error(StatusCode::BAD_REQUEST, "DBS.200001", msg);
-        Self { class: Class::BadRequest, ..reply }
+        Self {
+            class: Class::BadRequest,
+            ..reply
+        }
     }
 
     fn auth_failure(error: &auth::AuthError) -> Self {
         let reply = Self::error(StatusCode::UNAUTHORIZED, error.code(), error.to_string());
-        Self { class: Class::AuthFailure, ..reply }
+        Self {
+            class: Class::AuthFailure,
+            ..reply
+        }
     }
 
     /// What a client would get if it waited out a hang: the gateway's backend timeout.
     fn timeout() -> Self {
-        Self::error(StatusCode::GATEWAY_TIMEOUT, "APIGW.0201", "Backend timeout.")
+        Self::error(
+            StatusCode::GATEWAY_TIMEOUT,
+            "APIGW.0201",
+            "Backend timeout.",
+        )
     }
 
     fn retry_after(self, secs: Option<u64>) -> Self {
-        Self { retry_after_secs: secs, ..self }
+        Self {
+            retry_after_secs: secs,
+            ..self
+        }
     }
 
     fn error_code(&self) -> Option<&str> {
@@ -302,7 +320,9 @@ impl Simulator {
         let step = match route.call {
             Call::Modify => {
                 instance.modify_calls += 1;
-                scripts.get_mut(&route.instance_id).and_then(VecDeque::pop_front)
+                scripts
+                    .get_mut(&route.instance_id)
+                    .and_then(VecDeque::pop_front)
             }
             Call::Describe => {
                 instance.describe_calls += 1;
@@ -447,9 +467,11 @@ fn injected(fault: Fault, faults: &Faults) -> Decision {
             let msg = "Another operation is being performed on the DB instance.";
             Reply::error(StatusCode::CONFLICT, "DBS.200019", msg)
         }
-        Fault::ServerError => {
-            Reply::error(StatusCode::INTERNAL_SERVER_ERROR, "DBS.05000000", "Server error.")
-        }
+        Fault::ServerError => Reply::error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "DBS.05000000",
+            "Server error.",
+        ),
     };
     Decision::injected(reply, 0)
 }
@@ -458,8 +480,8 @@ fn injected(fault: Fault, faults: &Faults) -> Decision {
 mod tests {
     use std::time::Instant;
 
-    use super::super::test_support::*;
     use super::super::test_support::Call;
+    use super::super::test_support::*;
     use super::super::{Faults, SimulatorConfig, Step};
     use super::*;
 
@@ -473,8 +495,8 @@ mod tests {
         let misses = [
             client.get(server.url("/v3/x/instances")),
             client.get(server.url(&format!("{path}/"))),
-            client.put(server.url(&path)),
-            client.delete(server.url(&path)),
+            client.put(server.url(path)),
+            client.delete(server.url(path)),
         ];
         for miss in misses {
             let response = miss.send().await.expect("sent");
@@ -494,9 +516,18 @@ mod tests {
         let server = Server::start(config()).await;
         let cases = [
             (path_for("short", INSTANCE), "project_id"),
-            (path_for(PROJECT, "7033e7c3cf93438797d44ad7ae0a7d95"), "instance_id"),
-            (path_for(PROJECT, "7033e7c3cf93438797d44ad7ae0a7d9zin07"), "instance_id"),
-            (path_for(PROJECT, "7033e7c3cf93438797d44ad7ae0a7d95inxx"), "instance_id"),
+            (
+                path_for(PROJECT, "7033e7c3cf93438797d44ad7ae0a7d95"),
+                "instance_id",
+            ),
+            (
+                path_for(PROJECT, "7033e7c3cf93438797d44ad7ae0a7d9zin07"),
+                "instance_id",
+            ),
+            (
+                path_for(PROJECT, "7033e7c3cf93438797d44ad7ae0a7d95inxx"),
+                "instance_id",
+            ),
         ];
         for (path, named) in &cases {
             let (status, code, msg) = error_of(server.send(Call::get(path)).await).await;
@@ -510,15 +541,29 @@ mod tests {
     #[tokio::test]
     async fn fixed_fleet_answers_404_dbs_200002_for_strangers() {
         let fleet = vec![(PROJECT.to_owned(), INSTANCE.to_owned())];
-        let server = Server::start(SimulatorConfig { fleet: Some(fleet), ..config() }).await;
-        assert_eq!(server.sim.status_of(PROJECT, INSTANCE).as_deref(), Some("off"));
+        let server = Server::start(SimulatorConfig {
+            fleet: Some(fleet),
+            ..config()
+        })
+        .await;
+        assert_eq!(
+            server.sim.status_of(PROJECT, INSTANCE).as_deref(),
+            Some("off")
+        );
         let stranger = path_for(PROJECT, OTHER_INSTANCE);
-        let (status, code, _) = error_of(server.send(Call::post(&stranger, &on_body())).await).await;
+        let (status, code, _) =
+            error_of(server.send(Call::post(&stranger, &on_body())).await).await;
         assert_eq!((status, code.as_str()), (404, "DBS.200002"));
         let other_project = path_for("ffffffffffffffffffffffffffffffff", INSTANCE);
         let (status, ..) = error_of(server.send(Call::get(&other_project)).await).await;
         assert_eq!(status, 404);
-        assert_eq!(server.send(Call::post(modify_path(), &on_body())).await.status(), 200);
+        assert_eq!(
+            server
+                .send(Call::post(modify_path(), &on_body()))
+                .await
+                .status(),
+            200
+        );
         assert!(!server.sim.stats().instances.contains_key(OTHER_INSTANCE));
         server.stop().await;
     }
@@ -543,13 +588,29 @@ mod tests {
             retry_after_secs: None,
         };
         server.sim.script(INSTANCE, vec![error, Step::Ok]);
-        let (status, code, msg) = error_of(server.send(Call::post(modify_path(), &on_body())).await).await;
-        assert_eq!((status, code.as_str(), msg.as_str()), (500, "DBS.05000000", "boom"));
-        assert_eq!(server.sim.status_of(PROJECT, INSTANCE).as_deref(), Some("off"));
+        let (status, code, msg) =
+            error_of(server.send(Call::post(modify_path(), &on_body())).await).await;
+        assert_eq!(
+            (status, code.as_str(), msg.as_str()),
+            (500, "DBS.05000000", "boom")
+        );
+        assert_eq!(
+            server.sim.status_of(PROJECT, INSTANCE).as_deref(),
+            Some("off")
+        );
         // A Describe does not consume the script.
         assert_eq!(server.send(Call::get(modify_path())).await.status(), 200);
-        assert_eq!(server.send(Call::post(modify_path(), &on_body())).await.status(), 200);
-        assert_eq!(server.sim.status_of(PROJECT, INSTANCE).as_deref(), Some("on"));
+        assert_eq!(
+            server
+                .send(Call::post(modify_path(), &on_body()))
+                .await
+                .status(),
+            200
+        );
+        assert_eq!(
+            server.sim.status_of(PROJECT, INSTANCE).as_deref(),
+            Some("on")
+        );
         let stats = server.sim.stats();
         assert_eq!(stats.instances[INSTANCE].modify_calls, 2);
         assert_eq!(stats.instances[INSTANCE].toggles_applied, 1);
@@ -560,19 +621,33 @@ mod tests {
     #[tokio::test]
     async fn hang_with_apply_lands_the_toggle_while_the_client_times_out() {
         let server = Server::start(config()).await;
-        let hangs = vec![Step::Hang { ms: 5_000, apply: true }, Step::Hang { ms: 5_000, apply: false }];
+        let hangs = vec![
+            Step::Hang {
+                ms: 10_000,
+                apply: true,
+            },
+            Step::Hang {
+                ms: 10_000,
+                apply: false,
+            },
+        ];
         server.sim.script(INSTANCE, hangs);
         let client = reqwest::Client::builder()
-            .timeout(Duration::from_millis(300))
+            .timeout(Duration::from_secs(1))
             .build()
             .expect("client");
+        let landed = server.request(&client, Call::post(modify_path(), &on_body()));
+        assert!(landed.send().await.is_err_and(|error| error.is_timeout()));
+        server.wait_for_requests(1).await;
+        let status = server.sim.status_of(PROJECT, INSTANCE);
+        assert_eq!(status.as_deref(), Some("on"));
+
         let off = r#"{"encryption_status":"off"}"#;
-        let landed = server.request(&client, Call::post(modify_path(), &on_body())).send().await;
-        assert!(landed.is_err_and(|error| error.is_timeout()));
-        assert_eq!(server.sim.status_of(PROJECT, INSTANCE).as_deref(), Some("on"));
-        let lost = server.request(&client, Call::post(modify_path(), off)).send().await;
-        assert!(lost.is_err_and(|error| error.is_timeout()));
-        assert_eq!(server.sim.status_of(PROJECT, INSTANCE).as_deref(), Some("on"));
+        let lost = server.request(&client, Call::post(modify_path(), off));
+        assert!(lost.send().await.is_err_and(|error| error.is_timeout()));
+        server.wait_for_requests(2).await;
+        let status = server.sim.status_of(PROJECT, INSTANCE);
+        assert_eq!(status.as_deref(), Some("on"));
         let stats = server.sim.stats();
         assert_eq!(stats.instances[INSTANCE].toggles_applied, 1);
         assert_eq!(stats.recent[1].status, 504);
@@ -581,17 +656,27 @@ mod tests {
 
     #[tokio::test]
     async fn throttling_answers_429_with_retry_after_when_configured() {
-        let faults = Faults { throttle_rate: 1.0, retry_after_secs: Some(3), ..Faults::default() };
+        let faults = Faults {
+            throttle_rate: 1.0,
+            retry_after_secs: Some(3),
+            ..Faults::default()
+        };
         let server = Server::start(SimulatorConfig { faults, ..config() }).await;
         let response = server.send(Call::post(modify_path(), &on_body())).await;
         assert_eq!(response.status(), 429);
         assert_eq!(response.headers()["retry-after"], "3");
         assert_eq!(json_of(response).await["error_code"], "APIGW.0308");
-        server.sim.set_faults(Faults { throttle_rate: 1.0, ..Faults::default() });
+        server.sim.set_faults(Faults {
+            throttle_rate: 1.0,
+            ..Faults::default()
+        });
         let response = server.send(Call::get(modify_path())).await;
         assert_eq!(response.status(), 429);
         assert!(response.headers().get("retry-after").is_none());
-        assert_eq!(server.sim.status_of(PROJECT, INSTANCE).as_deref(), Some("off"));
+        assert_eq!(
+            server.sim.status_of(PROJECT, INSTANCE).as_deref(),
+            Some("off")
+        );
         assert_eq!(server.sim.stats().faults_injected, 2);
         server.stop().await;
     }
@@ -600,16 +685,41 @@ mod tests {
     async fn busy_error_timeout_and_latency_faults() {
         let server = Server::start(config()).await;
         let cases = [
-            (Faults { busy_rate: 1.0, ..Faults::default() }, 409, "DBS.200019"),
-            (Faults { error_rate: 1.0, ..Faults::default() }, 500, "DBS.05000000"),
-            (Faults { timeout_rate: 1.0, hang_ms: 150, ..Faults::default() }, 504, "APIGW.0201"),
+            (
+                Faults {
+                    busy_rate: 1.0,
+                    ..Faults::default()
+                },
+                409,
+                "DBS.200019",
+            ),
+            (
+                Faults {
+                    error_rate: 1.0,
+                    ..Faults::default()
+                },
+                500,
+                "DBS.05000000",
+            ),
+            (
+                Faults {
+                    timeout_rate: 1.0,
+                    hang_ms: 150,
+                    ..Faults::default()
+                },
+                504,
+                "APIGW.0201",
+            ),
         ];
         for (faults, status, code) in cases {
             server.sim.set_faults(faults);
             let (got, got_code, _) = error_of(server.send(Call::get(modify_path())).await).await;
             assert_eq!((got, got_code.as_str()), (status, code));
         }
-        server.sim.set_faults(Faults { latency_ms: 200, ..Faults::default() });
+        server.sim.set_faults(Faults {
+            latency_ms: 200,
+            ..Faults::default()
+        });
         let started = Instant::now();
         assert_eq!(server.send(Call::get(modify_path())).await.status(), 200);
         assert!(started.elapsed() >= Duration::from_millis(200));
@@ -618,19 +728,37 @@ mod tests {
 
     #[tokio::test]
     async fn fault_rolls_repeat_with_the_seed() {
-        let faults = Faults { error_rate: 0.5, ..Faults::default() };
+        let faults = Faults {
+            error_rate: 0.5,
+            ..Faults::default()
+        };
         let mut runs = Vec::new();
         for _ in 0..2 {
-            let server = Server::start(SimulatorConfig { faults: faults.clone(), seed: 42, ..config() }).await;
+            let server = Server::start(SimulatorConfig {
+                faults: faults.clone(),
+                seed: 42,
+                ..config()
+            })
+            .await;
             let mut statuses = Vec::new();
             for _ in 0..20 {
-                statuses.push(server.send(Call::get(modify_path())).await.status().as_u16());
+                statuses.push(
+                    server
+                        .send(Call::get(modify_path()))
+                        .await
+                        .status()
+                        .as_u16(),
+                );
             }
             server.stop().await;
             runs.push(statuses);
         }
         assert_eq!(runs[0], runs[1]);
-        assert!(runs[0].contains(&200) && runs[0].contains(&500), "{:?}", runs[0]);
+        assert!(
+            runs[0].contains(&200) && runs[0].contains(&500),
+            "{:?}",
+            runs[0]
+        );
     }
 
     #[test]

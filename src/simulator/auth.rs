@@ -40,7 +40,9 @@ pub(super) enum AuthError {
     DateNotSigned,
     #[error("{IAM_PREFIX}: x-sdk-date is missing or not YYYYMMDDTHHMMSSZ")]
     BadDate,
-    #[error("Signature expired: x-sdk-date {date} is more than {skew_secs} s from server time {now}")]
+    #[error(
+        "Signature expired: x-sdk-date {date} is more than {skew_secs} s from server time {now}"
+    )]
     Expired {
         date: String,
         now: String,
@@ -66,20 +68,39 @@ pub(super) struct Verdict {
 }
 
 /// Checks a token when one is sent, else the signature.
-pub(super) fn authenticate(config: &SimulatorConfig, request: &Received<'_>, now: DateTime<Utc>) -> Verdict {
+pub(super) fn authenticate(
+    config: &SimulatorConfig,
+    request: &Received<'_>,
+    now: DateTime<Utc>,
+) -> Verdict {
     if let Some(token) = request.headers.get(TOKEN_HEADER) {
-        let accepted = config.tokens.iter().any(|known| same_secret(known, token.as_bytes()));
+        let accepted = config
+            .tokens
+            .iter()
+            .any(|known| same_secret(known, token.as_bytes()));
         return Verdict {
             signed_headers: None,
-            result: if accepted { Ok(()) } else { Err(AuthError::BadToken) },
+            result: if accepted {
+                Ok(())
+            } else {
+                Err(AuthError::BadToken)
+            },
         };
     }
     let Some(value) = request.headers.get(AUTHORIZATION_HEADER) else {
-        return Verdict { signed_headers: None, result: Err(AuthError::Missing) };
+        return Verdict {
+            signed_headers: None,
+            result: Err(AuthError::Missing),
+        };
     };
     let parsed = match signer::parse_authorization(&String::from_utf8_lossy(value.as_bytes())) {
         Ok(parsed) => parsed,
-        Err(error) => return Verdict { signed_headers: None, result: Err(AuthError::Malformed(error)) },
+        Err(error) => {
+            return Verdict {
+                signed_headers: None,
+                result: Err(AuthError::Malformed(error)),
+            };
+        }
     };
     Verdict {
         signed_headers: Some(parsed.signed_headers.clone()),
@@ -99,7 +120,11 @@ fn check_signature(
         .find(|(ak, _)| *ak == authorization.access)
         .map(|(_, sk)| sk)
         .ok_or(AuthError::UnknownKey)?;
-    if !authorization.signed_headers.iter().any(|name| name == DATE_SIGNED_NAME) {
+    if !authorization
+        .signed_headers
+        .iter()
+        .any(|name| name == DATE_SIGNED_NAME)
+    {
         return Err(AuthError::DateNotSigned);
     }
     check_date(request.headers, now, config.max_clock_skew)?;
@@ -120,7 +145,11 @@ fn check_signature(
     Err(AuthError::Mismatch(canonical.replace('\n', "|")))
 }
 
-fn check_date(headers: &HeaderMap, now: DateTime<Utc>, max_skew: Duration) -> Result<(), AuthError> {
+fn check_date(
+    headers: &HeaderMap,
+    now: DateTime<Utc>,
+    max_skew: Duration,
+) -> Result<(), AuthError> {
     let raw = headers
         .get(signer::DATE_HEADER)
         .and_then(|value| value.to_str().ok())
@@ -187,7 +216,12 @@ pub(super) fn percent_decode(text: &str) -> String {
 /// Compares without an early exit, so timing does not reveal how much of a token matched.
 fn same_secret(known: &SecretString, offered: &[u8]) -> bool {
     let known = known.expose_secret().as_bytes();
-    known.len() == offered.len() && known.iter().zip(offered).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    known.len() == offered.len()
+        && known
+            .iter()
+            .zip(offered)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
 }
 
 #[cfg(test)]
@@ -200,7 +234,12 @@ mod tests {
         let server = Server::start(config()).await;
         let client = reqwest::Client::new();
         let url = server.url(modify_path());
-        let good = client.post(&url).header("X-Auth-Token", TOKEN).body(on_body()).send().await;
+        let good = client
+            .post(&url)
+            .header("X-Auth-Token", TOKEN)
+            .body(on_body())
+            .send()
+            .await;
         assert_eq!(good.expect("sent").status(), 200);
         let bad = client.get(&url).header("X-Auth-Token", "nope").send().await;
         let (status, code, msg) = error_of(bad.expect("sent")).await;
@@ -216,13 +255,25 @@ mod tests {
     async fn wrong_sk_answers_0301_with_the_canonical_request() {
         let server = Server::start(config()).await;
         let body = on_body();
-        let response = server.send(Call { sk: "not-the-key", ..Call::post(modify_path(), &body) }).await;
+        let response = server
+            .send(Call {
+                sk: "not-the-key",
+                ..Call::post(modify_path(), &body)
+            })
+            .await;
         let (status, code, msg) = error_of(response).await;
         assert_eq!((status, code.as_str()), (401, "APIGW.0301"));
         let canonical_start = format!("CanonicalRequest: POST|{}/||content-type:", modify_path());
         assert!(msg.contains(&canonical_start), "{msg}");
-        assert!(msg.contains("|content-type;host;x-project-id;x-sdk-date|"), "{msg}");
-        assert_eq!(server.sim.status_of(PROJECT, INSTANCE), None, "never reached the instance");
+        assert!(
+            msg.contains("|content-type;host;x-project-id;x-sdk-date|"),
+            "{msg}"
+        );
+        assert_eq!(
+            server.sim.status_of(PROJECT, INSTANCE),
+            None,
+            "never reached the instance"
+        );
         server.stop().await;
     }
 
@@ -230,11 +281,21 @@ mod tests {
     async fn skewed_date_answers_0303() {
         let server = Server::start(config()).await;
         let at = Utc::now() - chrono::Duration::minutes(16);
-        let response = server.send(Call { at, ..Call::get(modify_path()) }).await;
+        let response = server
+            .send(Call {
+                at,
+                ..Call::get(modify_path())
+            })
+            .await;
         let (status, code, _) = error_of(response).await;
         assert_eq!((status, code.as_str()), (401, "APIGW.0303"));
         let at = Utc::now() + chrono::Duration::minutes(14);
-        let response = server.send(Call { at, ..Call::get(modify_path()) }).await;
+        let response = server
+            .send(Call {
+                at,
+                ..Call::get(modify_path())
+            })
+            .await;
         assert_eq!(response.status(), 200, "within the allowed skew");
         server.stop().await;
     }
@@ -242,13 +303,22 @@ mod tests {
     #[tokio::test]
     async fn unknown_ak_missing_or_garbled_authorization_answer_0301() {
         let server = Server::start(config()).await;
-        let response = server.send(Call { ak: "OTHERAK", ..Call::get(modify_path()) }).await;
+        let response = server
+            .send(Call {
+                ak: "OTHERAK",
+                ..Call::get(modify_path())
+            })
+            .await;
         assert_eq!(error_of(response).await.1, "APIGW.0301");
         let client = reqwest::Client::new();
         let url = server.url(modify_path());
         let unsigned = client.get(&url).send().await.expect("sent");
         assert_eq!(error_of(unsigned).await.1, "APIGW.0301");
-        let garbled = client.get(&url).header("Authorization", "SDK-HMAC-SHA256 x").send().await;
+        let garbled = client
+            .get(&url)
+            .header("Authorization", "SDK-HMAC-SHA256 x")
+            .send()
+            .await;
         assert_eq!(error_of(garbled.expect("sent")).await.1, "APIGW.0301");
         assert_eq!(server.sim.stats().auth_failures, 3);
         server.stop().await;
@@ -259,7 +329,10 @@ mod tests {
         let server = Server::start(config()).await;
         let client = reqwest::Client::new();
         let date = signer::format_date(Utc::now());
-        let authorization = format!("{} Access={AK}, SignedHeaders=host, Signature=00", signer::ALGORITHM);
+        let authorization = format!(
+            "{} Access={AK}, SignedHeaders=host, Signature=00",
+            signer::ALGORITHM
+        );
         let response = client
             .get(server.url(modify_path()))
             .header(signer::DATE_HEADER, date)
@@ -275,10 +348,16 @@ mod tests {
     #[tokio::test]
     async fn verifies_whatever_headers_were_signed_and_the_query() {
         let server = Server::start(config()).await;
-        let minimal = Call { minimal: true, ..Call::get(modify_path()) };
+        let minimal = Call {
+            minimal: true,
+            ..Call::get(modify_path())
+        };
         assert_eq!(server.send(minimal).await.status(), 200);
         let query = [("lang", "en us"), ("a", "x+y/z")];
-        let with_query = Call { query: &query, ..Call::get(modify_path()) };
+        let with_query = Call {
+            query: &query,
+            ..Call::get(modify_path())
+        };
         assert_eq!(server.send(with_query).await.status(), 200);
         let signed = server.sim.stats().recent[0].signed_headers.clone();
         assert_eq!(signed, Some(vec!["x-sdk-date".to_owned()]));
@@ -290,7 +369,10 @@ mod tests {
         assert_eq!(percent_decode("/a%20b/%7e%zz%+1%4"), "/a b/~%zz%+1%4");
         let query = decode_query("b=2&a=x+y%2B&flag");
         let expected = [("b", "2"), ("a", "x y+"), ("flag", "")];
-        let expected: Vec<_> = expected.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        let expected: Vec<_> = expected
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
         assert_eq!(query, expected);
     }
 }

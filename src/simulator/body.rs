@@ -40,7 +40,11 @@ pub(super) fn parse_modify(body: &[u8]) -> Result<Desired, BodyError> {
         Some(status) if status.eq_ignore_ascii_case("off") => false,
         Some(_) => return Err(invalid("encryption_status", "must be on or off")),
     };
-    if on { turning_on(fields) } else { turning_off(fields) }
+    if on {
+        turning_on(fields)
+    } else {
+        turning_off(fields)
+    }
 }
 
 fn turning_on(fields: &Map<String, Value>) -> Result<Desired, BodyError> {
@@ -73,7 +77,10 @@ fn turning_off(fields: &Map<String, Value>) -> Result<Desired, BodyError> {
 }
 
 /// A string field; `Ok(None)` when absent or null, an error when it is another JSON type.
-fn text<'v>(fields: &'v Map<String, Value>, field: &'static str) -> Result<Option<&'v str>, BodyError> {
+fn text<'v>(
+    fields: &'v Map<String, Value>,
+    field: &'static str,
+) -> Result<Option<&'v str>, BodyError> {
     match fields.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(text)) => Ok(Some(text)),
@@ -96,11 +103,21 @@ mod tests {
 
     #[test]
     fn accepts_on_and_off_in_any_case_and_ignores_extra_fields() {
-        let on = format!(r#"{{"encryption_status":"On","type":"KMS","kms_key_id":"{KEY_ID}","x":1}}"#);
-        let expected = Desired { on: true, kms_key_id: Some(KEY_ID.into()) };
+        let on =
+            format!(r#"{{"encryption_status":"On","type":"KMS","kms_key_id":"{KEY_ID}","x":1}}"#);
+        let expected = Desired {
+            on: true,
+            kms_key_id: Some(KEY_ID.into()),
+        };
         assert_eq!(parse(&on), Ok(expected));
-        let off = Desired { on: false, kms_key_id: None };
-        assert_eq!(parse(r#"{"encryption_status":"oFF","note":"x"}"#), Ok(off.clone()));
+        let off = Desired {
+            on: false,
+            kms_key_id: None,
+        };
+        assert_eq!(
+            parse(r#"{"encryption_status":"oFF","note":"x"}"#),
+            Ok(off.clone())
+        );
         assert_eq!(parse(r#"{"encryption_status":"off","type":null}"#), Ok(off));
     }
 
@@ -112,13 +129,28 @@ mod tests {
         (r#"{"type":"kms"}"#, "encryption_status"),
         (r#"{"encryption_status":"maybe"}"#, "encryption_status"),
         (r#"{"encryption_status":true}"#, "encryption_status"),
-        (r#"{"encryption_status":"on","kms_key_id":"3a0f2a9c-5c7e-4e4e-9a59-1f1a2b3c4d5e"}"#, "type"),
-        (r#"{"encryption_status":"on","type":"aes","kms_key_id":"3a0f2a9c-5c7e-4e4e-9a59-1f1a2b3c4d5e"}"#, "type"),
+        (
+            r#"{"encryption_status":"on","kms_key_id":"3a0f2a9c-5c7e-4e4e-9a59-1f1a2b3c4d5e"}"#,
+            "type",
+        ),
+        (
+            r#"{"encryption_status":"on","type":"aes","kms_key_id":"3a0f2a9c-5c7e-4e4e-9a59-1f1a2b3c4d5e"}"#,
+            "type",
+        ),
         (r#"{"encryption_status":"on","type":"kms"}"#, "kms_key_id"),
-        (r#"{"encryption_status":"on","type":"kms","kms_key_id":"not-a-uuid"}"#, "kms_key_id"),
-        (r#"{"encryption_status":"on","type":"kms","kms_key_id":"3a0f2a9c5c7e4e4e9a591f1a2b3c4d5e"}"#, "kms_key_id"),
+        (
+            r#"{"encryption_status":"on","type":"kms","kms_key_id":"not-a-uuid"}"#,
+            "kms_key_id",
+        ),
+        (
+            r#"{"encryption_status":"on","type":"kms","kms_key_id":"3a0f2a9c5c7e4e4e9a591f1a2b3c4d5e"}"#,
+            "kms_key_id",
+        ),
         (r#"{"encryption_status":"off","type":"kms"}"#, "type"),
-        (r#"{"encryption_status":"off","kms_key_id":"3a0f2a9c-5c7e-4e4e-9a59-1f1a2b3c4d5e"}"#, "kms_key_id"),
+        (
+            r#"{"encryption_status":"off","kms_key_id":"3a0f2a9c-5c7e-4e4e-9a59-1f1a2b3c4d5e"}"#,
+            "kms_key_id",
+        ),
     ];
 
     #[test]
@@ -133,7 +165,7 @@ mod tests {
     async fn bad_bodies_answer_400_dbs_200001_and_change_nothing() {
         let server = Server::start(config()).await;
         for (body, named) in REJECTED {
-            let response = server.send(Call::post(&modify_path(), body)).await;
+            let response = server.send(Call::post(modify_path(), body)).await;
             let (status, code, msg) = error_of(response).await;
             assert_eq!((status, code.as_str()), (400, "DBS.200001"), "{body}");
             assert!(msg.contains(named), "{body}: {msg}");
@@ -141,7 +173,10 @@ mod tests {
         let stats = server.sim.stats();
         assert_eq!(stats.bad_requests, REJECTED.len() as u64);
         assert_eq!(stats.instances[INSTANCE].toggles_applied, 0);
-        assert_eq!(server.sim.status_of(PROJECT, INSTANCE).as_deref(), Some("off"));
+        assert_eq!(
+            server.sim.status_of(PROJECT, INSTANCE).as_deref(),
+            Some("off")
+        );
         server.stop().await;
     }
 }

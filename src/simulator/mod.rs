@@ -395,7 +395,10 @@ mod tests {
         assert_eq!(json_of(response).await, json!({"encryption_status": "on"}));
         let response = server.send(Call::get(modify_path())).await;
         assert_eq!(json_of(response).await, json!({"encryption_status": "on"}));
-        assert_eq!(server.sim.status_of(PROJECT, INSTANCE).as_deref(), Some("on"));
+        assert_eq!(
+            server.sim.status_of(PROJECT, INSTANCE).as_deref(),
+            Some("on")
+        );
         let stats = server.sim.stats();
         let instance = &stats.instances[INSTANCE];
         assert_eq!(instance.kms_key_id.as_deref(), Some(KEY_ID));
@@ -445,7 +448,10 @@ mod tests {
         assert_eq!(first.method, "POST");
         assert_eq!(first.instance_id.as_deref(), Some(INSTANCE));
         let signed = first.signed_headers.clone().unwrap_or_default();
-        assert_eq!(signed, ["content-type", "host", "x-project-id", "x-sdk-date"]);
+        assert_eq!(
+            signed,
+            ["content-type", "host", "x-project-id", "x-sdk-date"]
+        );
         assert_eq!(stats.recent[3].error_code.as_deref(), Some("DBS.200019"));
         server.stop().await;
     }
@@ -475,8 +481,16 @@ mod tests {
         let responses = [
             server.send(Call::post(modify_path(), &on_body())).await,
             server.send(wrong_key).await,
-            client.get(server.url("/v3/nowhere")).send().await.expect("sent"),
-            client.get(server.url("/_simulator/health")).send().await.expect("sent"),
+            client
+                .get(server.url("/v3/nowhere"))
+                .send()
+                .await
+                .expect("sent"),
+            client
+                .get(server.url("/_simulator/health"))
+                .send()
+                .await
+                .expect("sent"),
         ];
         let ids: Vec<String> = responses.iter().map(request_id_of).collect();
         for id in &ids {
@@ -530,7 +544,7 @@ mod tests {
         let client = reqwest::Client::new();
         let call = server.request(&client, Call::post(modify_path(), &on_body()));
         let pending = tokio::spawn(call.send());
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        server.wait_for_requests(1).await;
         let stopped = tokio::time::timeout(Duration::from_secs(5), server.stop()).await;
         assert!(stopped.is_ok(), "serve kept waiting for the hang");
         let answer = pending.await.expect("joined").expect("answered");
@@ -545,7 +559,13 @@ mod tests {
             {"kind": "hang", "ms": 10, "apply": true},
         ]))
         .expect("steps parse");
-        assert_eq!(steps[2], Step::Hang { ms: 10, apply: true });
+        assert_eq!(
+            steps[2],
+            Step::Hang {
+                ms: 10,
+                apply: true
+            }
+        );
         let faults: Faults = serde_json::from_value(json!({"error_rate": 0.5})).expect("parse");
         assert_eq!(faults.hang_ms, 30_000);
         assert_eq!(faults.error_rate, 0.5);
@@ -581,8 +601,16 @@ mod tests {
         eprint!("{}", String::from_utf8_lossy(&output.stderr));
         assert!(output.status.success(), "the SDK script failed");
         let stats = server.sim.stats();
-        assert!(stats.recent.iter().any(|r| r.status == 200 && r.method == "POST"));
-        assert_eq!(server.sim.status_of(PROJECT, INSTANCE).as_deref(), Some("off"));
+        assert!(
+            stats
+                .recent
+                .iter()
+                .any(|r| r.status == 200 && r.method == "POST")
+        );
+        assert_eq!(
+            server.sim.status_of(PROJECT, INSTANCE).as_deref(),
+            Some("off")
+        );
         server.stop().await;
     }
 }

@@ -1,6 +1,6 @@
 //! Test helpers: a simulator on an ephemeral loopback port and a client that signs like the SDKs.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use chrono::{DateTime, Utc};
 use secrecy::SecretString;
@@ -26,9 +26,10 @@ pub fn config() -> SimulatorConfig {
     }
 }
 
-/// The Modify/Describe path of the default instance (leaked: tests borrow it freely).
+/// The Modify/Describe path of the default instance, `'static` so a [`Call`] can outlive a statement.
 pub fn modify_path() -> &'static str {
-    Box::leak(path_for(PROJECT, INSTANCE).into_boxed_str())
+    static PATH: LazyLock<String> = LazyLock::new(|| path_for(PROJECT, INSTANCE));
+    &PATH
 }
 
 pub fn path_for(project: &str, instance: &str) -> String {
@@ -126,6 +127,19 @@ impl Server {
         served.expect("serve ends cleanly");
     }
 
+    /// Waits (up to 10 s, for a loaded machine) until the simulator has recorded `count` API
+    /// requests: a client that timed out may have given up before its request was decided.
+    pub async fn wait_for_requests(&self, count: u64) {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while self.sim.stats().requests < count {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "request {count} never arrived"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     pub async fn send(&self, call: Call<'_>) -> reqwest::Response {
         self.request(&reqwest::Client::new(), call)
             .send()
@@ -134,11 +148,7 @@ impl Server {
     }
 
     /// Builds the signed request the way the SDKs do: sign what is sent, send what was signed.
-    pub fn request(
-        &self,
-        client: &reqwest::Client,
-        call: Call<'_>,
-    ) -> reqwest::RequestBuilder {
+    pub fn request(&self, client: &reqwest::Client, call: Call<'_>) -> reqwest::RequestBuilder {
         let headers = self.headers(&call);
         let query: Vec<(String, String)> = call
             .query
@@ -174,7 +184,13 @@ impl Server {
     fn url_with_query(&self, path: &str, query: &[(String, String)]) -> String {
         let pairs: Vec<String> = query
             .iter()
-            .map(|(k, v)| format!("{}={}", signer::percent_encode(k), signer::percent_encode(v)))
+            .map(|(k, v)| {
+                format!(
+                    "{}={}",
+                    signer::percent_encode(k),
+                    signer::percent_encode(v)
+                )
+            })
             .collect();
         match pairs.is_empty() {
             true => self.url(path),

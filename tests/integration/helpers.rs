@@ -9,7 +9,10 @@ use keyturn::amqp::worker::{self, RunOptions};
 use keyturn::config::{Credentials, Settings};
 use keyturn::events::ResultEvent;
 use keyturn::simulator::{Faults, Simulator, SimulatorConfig, Stats};
-use lapin::options::{BasicGetOptions, ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions, BasicPublishOptions};
+use lapin::options::{
+    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde_json::{Value, json};
@@ -35,7 +38,11 @@ async fn find_broker() -> String {
     if let Ok(url) = std::env::var("KEYTURN_TEST_AMQP_URL") {
         return url;
     }
-    let local = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect("127.0.0.1:5672")).await;
+    let local = tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::net::TcpStream::connect("127.0.0.1:5672"),
+    )
+    .await;
     if matches!(local, Ok(Ok(_))) {
         return "amqp://guest:guest@127.0.0.1:5672/%2f".into();
     }
@@ -55,8 +62,15 @@ async fn start_container() -> Result<String, String> {
     use testcontainers_modules::rabbitmq::RabbitMq;
     use testcontainers_modules::testcontainers::ImageExt;
     use testcontainers_modules::testcontainers::runners::AsyncRunner;
-    let container = RabbitMq::default().with_tag("3.13-management").start().await.map_err(|e| e.to_string())?;
-    let port = container.get_host_port_ipv4(5672).await.map_err(|e| e.to_string())?;
+    let container = RabbitMq::default()
+        .with_tag("3.13-management")
+        .start()
+        .await
+        .map_err(|e| e.to_string())?;
+    let port = container
+        .get_host_port_ipv4(5672)
+        .await
+        .map_err(|e| e.to_string())?;
     // The container must outlive every test of this process; Docker removes it with the
     // process's other leftovers (`docker container prune`).
     std::mem::forget(container);
@@ -69,7 +83,10 @@ async fn start_container() -> Result<String, String> {
 }
 
 pub fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
 }
 
 /// One isolated keyturn deployment: simulator, settings, topology names, audit file.
@@ -92,7 +109,11 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options { faults: Faults::default(), fleet: None, tweak: Box::new(|_| {}) }
+        Options {
+            faults: Faults::default(),
+            fleet: None,
+            tweak: Box::new(|_| {}),
+        }
     }
 }
 
@@ -114,7 +135,11 @@ impl TestApp {
         let simulator_url = format!("http://{}", listener.local_addr().unwrap());
         let stop_simulator = CancellationToken::new();
         let stop = stop_simulator.clone();
-        tokio::spawn(keyturn::simulator::serve(listener, simulator.clone(), async move { stop.cancelled().await }));
+        tokio::spawn(keyturn::simulator::serve(
+            listener,
+            simulator.clone(),
+            async move { stop.cancelled().await },
+        ));
 
         let dir = tempfile::tempdir().unwrap();
         let name = unique("kt-test");
@@ -141,24 +166,56 @@ impl TestApp {
         settings.audit.path = dir.path().join("audit.db");
         (options.tweak)(&mut settings);
 
-        let connection = Connection::connect(&settings.amqp.url, ConnectionProperties::default()).await.unwrap();
+        let connection = Connection::connect(&settings.amqp.url, ConnectionProperties::default())
+            .await
+            .unwrap();
         let channel = connection.create_channel().await.unwrap();
-        keyturn::amqp::topology::declare(&channel, &settings.amqp).await.unwrap();
+        keyturn::amqp::topology::declare(&channel, &settings.amqp)
+            .await
+            .unwrap();
         let events_queue = format!("{name}.events");
         channel
-            .queue_declare(events_queue.as_str().into(), QueueDeclareOptions { auto_delete: true, ..Default::default() }, FieldTable::default())
+            .queue_declare(
+                events_queue.as_str().into(),
+                QueueDeclareOptions {
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
             .await
             .unwrap();
         channel
-            .queue_bind(events_queue.as_str().into(), settings.amqp.results_exchange.as_str().into(), "job.#".into(), QueueBindOptions::default(), FieldTable::default())
+            .queue_bind(
+                events_queue.as_str().into(),
+                settings.amqp.results_exchange.as_str().into(),
+                "job.#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
             .await
             .unwrap();
-        channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
-        TestApp { settings, simulator, simulator_url, events_queue, channel, _connection: connection, _dir: dir, stop_simulator }
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        TestApp {
+            settings,
+            simulator,
+            simulator_url,
+            events_queue,
+            channel,
+            _connection: connection,
+            _dir: dir,
+            stop_simulator,
+        }
     }
 
     pub fn credentials(&self) -> Credentials {
-        Credentials::AkSk { ak: AK.into(), sk: SK.to_owned().into() }
+        Credentials::AkSk {
+            ak: AK.into(),
+            sk: SK.to_owned().into(),
+        }
     }
 
     /// Starts an in-process worker; stop it with the returned token.
@@ -166,8 +223,13 @@ impl TestApp {
         self.start_worker_with(self.credentials(), RunOptions::default())
     }
 
-    pub fn start_worker_with(&self, credentials: Credentials, options: RunOptions) -> (CancellationToken, JoinHandle<()>) {
-        let (pipeline, publisher) = keyturn::cli::build_pipeline(self.settings.clone(), credentials).unwrap();
+    pub fn start_worker_with(
+        &self,
+        credentials: Credentials,
+        options: RunOptions,
+    ) -> (CancellationToken, JoinHandle<()>) {
+        let (pipeline, publisher) =
+            keyturn::cli::build_pipeline(self.settings.clone(), credentials).unwrap();
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
         let handle = tokio::spawn(async move {
@@ -179,14 +241,28 @@ impl TestApp {
 
     /// Runs a worker until the queue has been idle for a moment, then returns.
     pub async fn drain(&self) {
-        let (_, handle) = self.start_worker_with(self.credentials(), RunOptions { exit_when_idle: Some(Duration::from_millis(600)) });
-        tokio::time::timeout(Duration::from_secs(60), handle).await.expect("worker drained in time").unwrap();
+        let (_, handle) = self.start_worker_with(
+            self.credentials(),
+            RunOptions {
+                exit_when_idle: Some(Duration::from_millis(600)),
+            },
+        );
+        tokio::time::timeout(Duration::from_secs(60), handle)
+            .await
+            .expect("worker drained in time")
+            .unwrap();
     }
 
     pub async fn publish(&self, body: &[u8], properties: BasicProperties) {
         let confirm = self
             .channel
-            .basic_publish("".into(), self.settings.amqp.jobs_queue.as_str().into(), BasicPublishOptions::default(), body, properties.with_delivery_mode(2))
+            .basic_publish(
+                "".into(),
+                self.settings.amqp.jobs_queue.as_str().into(),
+                BasicPublishOptions::default(),
+                body,
+                properties.with_delivery_mode(2),
+            )
             .await
             .unwrap()
             .await
@@ -195,7 +271,11 @@ impl TestApp {
     }
 
     pub async fn publish_job(&self, job: &Value) {
-        self.publish(job.to_string().as_bytes(), BasicProperties::default().with_content_type("application/json".into())).await;
+        self.publish(
+            job.to_string().as_bytes(),
+            BasicProperties::default().with_content_type("application/json".into()),
+        )
+        .await;
     }
 
     /// Collects result events until at least `count` arrived or 30 s passed, and returns them.
@@ -208,11 +288,25 @@ impl TestApp {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         let mut events = Vec::new();
         loop {
-            while let Some(message) = self.channel.basic_get(self.events_queue.as_str().into(), BasicGetOptions { no_ack: true }).await.unwrap() {
+            while let Some(message) = self
+                .channel
+                .basic_get(
+                    self.events_queue.as_str().into(),
+                    BasicGetOptions { no_ack: true },
+                )
+                .await
+                .unwrap()
+            {
                 let properties = &message.delivery.properties;
-                assert_eq!(properties.content_type().as_ref().map(|c| c.as_str()), Some("application/cloudevents+json"));
+                assert_eq!(
+                    properties.content_type().as_ref().map(|c| c.as_str()),
+                    Some("application/cloudevents+json")
+                );
                 let event: ResultEvent = serde_json::from_slice(&message.delivery.data).unwrap();
-                assert_eq!(properties.message_id().as_ref().map(|m| m.as_str()), Some(event.id.as_str()));
+                assert_eq!(
+                    properties.message_id().as_ref().map(|m| m.as_str()),
+                    Some(event.id.as_str())
+                );
                 assert_eq!(message.delivery.routing_key.as_str(), event.routing_key());
                 events.push(event);
             }
@@ -224,14 +318,29 @@ impl TestApp {
     }
 
     pub async fn queue_len(&self, queue: &str) -> u32 {
-        let passive = QueueDeclareOptions { passive: true, ..Default::default() };
-        self.channel.queue_declare(queue.into(), passive, FieldTable::default()).await.unwrap().message_count()
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        self.channel
+            .queue_declare(queue.into(), passive, FieldTable::default())
+            .await
+            .unwrap()
+            .message_count()
     }
 
     /// Takes every message from the dead queue (acking them) and returns their bodies.
     pub async fn dead_letters(&self) -> Vec<Vec<u8>> {
         let mut bodies = Vec::new();
-        while let Some(message) = self.channel.basic_get(self.settings.amqp.dead_queue.as_str().into(), BasicGetOptions { no_ack: true }).await.unwrap() {
+        while let Some(message) = self
+            .channel
+            .basic_get(
+                self.settings.amqp.dead_queue.as_str().into(),
+                BasicGetOptions { no_ack: true },
+            )
+            .await
+            .unwrap()
+        {
             bodies.push(message.delivery.data.clone());
         }
         bodies
@@ -251,16 +360,25 @@ impl TestApp {
     }
 
     pub fn attempts(&self, job_id: &str) -> Vec<Value> {
-        rows(&self.audit_path(), &format!("SELECT * FROM attempts WHERE job_id = '{job_id}' ORDER BY id"))
+        rows(
+            &self.audit_path(),
+            &format!("SELECT * FROM attempts WHERE job_id = '{job_id}' ORDER BY id"),
+        )
     }
 
     pub async fn cleanup(&self) {
         let names = &self.settings.amqp;
         for queue in [&names.jobs_queue, &names.dead_queue, &self.events_queue] {
-            let _ = self.channel.queue_delete(queue.as_str().into(), Default::default()).await;
+            let _ = self
+                .channel
+                .queue_delete(queue.as_str().into(), Default::default())
+                .await;
         }
         for exchange in [&names.dead_letter_exchange, &names.results_exchange] {
-            let _ = self.channel.exchange_delete(exchange.as_str().into(), Default::default()).await;
+            let _ = self
+                .channel
+                .exchange_delete(exchange.as_str().into(), Default::default())
+                .await;
         }
         self.stop_simulator.cancel();
     }
@@ -269,7 +387,11 @@ impl TestApp {
 pub fn rows(path: &std::path::Path, sql: &str) -> Vec<Value> {
     let connection = rusqlite::Connection::open(path).unwrap();
     let mut statement = connection.prepare(sql).unwrap();
-    let names: Vec<String> = statement.column_names().iter().map(|s| s.to_string()).collect();
+    let names: Vec<String> = statement
+        .column_names()
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     statement
         .query_map([], |row| {
             let mut object = serde_json::Map::new();
@@ -298,7 +420,10 @@ where
 {
     let deadline = tokio::time::Instant::now() + limit;
     while !condition().await {
-        assert!(tokio::time::Instant::now() < deadline, "condition not met within {limit:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met within {limit:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

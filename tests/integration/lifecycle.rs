@@ -10,7 +10,13 @@ use crate::helpers::*;
 
 fn keyturn() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_keyturn"));
-    command.env_clear().env("PATH", std::env::var("PATH").unwrap_or_default()).env("KEYTURN_CONFIG", concat!(env!("CARGO_MANIFEST_DIR"), "/config/default.toml"));
+    command
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env(
+            "KEYTURN_CONFIG",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config/default.toml"),
+        );
     command
 }
 
@@ -21,7 +27,13 @@ fn a_bad_setting_exits_2_with_one_line_naming_the_key() {
         ("KEYTURN_AMQP__URL", "http://nope", "amqp.url"),
         ("KEYTURN_RETRY__MAX_DELAY", "soon", "retry.max_delay"),
     ] {
-        let output = keyturn().args(["worker"]).env(name, value).env("CLOUD_SDK_AK", "a").env("CLOUD_SDK_SK", "b").output().unwrap();
+        let output = keyturn()
+            .args(["worker"])
+            .env(name, value)
+            .env("CLOUD_SDK_AK", "a")
+            .env("CLOUD_SDK_SK", "b")
+            .output()
+            .unwrap();
         assert_eq!(output.status.code(), Some(2), "{name}");
         let stderr = String::from_utf8(output.stderr).unwrap();
         assert_eq!(stderr.lines().count(), 1, "{stderr}");
@@ -34,19 +46,34 @@ fn a_bad_setting_exits_2_with_one_line_naming_the_key() {
 
 #[test]
 fn the_demo_without_a_broker_says_how_to_start_one() {
-    let output = keyturn().args(["demo"]).env("KEYTURN_AMQP__URL", "amqp://guest:guest@127.0.0.1:1/%2f").output().unwrap();
+    let output = keyturn()
+        .args(["demo"])
+        .env("KEYTURN_AMQP__URL", "amqp://guest:guest@127.0.0.1:1/%2f")
+        .output()
+        .unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8(output.stderr).unwrap();
     let last = stderr.lines().last().unwrap_or_default();
-    assert!(last.contains("no RabbitMQ reachable") && last.contains("rabbitmq-server -detached"), "{stderr}");
+    assert!(
+        last.contains("no RabbitMQ reachable") && last.contains("rabbitmq-server -detached"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test]
 async fn sigterm_finishes_in_flight_jobs_requeues_the_rest_and_exits_0() {
-    let app = TestApp::spawn_with(Options { faults: Faults { latency_ms: 1_500, ..Faults::default() }, ..Options::default() }).await;
+    let app = TestApp::spawn_with(Options {
+        faults: Faults {
+            latency_ms: 1_500,
+            ..Faults::default()
+        },
+        ..Options::default()
+    })
+    .await;
     let total = 12;
     for n in 0..total {
-        app.publish_job(&job(&format!("J-term-{n}"), 100 + n, "on")).await;
+        app.publish_job(&job(&format!("J-term-{n}"), 100 + n, "on"))
+            .await;
     }
     let names = &app.settings.amqp;
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_keyturn"))
@@ -54,7 +81,10 @@ async fn sigterm_finishes_in_flight_jobs_requeues_the_rest_and_exits_0() {
         .env("KEYTURN_AMQP__URL", &names.url)
         .env("KEYTURN_AMQP__JOBS_QUEUE", &names.jobs_queue)
         .env("KEYTURN_AMQP__DEAD_QUEUE", &names.dead_queue)
-        .env("KEYTURN_AMQP__DEAD_LETTER_EXCHANGE", &names.dead_letter_exchange)
+        .env(
+            "KEYTURN_AMQP__DEAD_LETTER_EXCHANGE",
+            &names.dead_letter_exchange,
+        )
         .env("KEYTURN_AMQP__RESULTS_EXCHANGE", &names.results_exchange)
         .env("KEYTURN_WORKER__CONCURRENCY", "4")
         .env("KEYTURN_WORKER__GRACE_PERIOD", "10s")
@@ -66,16 +96,34 @@ async fn sigterm_finishes_in_flight_jobs_requeues_the_rest_and_exits_0() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    wait_until(Duration::from_secs(20), || async { app.stats().requests >= 4 }).await;
+    wait_until(Duration::from_secs(20), || async {
+        app.stats().requests >= 4
+    })
+    .await;
     let pid = child.id().unwrap().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-    let status = tokio::time::timeout(Duration::from_secs(20), child.wait()).await.expect("exits within the grace period").unwrap();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("exits within the grace period")
+        .unwrap();
     assert_eq!(status.code(), Some(0));
 
     let finished = app.toggles().len() as u32;
-    assert!(finished >= 4, "the jobs in flight at SIGTERM finished: {finished}");
+    assert!(
+        finished >= 4,
+        "the jobs in flight at SIGTERM finished: {finished}"
+    );
     assert!(finished < total, "no new jobs were taken after SIGTERM");
-    wait_until(Duration::from_secs(10), || async { app.queue_len(&app.settings.amqp.jobs_queue).await == total - finished }).await;
+    wait_until(Duration::from_secs(10), || async {
+        app.queue_len(&app.settings.amqp.jobs_queue).await == total - finished
+    })
+    .await;
     assert_eq!(app.events(finished as usize).await.len() as u32, finished);
     app.cleanup().await;
 }

@@ -62,16 +62,16 @@ def official_client():
 def client_round_trip():
     client = official_client()
     body = BackupEncryptRequest(encryption_status="on", type="kms", kms_key_id=KMS_KEY)
-    on = client.modify_backup_encrypt_status(ModifyBackupEncryptStatusRequest(INSTANCE, body=body))
+    on = client.modify_backup_encrypt_status(ModifyBackupEncryptStatusRequest(instance_id=INSTANCE, body=body))
     check(on.encryption_status == "on", f"GaussDBClient ModifyBackupEncryptStatus on -> {on.encryption_status}")
-    seen = client.describe_backup_encrypt_status(DescribeBackupEncryptStatusRequest(INSTANCE))
+    seen = client.describe_backup_encrypt_status(DescribeBackupEncryptStatusRequest(instance_id=INSTANCE))
     check(seen.encryption_status == "on", f"GaussDBClient DescribeBackupEncryptStatus -> {seen.encryption_status}")
     off_body = BackupEncryptRequest(encryption_status="off")
-    off = client.modify_backup_encrypt_status(ModifyBackupEncryptStatusRequest(INSTANCE, body=off_body))
+    off = client.modify_backup_encrypt_status(ModifyBackupEncryptStatusRequest(instance_id=INSTANCE, body=off_body))
     check(off.encryption_status == "off", f"GaussDBClient ModifyBackupEncryptStatus off -> {off.encryption_status}")
     try:
         bad = BackupEncryptRequest(encryption_status="on", type="kms", kms_key_id="not-a-uuid")
-        client.modify_backup_encrypt_status(ModifyBackupEncryptStatusRequest(INSTANCE, body=bad))
+        client.modify_backup_encrypt_status(ModifyBackupEncryptStatusRequest(instance_id=INSTANCE, body=bad))
         check(False, "GaussDBClient with a bad kms_key_id should fail")
     except ServiceResponseException as error:
         check(error.status_code == 400 and error.error_code == "DBS.200001",
