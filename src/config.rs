@@ -239,7 +239,12 @@ impl Settings {
         };
         apply_env(&mut table, env)?;
         let settings: Settings = serde_path_to_error::deserialize(toml::Value::Table(table))
-            .map_err(|error| config_error(error.path().to_string(), error.inner().to_string()))?;
+            .map_err(|error| {
+                // toml appends "in `key`" on further lines; the path already names the key.
+                let problem = error.inner().to_string();
+                let first = problem.lines().next().unwrap_or_default().to_owned();
+                config_error(error.path().to_string(), first)
+            })?;
         settings.validate()?;
         Ok(settings)
     }
