@@ -13,6 +13,9 @@ use crate::config::AmqpSettings;
 use crate::events::{CONTENT_TYPE, ResultEvent};
 use crate::pipeline::EventSink;
 
+/// Longest wait for the broker to confirm one result event.
+const CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub struct Publisher {
     settings: AmqpSettings,
     name: String,
@@ -60,16 +63,23 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
     ) -> anyhow::Result<()> {
-        let confirm = channel
-            .basic_publish(
-                exchange.into(),
-                routing_key.into(),
-                BasicPublishOptions::default(),
-                body,
-                properties,
-            )
-            .await?
-            .await?;
+        // A publish on a channel the broker is closing can wait forever for its confirm; bound
+        // it so the pipeline's retry reconnects instead.
+        let publish = async {
+            channel
+                .basic_publish(
+                    exchange.into(),
+                    routing_key.into(),
+                    BasicPublishOptions::default(),
+                    body,
+                    properties,
+                )
+                .await?
+                .await
+        };
+        let confirm = tokio::time::timeout(CONFIRM_TIMEOUT, publish)
+            .await
+            .map_err(|_| anyhow::anyhow!("no publisher confirm within {CONFIRM_TIMEOUT:?}"))??;
         match confirm {
             Confirmation::Ack(_) => Ok(()),
             Confirmation::Nack(_) => anyhow::bail!("broker refused the result event (nack)"),
