@@ -27,7 +27,7 @@ fn config_error(key: impl Into<String>, problem: impl Into<String>) -> ConfigErr
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
     pub amqp: AmqpSettings,
@@ -125,20 +125,6 @@ pub struct LogSettings {
     pub level: String,
     /// `text` or `json`.
     pub format: String,
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Settings {
-            amqp: AmqpSettings::default(),
-            worker: WorkerSettings::default(),
-            api: ApiSettings::default(),
-            rate_limit: RateLimitSettings::default(),
-            retry: RetrySettings::default(),
-            audit: AuditSettings::default(),
-            log: LogSettings::default(),
-        }
-    }
 }
 
 impl Default for AmqpSettings {

@@ -34,10 +34,11 @@ impl Publisher {
     /// The current confirm-mode channel, connecting first if there is none or it died.
     async fn channel(&self) -> anyhow::Result<Channel> {
         let mut link = self.link.lock().await;
-        if let Some((connection, channel)) = link.as_ref() {
-            if connection.status().connected() && channel.status().connected() {
-                return Ok(channel.clone());
-            }
+        if let Some((connection, channel)) = link.as_ref()
+            && connection.status().connected()
+            && channel.status().connected()
+        {
+            return Ok(channel.clone());
         }
         *link = None;
         let connection = super::connect(&self.settings, &self.name).await?;
