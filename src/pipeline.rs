@@ -188,7 +188,7 @@ impl Pipeline {
                 };
                 let attempts = run.exchanges.iter().map(attempt_record).collect();
                 (
-                    self.result(job, run, &delivery),
+                    self.result(&identity, run, &delivery),
                     job.change.kms_key_id().map(|k| k.to_string()),
                     attempts,
                 )
@@ -413,27 +413,19 @@ impl Pipeline {
         }
     }
 
-    fn result(&self, job: &Job, run: Run, delivery: &Delivery) -> JobResult {
+    fn result(&self, identity: &Identity, run: Run, delivery: &Delivery) -> JobResult {
         let last = run.exchanges.last();
         let (error_code, error_msg) = run
             .error
             .map_or((None, None), |(code, msg)| (Some(code), Some(msg)));
         JobResult {
-            job_id: job.id.to_string(),
-            rollout_id: job.rollout_id.as_ref().map(ToString::to_string),
-            ticket: job.ticket.as_ref().map(ToString::to_string),
-            region: Some(job.region.to_string()),
-            project_id: Some(job.project_id.to_string()),
-            instance_id: Some(job.instance_id.to_string()),
-            requested_status: Some(job.change.status().as_str().into()),
             resulting_status: run.resulting_status.map(|s| s.as_str().into()),
-            outcome: run.outcome,
             attempts: run.exchanges.len() as u32,
             http_status: last.and_then(|e| e.http_status),
             error_code,
             error_msg,
             request_id: last.and_then(|e| e.request_id.clone()),
-            duration_ms: elapsed_ms(delivery.received_at),
+            ..result_of(identity, run.outcome, delivery)
         }
     }
 
@@ -445,22 +437,31 @@ impl Pipeline {
     ) -> JobResult {
         tracing::warn!(field = %rejection.field, reason = %rejection.reason, "job rejected");
         JobResult {
-            job_id: identity.job_id.clone(),
-            rollout_id: identity.rollout_id.clone(),
-            ticket: identity.ticket.clone(),
-            region: identity.region.clone(),
-            project_id: identity.project_id.clone(),
-            instance_id: identity.instance_id.clone(),
-            requested_status: identity.requested_status.clone(),
-            resulting_status: None,
-            outcome: Outcome::Rejected,
-            attempts: 0,
-            http_status: None,
             error_code: Some(format!("keyturn.invalid.{}", rejection.field)),
             error_msg: Some(rejection.to_string()),
-            request_id: None,
-            duration_ms: elapsed_ms(delivery.received_at),
+            ..result_of(identity, Outcome::Rejected, delivery)
         }
+    }
+}
+
+/// What every result shares: who asked for what, the outcome, and how long it took; no API detail.
+fn result_of(identity: &Identity, outcome: Outcome, delivery: &Delivery) -> JobResult {
+    JobResult {
+        job_id: identity.job_id.clone(),
+        rollout_id: identity.rollout_id.clone(),
+        ticket: identity.ticket.clone(),
+        region: identity.region.clone(),
+        project_id: identity.project_id.clone(),
+        instance_id: identity.instance_id.clone(),
+        requested_status: identity.requested_status.clone(),
+        resulting_status: None,
+        outcome,
+        attempts: 0,
+        http_status: None,
+        error_code: None,
+        error_msg: None,
+        request_id: None,
+        duration_ms: elapsed_ms(delivery.received_at),
     }
 }
 
