@@ -51,7 +51,8 @@ pub fn redacted_url(url: &str) -> String {
             uri.authority.userinfo.username,
             uri.authority.host,
             uri.authority.port,
-            uri.vhost
+            // As written in a URL: the default vhost "/" is "%2f".
+            uri.vhost.replace('%', "%25").replace('/', "%2f")
         ),
         Err(_) => "<unparseable AMQP URL>".into(),
     }
@@ -90,4 +91,20 @@ pub async fn publish_jobs(
         anyhow::ensure!(confirm.await?.is_ack(), "the broker refused a job");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redacted_url;
+
+    #[test]
+    fn a_redacted_url_keeps_where_but_never_the_password() {
+        let shown = redacted_url("amqp://guest:s3cret@127.0.0.1:5672/%2f");
+        assert_eq!(shown, "amqp://guest@127.0.0.1:5672/%2f");
+        assert_eq!(
+            redacted_url("amqps://ops:pw@mq.example:5671/fleet"),
+            "amqps://ops@mq.example:5671/fleet"
+        );
+        assert_eq!(redacted_url("http://nope"), "<unparseable AMQP URL>");
+    }
 }
