@@ -2,7 +2,10 @@
 //! the quorum jobs queue with its dead-letter exchange and delivery limit, the dead queue, and
 //! the results topic exchange.
 
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, ExchangeKind};
 
@@ -53,6 +56,22 @@ pub async fn declare(channel: &Channel, settings: &AmqpSettings) -> lapin::Resul
             FieldTable::default(),
         )
         .await
+}
+
+/// Deletes the whole topology, messages included: for throwaway runs (the demo, tests), never
+/// for a production worker.
+pub async fn delete(channel: &Channel, settings: &AmqpSettings) -> lapin::Result<()> {
+    for queue in [&settings.jobs_queue, &settings.dead_queue] {
+        channel
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await?;
+    }
+    for exchange in [&settings.dead_letter_exchange, &settings.results_exchange] {
+        channel
+            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+            .await?;
+    }
+    Ok(())
 }
 
 fn quorum() -> FieldTable {

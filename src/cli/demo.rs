@@ -5,10 +5,7 @@
 use std::time::Duration;
 
 use lapin::Channel;
-use lapin::options::{
-    BasicGetOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
-};
+use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -143,7 +140,9 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
     let counts = crate::audit::outcome_counts(&audit_path)?;
     let stats = simulator.stats();
     print_summary(&counts, events, dead, &stats, &audit_path);
-    cleanup(&channel, &settings).await;
+    if let Err(error) = topology::delete(&channel, &settings.amqp).await {
+        tracing::warn!(%error, "could not delete the demo's queues and exchanges");
+    }
     stop_simulator.cancel();
     let _ = simulator_task.await;
     let _ = connection.close(200, "demo done".into()).await;
@@ -226,18 +225,4 @@ fn print_summary(
         stats.faults_injected
     );
     println!("audit log: {}", audit.display());
-}
-
-async fn cleanup(channel: &Channel, settings: &Settings) {
-    let names = &settings.amqp;
-    for queue in [&names.jobs_queue, &names.dead_queue] {
-        let _ = channel
-            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-            .await;
-    }
-    for exchange in [&names.dead_letter_exchange, &names.results_exchange] {
-        let _ = channel
-            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-            .await;
-    }
 }
