@@ -13,47 +13,6 @@ use serde_json::json;
 
 use crate::helpers::*;
 
-/// The `keyturn worker` binary wired to `app`'s queues, simulator and audit file.
-fn worker_process(app: &TestApp, extra: &[(&str, &str)]) -> tokio::process::Command {
-    let names = &app.settings.amqp;
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_keyturn"));
-    command
-        .arg("worker")
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env(
-            "KEYTURN_CONFIG",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/config/default.toml"),
-        )
-        .env("KEYTURN_AMQP__URL", &names.url)
-        .env("KEYTURN_AMQP__JOBS_QUEUE", &names.jobs_queue)
-        .env("KEYTURN_AMQP__DEAD_QUEUE", &names.dead_queue)
-        .env(
-            "KEYTURN_AMQP__DEAD_LETTER_EXCHANGE",
-            &names.dead_letter_exchange,
-        )
-        .env("KEYTURN_AMQP__RESULTS_EXCHANGE", &names.results_exchange)
-        .env("KEYTURN_WORKER__ID", &app.settings.worker.id)
-        .env("KEYTURN_API__ENDPOINT", &app.simulator_url)
-        .env("KEYTURN_AUDIT__PATH", app.audit_path())
-        .env("KEYTURN_RETRY__BASE_DELAY", "20ms")
-        .env("KEYTURN_RETRY__MAX_DELAY", "200ms")
-        .env("KEYTURN_RATE_LIMIT__PER_PROJECT_PER_SECOND", "1000")
-        .env("KEYTURN_RATE_LIMIT__PER_PROJECT_BURST", "100")
-        .env("KEYTURN_RATE_LIMIT__PER_SECOND", "1000")
-        .env("KEYTURN_RATE_LIMIT__BURST", "100")
-        .env("CLOUD_SDK_AK", AK)
-        .env("CLOUD_SDK_SK", SK)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true);
-    for (name, value) in extra {
-        command.env(name, value);
-    }
-    command
-}
-
 fn by_job(events: &[ResultEvent]) -> HashMap<String, Vec<&ResultEvent>> {
     let mut grouped: HashMap<String, Vec<&ResultEvent>> = HashMap::new();
     for event in events {
@@ -121,7 +80,8 @@ async fn sigkill_at_random_moments_loses_nothing_and_toggles_nothing_twice() {
     let jobs = publish_fleet(&app, 240, 10_000).await;
     let mut killed_at = Vec::new();
     for round in 0..4u32 {
-        let mut child = worker_process(&app, &[("KEYTURN_WORKER__CONCURRENCY", "8")])
+        let mut child = app
+            .worker_process(&[("KEYTURN_WORKER__CONCURRENCY", "8")])
             .spawn()
             .unwrap();
         let target = (round as usize + 1) * 40 + rand::random_range(0..20);
@@ -134,7 +94,8 @@ async fn sigkill_at_random_moments_loses_nothing_and_toggles_nothing_twice() {
         child.wait().await.unwrap();
         killed_at.push(app.toggles().len());
     }
-    let status = worker_process(&app, &[("KEYTURN_WORKER__CONCURRENCY", "8")])
+    let status = app
+        .worker_process(&[("KEYTURN_WORKER__CONCURRENCY", "8")])
         .arg("--exit-when-idle")
         .arg("1s")
         .status()
@@ -282,6 +243,116 @@ async fn a_locked_audit_store_holds_jobs_unacked_and_stops_new_toggles_until_it_
     app.cleanup().await;
 }
 
+/// A job that kills every worker that takes it (here: SIGKILL while its Modify hangs) must not
+/// loop forever: the queue's delivery limit dead-letters it, and the job behind it proceeds.
+#[tokio::test]
+async fn a_message_that_kills_every_worker_is_dead_lettered_by_the_delivery_limit() {
+    let limit = 2u32;
+    let app = TestApp::spawn_with(Options {
+        tweak: Box::new(move |s| s.amqp.delivery_limit = limit),
+        ..Options::default()
+    })
+    .await;
+    let poison = instance(60);
+    app.simulator.script(
+        &poison,
+        (0..10)
+            .map(|_| Step::Hang {
+                ms: 120_000,
+                apply: false,
+            })
+            .collect(),
+    );
+    let poison_job = job("J-poison", 60, "on");
+    app.publish_job(&poison_job).await;
+    app.publish_job(&job("J-behind", 61, "on")).await;
+    let limit_setting = limit.to_string();
+    let worker = || {
+        app.worker_process(&[
+            ("KEYTURN_WORKER__CONCURRENCY", "1"),
+            ("KEYTURN_AMQP__DELIVERY_LIMIT", &limit_setting),
+        ])
+    };
+    let dead_queue = app.settings.amqp.dead_queue.clone();
+    let mut deliveries = 0;
+    while app.queue_len(&dead_queue).await == 0 {
+        assert!(
+            deliveries <= limit + 1,
+            "still not dead-lettered after {deliveries} deliveries"
+        );
+        let mut child = worker().spawn().unwrap();
+        wait_until(Duration::from_secs(30), || async {
+            app.stats()
+                .instances
+                .get(&poison)
+                .is_some_and(|i| i.modify_calls > u64::from(deliveries))
+        })
+        .await;
+        child.start_kill().unwrap();
+        child.wait().await.unwrap();
+        deliveries += 1;
+        wait_until(Duration::from_secs(10), || async {
+            app.queue_len(&app.settings.amqp.jobs_queue).await == 2
+                || app.queue_len(&dead_queue).await == 1
+        })
+        .await;
+    }
+    assert_eq!(
+        deliveries,
+        limit + 1,
+        "the first delivery plus `limit` redeliveries"
+    );
+
+    let status = worker()
+        .arg("--exit-when-idle")
+        .arg("1s")
+        .status()
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    let toggles = app.toggles();
+    assert_eq!(toggles.len(), 1, "only the job behind it finished");
+    assert_eq!(toggles[0]["job_id"], "J-behind");
+    assert_eq!(toggles[0]["outcome"], "succeeded");
+    assert_eq!(app.stats().instances[&poison].toggles_applied, 0);
+    let marker = rows(
+        &app.audit_path(),
+        "SELECT job_id FROM in_flight WHERE job_id = 'J-poison'",
+    );
+    assert_eq!(
+        marker.len(),
+        1,
+        "the audit file says its Modify may have gone out"
+    );
+
+    let dead = app
+        .channel
+        .basic_get(dead_queue.as_str().into(), Default::default())
+        .await
+        .unwrap()
+        .expect("the poison message is in the dead queue");
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&dead.delivery.data).unwrap(),
+        poison_job
+    );
+    let headers = dead
+        .delivery
+        .properties
+        .headers()
+        .clone()
+        .unwrap_or_default();
+    let reason = headers.inner().get("x-first-death-reason").cloned();
+    assert_eq!(
+        reason
+            .as_ref()
+            .and_then(|r| r.as_long_string())
+            .map(|r| r.to_string()),
+        Some("delivery_limit".to_owned()),
+        "dead-lettered by the limit, not rejected: {headers:?}"
+    );
+    app.cleanup().await;
+}
+
 #[tokio::test]
 async fn a_refused_result_publish_is_retried_until_the_broker_takes_it() {
     let app = TestApp::spawn().await;
@@ -291,12 +362,13 @@ async fn a_refused_result_publish_is_retried_until_the_broker_takes_it() {
         .await
         .unwrap();
     let (shutdown, handle) = app.start_worker();
-    // The worker declares the exchange on connect; delete it again once it consumes.
+    // The worker declares the exchange on connect, before it consumes; delete it again once it
+    // consumes, or the worker's declaration (without the test's binding) would swallow the event.
+    let jobs_queue = app.settings.amqp.jobs_queue.clone();
     wait_until(Duration::from_secs(20), || async {
-        app.toggles().is_empty()
+        app.consumers(&jobs_queue).await > 0
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
     app.channel
         .exchange_delete(exchange.as_str().into(), Default::default())
         .await
@@ -495,7 +567,8 @@ async fn secrets_never_appear_in_logs_events_audit_or_errors() {
     app.publish_job(&job("J-s2", 91, "off")).await;
     app.publish(b"{not json", lapin::BasicProperties::default())
         .await;
-    let aksk = worker_process(&app, &[("RUST_LOG", "trace")])
+    let aksk = app
+        .worker_process(&[("RUST_LOG", "trace")])
         .arg("--exit-when-idle")
         .arg("1s")
         .stderr(Stdio::piped())
@@ -503,32 +576,28 @@ async fn secrets_never_appear_in_logs_events_audit_or_errors() {
         .await
         .unwrap();
     app.publish_job(&job("J-s3", 92, "on")).await;
-    let token = worker_process(
-        &app,
-        &[
+    let token = app
+        .worker_process(&[
             ("RUST_LOG", "trace"),
             ("KEYTURN_API__AUTH", "token"),
             ("KEYTURN_API__TOKEN", TOKEN),
-        ],
-    )
-    .arg("--exit-when-idle")
-    .arg("1s")
-    .stderr(Stdio::piped())
-    .output()
-    .await
-    .unwrap();
-    let bad_config = worker_process(
-        &app,
-        &[
+        ])
+        .arg("--exit-when-idle")
+        .arg("1s")
+        .stderr(Stdio::piped())
+        .output()
+        .await
+        .unwrap();
+    let bad_config = app
+        .worker_process(&[
             ("KEYTURN_API__AUTH", "token"),
             ("KEYTURN_API__TOKEN", TOKEN),
             ("KEYTURN_WORKER__CONCURRENCY", "0"),
-        ],
-    )
-    .stderr(Stdio::piped())
-    .output()
-    .await
-    .unwrap();
+        ])
+        .stderr(Stdio::piped())
+        .output()
+        .await
+        .unwrap();
     assert!(aksk.status.success() && token.status.success());
     assert_eq!(bad_config.status.code(), Some(2));
 

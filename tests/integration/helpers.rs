@@ -2,6 +2,7 @@
 //! uniquely named queues per test, so tests never share state and can run in parallel.
 
 use std::path::PathBuf;
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -318,6 +319,15 @@ impl TestApp {
     }
 
     pub async fn queue_len(&self, queue: &str) -> u32 {
+        self.inspect(queue).await.message_count()
+    }
+
+    /// How many consumers `queue` has: a worker consumes only after it declared the topology.
+    pub async fn consumers(&self, queue: &str) -> u32 {
+        self.inspect(queue).await.consumer_count()
+    }
+
+    async fn inspect(&self, queue: &str) -> lapin::Queue {
         let passive = QueueDeclareOptions {
             passive: true,
             ..Default::default()
@@ -326,7 +336,6 @@ impl TestApp {
             .queue_declare(queue.into(), passive, FieldTable::default())
             .await
             .unwrap()
-            .message_count()
     }
 
     /// Takes every message from the dead queue (acking them) and returns their bodies.
@@ -366,22 +375,64 @@ impl TestApp {
         )
     }
 
-    pub async fn cleanup(&self) {
+    /// The `keyturn worker` binary wired to this app's queues, simulator and audit file, with
+    /// fast retries and generous rate limits; `extra` settings are applied last.
+    pub fn worker_process(&self, extra: &[(&str, &str)]) -> tokio::process::Command {
         let names = &self.settings.amqp;
-        for queue in [&names.jobs_queue, &names.dead_queue, &self.events_queue] {
-            let _ = self
-                .channel
-                .queue_delete(queue.as_str().into(), Default::default())
-                .await;
+        let mut command = keyturn_binary();
+        command
+            .arg("worker")
+            .env("KEYTURN_AMQP__URL", &names.url)
+            .env("KEYTURN_AMQP__JOBS_QUEUE", &names.jobs_queue)
+            .env("KEYTURN_AMQP__DEAD_QUEUE", &names.dead_queue)
+            .env(
+                "KEYTURN_AMQP__DEAD_LETTER_EXCHANGE",
+                &names.dead_letter_exchange,
+            )
+            .env("KEYTURN_AMQP__RESULTS_EXCHANGE", &names.results_exchange)
+            .env("KEYTURN_WORKER__ID", &self.settings.worker.id)
+            .env("KEYTURN_API__ENDPOINT", &self.simulator_url)
+            .env("KEYTURN_AUDIT__PATH", self.audit_path())
+            .env("KEYTURN_RETRY__BASE_DELAY", "20ms")
+            .env("KEYTURN_RETRY__MAX_DELAY", "200ms")
+            .env("KEYTURN_RATE_LIMIT__PER_PROJECT_PER_SECOND", "1000")
+            .env("KEYTURN_RATE_LIMIT__PER_PROJECT_BURST", "100")
+            .env("KEYTURN_RATE_LIMIT__PER_SECOND", "1000")
+            .env("KEYTURN_RATE_LIMIT__BURST", "100")
+            .env("CLOUD_SDK_AK", AK)
+            .env("CLOUD_SDK_SK", SK)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        for (name, value) in extra {
+            command.env(name, value);
         }
-        for exchange in [&names.dead_letter_exchange, &names.results_exchange] {
-            let _ = self
-                .channel
-                .exchange_delete(exchange.as_str().into(), Default::default())
-                .await;
-        }
+        let mut command = tokio::process::Command::from(command);
+        command.kill_on_drop(true);
+        command
+    }
+
+    pub async fn cleanup(&self) {
+        let _ = self
+            .channel
+            .queue_delete(self.events_queue.as_str().into(), Default::default())
+            .await;
+        let _ = keyturn::amqp::topology::delete(&self.channel, &self.settings.amqp).await;
         self.stop_simulator.cancel();
     }
+}
+
+/// The `keyturn` binary with a clean environment and the shipped default configuration.
+pub fn keyturn_binary() -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_keyturn"));
+    command
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env(
+            "KEYTURN_CONFIG",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config/default.toml"),
+        );
+    command
 }
 
 pub fn rows(path: &std::path::Path, sql: &str) -> Vec<Value> {

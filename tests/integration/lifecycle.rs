@@ -1,24 +1,12 @@
 //! The `keyturn` binary as an operator meets it: bad configuration, no broker, and SIGTERM with
 //! jobs in flight.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use keyturn::simulator::Faults;
 
 use crate::helpers::*;
-
-fn keyturn() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_keyturn"));
-    command
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env(
-            "KEYTURN_CONFIG",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/config/default.toml"),
-        );
-    command
-}
 
 #[test]
 fn a_bad_setting_exits_2_with_one_line_naming_the_key() {
@@ -27,7 +15,7 @@ fn a_bad_setting_exits_2_with_one_line_naming_the_key() {
         ("KEYTURN_AMQP__URL", "http://nope", "amqp.url"),
         ("KEYTURN_RETRY__MAX_DELAY", "soon", "retry.max_delay"),
     ] {
-        let output = keyturn()
+        let output = keyturn_binary()
             .args(["worker"])
             .env(name, value)
             .env("CLOUD_SDK_AK", "a")
@@ -39,14 +27,14 @@ fn a_bad_setting_exits_2_with_one_line_naming_the_key() {
         assert_eq!(stderr.lines().count(), 1, "{stderr}");
         assert!(stderr.contains(key), "{stderr}");
     }
-    let output = keyturn().args(["worker"]).output().unwrap();
+    let output = keyturn_binary().args(["worker"]).output().unwrap();
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("CLOUD_SDK_AK"));
 }
 
 #[test]
 fn the_demo_without_a_broker_says_how_to_start_one() {
-    let output = keyturn()
+    let output = keyturn_binary()
         .args(["demo"])
         .env("KEYTURN_AMQP__URL", "amqp://guest:guest@127.0.0.1:1/%2f")
         .output()
@@ -75,25 +63,11 @@ async fn sigterm_finishes_in_flight_jobs_requeues_the_rest_and_exits_0() {
         app.publish_job(&job(&format!("J-term-{n}"), 100 + n, "on"))
             .await;
     }
-    let names = &app.settings.amqp;
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_keyturn"))
-        .arg("worker")
-        .env("KEYTURN_AMQP__URL", &names.url)
-        .env("KEYTURN_AMQP__JOBS_QUEUE", &names.jobs_queue)
-        .env("KEYTURN_AMQP__DEAD_QUEUE", &names.dead_queue)
-        .env(
-            "KEYTURN_AMQP__DEAD_LETTER_EXCHANGE",
-            &names.dead_letter_exchange,
-        )
-        .env("KEYTURN_AMQP__RESULTS_EXCHANGE", &names.results_exchange)
-        .env("KEYTURN_WORKER__CONCURRENCY", "4")
-        .env("KEYTURN_WORKER__GRACE_PERIOD", "10s")
-        .env("KEYTURN_API__ENDPOINT", &app.simulator_url)
-        .env("KEYTURN_AUDIT__PATH", app.audit_path())
-        .env("CLOUD_SDK_AK", AK)
-        .env("CLOUD_SDK_SK", SK)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+    let mut child = app
+        .worker_process(&[
+            ("KEYTURN_WORKER__CONCURRENCY", "4"),
+            ("KEYTURN_WORKER__GRACE_PERIOD", "10s"),
+        ])
         .spawn()
         .unwrap();
     wait_until(Duration::from_secs(20), || async {
