@@ -51,10 +51,19 @@ pub enum Command {
 /// Runs the parsed command; configuration problems exit 2 with one line naming the key.
 pub async fn run(cli: Cli) -> ExitCode {
     let env: Vec<(String, String)> = std::env::vars().collect();
-    let settings = match load_settings(cli.config.as_deref(), &env) {
+    let mut settings = match load_settings(cli.config.as_deref(), &env) {
         Ok(settings) => settings,
         Err(error) => return config_failure(&error),
     };
+    // The demo's output is its summary table; a line per job would bury it. Warnings (rejected
+    // jobs, retries) still show, and RUST_LOG or KEYTURN_LOG__LEVEL bring back the rest.
+    let chosen = |name: &str| env.iter().any(|(key, _)| key == name);
+    if matches!(cli.command, Command::Demo(_))
+        && !chosen("RUST_LOG")
+        && !chosen("KEYTURN_LOG__LEVEL")
+    {
+        settings.log.level = "warn".into();
+    }
     crate::telemetry::init(&settings.log);
     let result = match cli.command {
         Command::Worker { exit_when_idle } => match settings.credentials(&env) {
