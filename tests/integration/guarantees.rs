@@ -1,71 +1,16 @@
 //! Nothing lost, nothing applied twice: crashes, lost connections, failing infrastructure and
 //! secrets, each provoked for real.
 
-use std::collections::HashMap;
 use std::process::Stdio;
 use std::time::Duration;
 
-use keyturn::events::{Outcome, ResultEvent};
+use keyturn::events::Outcome;
 use keyturn::simulator::{Faults, Step};
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions};
 use lapin::types::FieldTable;
 use serde_json::json;
 
 use crate::helpers::*;
-
-fn by_job(events: &[ResultEvent]) -> HashMap<String, Vec<&ResultEvent>> {
-    let mut grouped: HashMap<String, Vec<&ResultEvent>> = HashMap::new();
-    for event in events {
-        grouped
-            .entry(event.data.job_id.clone())
-            .or_default()
-            .push(event);
-    }
-    grouped
-}
-
-/// Drains the events queue until every job has at least one event; asserts replays share ids.
-async fn assert_one_outcome_per_job(app: &TestApp, jobs: &[(String, u32, &str)]) {
-    let all = app
-        .events_until(|events| by_job(events).len() >= jobs.len())
-        .await;
-    let grouped = by_job(&all);
-    for (job_id, _, _) in jobs {
-        let events = grouped
-            .get(job_id)
-            .unwrap_or_else(|| panic!("no event for {job_id}"));
-        assert!(
-            events.iter().all(|e| e.id == events[0].id),
-            "replays of {job_id} keep the event id"
-        );
-    }
-    let rows = app.toggles();
-    assert_eq!(rows.len(), jobs.len(), "one final audit row per job");
-    let stats = app.stats();
-    for (job_id, n, status) in jobs {
-        assert_eq!(
-            app.simulator.status_of(PROJECT, &instance(*n)).as_deref(),
-            Some(*status),
-            "{job_id}"
-        );
-        let modify_calls = stats
-            .instances
-            .get(&instance(*n))
-            .map_or(0, |i| i.modify_calls);
-        assert!(modify_calls <= 1, "{job_id} was sent {modify_calls} times");
-    }
-}
-
-async fn publish_fleet(app: &TestApp, count: u32, base: u32) -> Vec<(String, u32, &'static str)> {
-    let mut jobs = Vec::new();
-    for i in 0..count {
-        let status = if i % 3 == 0 { "off" } else { "on" };
-        let job_id = format!("J-{base}-{i}");
-        app.publish_job(&job(&job_id, base + i, status)).await;
-        jobs.push((job_id, base + i, status));
-    }
-    jobs
-}
 
 #[tokio::test]
 async fn sigkill_at_random_moments_loses_nothing_and_toggles_nothing_twice() {

@@ -1,6 +1,7 @@
 //! Shared test scaffolding: a real broker, the simulator on a real socket, a fresh SQLite file and
 //! uniquely named queues per test, so tests never share state and can run in parallel.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -178,10 +179,8 @@ impl TestApp {
         channel
             .queue_declare(
                 events_queue.as_str().into(),
-                QueueDeclareOptions {
-                    auto_delete: true,
-                    ..Default::default()
-                },
+                // Durable, so a broker restart (tests/restart.rs) keeps the events it collected.
+                QueueDeclareOptions::durable(),
                 FieldTable::default(),
             )
             .await
@@ -375,6 +374,21 @@ impl TestApp {
         )
     }
 
+    /// A new connection and channel for the test's own use, after the broker cut the old ones.
+    #[allow(dead_code, reason = "used by tests/restart.rs only")]
+    pub async fn reconnect(&mut self) {
+        let connection =
+            Connection::connect(&self.settings.amqp.url, ConnectionProperties::default())
+                .await
+                .unwrap();
+        self.channel = connection.create_channel().await.unwrap();
+        self.channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        self._connection = connection;
+    }
+
     /// The `keyturn worker` binary wired to this app's queues, simulator and audit file, with
     /// fast retries and generous rate limits; `extra` settings are applied last.
     pub fn worker_process(&self, extra: &[(&str, &str)]) -> tokio::process::Command {
@@ -420,6 +434,68 @@ impl TestApp {
         let _ = keyturn::amqp::topology::delete(&self.channel, &self.settings.amqp).await;
         self.stop_simulator.cancel();
     }
+}
+
+/// Events grouped by job id.
+pub fn by_job(events: &[ResultEvent]) -> HashMap<String, Vec<&ResultEvent>> {
+    let mut grouped: HashMap<String, Vec<&ResultEvent>> = HashMap::new();
+    for event in events {
+        grouped
+            .entry(event.data.job_id.clone())
+            .or_default()
+            .push(event);
+    }
+    grouped
+}
+
+/// Drains the events queue until every job has at least one event; asserts replays share ids.
+/// Every job has exactly one final audit row, at least one event (replays share the event id),
+/// its instance in the requested state, and at most one Modify sent.
+pub async fn assert_one_outcome_per_job(app: &TestApp, jobs: &[(String, u32, &str)]) {
+    let all = app
+        .events_until(|events| by_job(events).len() >= jobs.len())
+        .await;
+    let grouped = by_job(&all);
+    for (job_id, _, _) in jobs {
+        let events = grouped
+            .get(job_id)
+            .unwrap_or_else(|| panic!("no event for {job_id}"));
+        assert!(
+            events.iter().all(|e| e.id == events[0].id),
+            "replays of {job_id} keep the event id"
+        );
+    }
+    let rows = app.toggles();
+    assert_eq!(rows.len(), jobs.len(), "one final audit row per job");
+    let stats = app.stats();
+    for (job_id, n, status) in jobs {
+        assert_eq!(
+            app.simulator.status_of(PROJECT, &instance(*n)).as_deref(),
+            Some(*status),
+            "{job_id}"
+        );
+        let modify_calls = stats
+            .instances
+            .get(&instance(*n))
+            .map_or(0, |i| i.modify_calls);
+        assert!(modify_calls <= 1, "{job_id} was sent {modify_calls} times");
+    }
+}
+
+/// Publishes `count` valid jobs for instances `base..base+count`, a third of them "off".
+pub async fn publish_fleet(
+    app: &TestApp,
+    count: u32,
+    base: u32,
+) -> Vec<(String, u32, &'static str)> {
+    let mut jobs = Vec::new();
+    for i in 0..count {
+        let status = if i % 3 == 0 { "off" } else { "on" };
+        let job_id = format!("J-{base}-{i}");
+        app.publish_job(&job(&job_id, base + i, status)).await;
+        jobs.push((job_id, base + i, status));
+    }
+    jobs
 }
 
 /// The `keyturn` binary with a clean environment and the shipped default configuration.

@@ -1,0 +1,112 @@
+//! The broker itself restarted (`rabbitmqctl stop_app` / `start_app`) under a running worker.
+//!
+//! A test binary of its own: cargo runs test binaries one after another, so stopping the broker
+//! here never cuts another test's connections. It needs the local broker's `rabbitmqctl`, like the
+//! force-close test in `tests/integration`.
+
+#[allow(dead_code)]
+#[path = "integration/helpers.rs"]
+mod helpers;
+
+use std::time::Duration;
+
+use helpers::*;
+use keyturn::simulator::Faults;
+
+/// Runs `rabbitmqctl` with `args`, asserting that it succeeded.
+fn rabbitmqctl(args: &[&str]) {
+    let output = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl is installed with the broker");
+    assert!(
+        output.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Starts the broker's application again even if the test panics while it is stopped.
+struct RestartOnDrop;
+
+impl Drop for RestartOnDrop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .arg("start_app")
+            .output();
+    }
+}
+
+#[tokio::test]
+async fn a_broker_restart_mid_run_loses_nothing_and_toggles_nothing_twice() {
+    let mut app = TestApp::spawn_with(Options {
+        faults: Faults {
+            latency_ms: 100,
+            ..Faults::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    let jobs = publish_fleet(&app, 200, 20_000).await;
+    let mut worker = app
+        .worker_process(&[
+            ("KEYTURN_WORKER__CONCURRENCY", "8"),
+            ("KEYTURN_AMQP__RECONNECT_MAX_BACKOFF", "2s"),
+        ])
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(60), || async {
+        app.stats().requests >= 50
+    })
+    .await;
+
+    let restart = RestartOnDrop;
+    rabbitmqctl(&["stop_app"]);
+    let done_before_restart = app.toggles().len();
+    // The outage itself: long enough for the worker's reconnect attempts to fail a few times.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    rabbitmqctl(&["start_app"]);
+    rabbitmqctl(&["await_startup"]);
+    drop(restart);
+    app.reconnect().await;
+
+    wait_until(Duration::from_secs(120), || async {
+        app.toggles().len() == jobs.len()
+    })
+    .await;
+    assert!(
+        done_before_restart < jobs.len(),
+        "the restart happened mid-run: {done_before_restart} of {} done",
+        jobs.len()
+    );
+    assert_one_outcome_per_job(&app, &jobs).await;
+    wait_until(Duration::from_secs(30), || async {
+        app.queue_len(&app.settings.amqp.jobs_queue).await == 0
+    })
+    .await;
+    assert!(app.dead_letters().await.is_empty());
+
+    let pid = worker.id().unwrap().to_string();
+    let signalled = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(signalled.success());
+    let status = tokio::time::timeout(Duration::from_secs(30), worker.wait())
+        .await
+        .expect("the worker stops on SIGTERM after the restart")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    let reconciled: u64 = app
+        .stats()
+        .instances
+        .values()
+        .map(|i| i.describe_calls)
+        .sum();
+    eprintln!(
+        "broker restart: {done_before_restart} of {} jobs done when the broker stopped; \
+         {reconciled} Describe reconciliations",
+        jobs.len()
+    );
+    app.cleanup().await;
+}
