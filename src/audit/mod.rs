@@ -16,8 +16,13 @@ use tokio::sync::oneshot;
 use crate::events::ResultEvent;
 
 /// Versioned schema files, applied in order, each once.
-const MIGRATIONS: &[(&str, &str)] =
-    &[("0001_init", include_str!("../../migrations/0001_init.sql"))];
+const MIGRATIONS: &[(&str, &str)] = &[
+    ("0001_init", include_str!("../../migrations/0001_init.sql")),
+    (
+        "0002_toggles_by_job",
+        include_str!("../../migrations/0002_toggles_by_job.sql"),
+    ),
+];
 
 /// Most writes committed in one transaction.
 const MAX_BATCH: usize = 256;
@@ -298,17 +303,18 @@ fn commit_all(
     Ok(results)
 }
 
+/// The stored result of a job: its final record, or the rejection of these very bytes.
+const FIND_FINAL: &str = "SELECT event_json FROM toggles
+     WHERE job_id = ?1 AND (outcome <> 'rejected' OR body_sha256 = ?2)
+     ORDER BY (outcome = 'rejected'), id LIMIT 1";
+
 fn find_final(
     connection: &Connection,
     job_id: &str,
     body_sha256: &str,
 ) -> Result<Option<ResultEvent>, AuditError> {
     let json: Option<String> = connection
-        .prepare_cached(
-            "SELECT event_json FROM toggles
-             WHERE job_id = ?1 AND (outcome <> 'rejected' OR body_sha256 = ?2)
-             ORDER BY (outcome = 'rejected'), id LIMIT 1",
-        )?
+        .prepare_cached(FIND_FINAL)?
         .query_row(params![job_id, body_sha256], |row| row.get(0))
         .optional()?;
     Ok(json.map(|json| serde_json::from_str(&json)).transpose()?)
@@ -549,6 +555,25 @@ mod tests {
         assert_eq!(
             outcome_counts(audit.path()).unwrap(),
             vec![("succeeded".to_owned(), 1)]
+        );
+    }
+
+    #[tokio::test]
+    async fn every_delivery_finds_its_job_through_an_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let audit = store(&dir);
+        let connection = Connection::open(audit.path()).unwrap();
+        let plan: Vec<String> = connection
+            .prepare(&format!("EXPLAIN QUERY PLAN {FIND_FINAL}"))
+            .unwrap()
+            .query_map(params!["J-1", "digest"], |row| row.get(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(
+            plan.iter()
+                .any(|step| step.contains("USING INDEX toggles_job")),
+            "a table scan per delivery makes each job slower than the last: {plan:?}"
         );
     }
 
