@@ -4,7 +4,8 @@
 //! - signing: SDK-HMAC-SHA256 signatures per second (pure CPU);
 //! - parsing: job bodies decoded and validated per second (pure CPU);
 //! - end to end: jobs per second through broker → worker → simulator → SQLite (FULL sync) →
-//!   confirmed event → ack, with per-job latency percentiles from the audit log.
+//!   confirmed event → ack, with per-job latency percentiles from the audit log;
+//! - peak memory of the whole process after the end-to-end run.
 
 use std::time::{Duration, Instant};
 
@@ -177,18 +178,17 @@ async fn bench_end_to_end(jobs: usize) {
         at(1.0),
         latencies.len()
     );
-    for queue in [&settings.amqp.jobs_queue, &settings.amqp.dead_queue] {
-        let _ = channel
-            .queue_delete(queue.as_str().into(), Default::default())
-            .await;
-    }
-    for exchange in [
-        &settings.amqp.dead_letter_exchange,
-        &settings.amqp.results_exchange,
-    ] {
-        let _ = channel
-            .exchange_delete(exchange.as_str().into(), Default::default())
-            .await;
-    }
+    let _ = keyturn::amqp::topology::delete(&channel, &settings.amqp).await;
+    println!(
+        "peak memory  {} (whole process: worker, in-process simulator and harness)",
+        peak_rss().unwrap_or_else(|| "unknown".into())
+    );
     stop.cancel();
+}
+
+/// The process's peak resident set size, as Linux reports it (`VmHWM`).
+fn peak_rss() -> Option<String> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
+    Some(line.trim_start_matches("VmHWM:").trim().to_owned())
 }
