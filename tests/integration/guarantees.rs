@@ -2,13 +2,18 @@
 //! secrets, each provoked for real.
 
 use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use keyturn::amqp::worker::RunOptions;
 use keyturn::events::Outcome;
 use keyturn::simulator::{Faults, Step};
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions};
 use lapin::types::FieldTable;
+use lapin::uri::AMQPUri;
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
 
 use crate::helpers::*;
 
@@ -95,6 +100,135 @@ async fn force_closed_broker_connections_are_survived_without_loss_or_double_tog
     })
     .await;
     assert_one_outcome_per_job(&app, &jobs).await;
+    shutdown.cancel();
+    handle.await.unwrap();
+    app.cleanup().await;
+}
+
+/// A TCP relay to the broker that can go silent: `freeze` stops relaying on every connection
+/// open at that moment without closing it (a dead peer, a partitioned network: no FIN, no RST);
+/// connections made later relay normally.
+struct SilentRelay {
+    url: String,
+    cutoff: Arc<tokio::sync::watch::Sender<usize>>,
+    accepted: Arc<AtomicUsize>,
+    stop: CancellationToken,
+}
+
+impl SilentRelay {
+    async fn start(broker_url: &str) -> SilentRelay {
+        let mut uri: AMQPUri = broker_url.parse().unwrap();
+        let upstream = format!("{}:{}", uri.authority.host, uri.authority.port);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        uri.authority.host = "127.0.0.1".into();
+        uri.authority.port = listener.local_addr().unwrap().port();
+        let relay = SilentRelay {
+            url: uri.to_string(),
+            cutoff: Arc::new(tokio::sync::watch::Sender::new(0)),
+            accepted: Arc::new(AtomicUsize::new(0)),
+            stop: CancellationToken::new(),
+        };
+        let (cutoff, accepted, stop) = (
+            relay.cutoff.clone(),
+            relay.accepted.clone(),
+            relay.stop.clone(),
+        );
+        tokio::spawn(async move {
+            loop {
+                let mut client = tokio::select! {
+                    () = stop.cancelled() => return,
+                    incoming = listener.accept() => incoming.unwrap().0,
+                };
+                let number = accepted.fetch_add(1, Ordering::SeqCst);
+                let mut frozen = cutoff.subscribe();
+                let (upstream, stop) = (upstream.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let mut broker = tokio::net::TcpStream::connect(&upstream).await.unwrap();
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut broker) => return,
+                        _ = frozen.wait_for(|cutoff| *cutoff > number) => {}
+                    }
+                    // Silent from here on: both sockets stay open and nothing moves.
+                    stop.cancelled().await;
+                    drop((client, broker));
+                });
+            }
+        });
+        relay
+    }
+
+    /// Goes silent on every connection open now.
+    fn freeze(&self) {
+        self.cutoff.send_replace(self.connections());
+    }
+
+    /// Connections accepted so far.
+    fn connections(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for SilentRelay {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// The broker goes silent without closing anything: only heartbeats can tell. The worker must
+/// notice within a few heartbeat intervals, reconnect, and lose or double nothing.
+#[tokio::test]
+async fn a_silent_broker_is_noticed_by_heartbeats_and_nothing_is_lost() {
+    let app = TestApp::spawn_with(Options {
+        faults: Faults {
+            latency_ms: 100,
+            ..Faults::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    let relay = SilentRelay::start(&app.settings.amqp.url).await;
+    let mut settings = app.settings.clone();
+    settings.amqp.url = relay.url.clone();
+    settings.amqp.heartbeat_secs = 2;
+    settings.amqp.reconnect_max_backoff = Duration::from_secs(1);
+    let jobs = publish_fleet(&app, 60, 30_000).await;
+    let (shutdown, handle) =
+        app.start_worker_on(settings, app.credentials(), RunOptions::default());
+    wait_until(Duration::from_secs(30), || async {
+        app.toggles().len() >= 10
+    })
+    .await;
+
+    let before = relay.connections();
+    relay.freeze();
+    let frozen_at = std::time::Instant::now();
+    let done_at_freeze = app.toggles().len();
+    // Consumer and publisher both reconnect through the relay once heartbeats give them up.
+    wait_until(Duration::from_secs(30), || async {
+        relay.connections() >= before + 2
+    })
+    .await;
+    let noticed_after = frozen_at.elapsed();
+    wait_until(Duration::from_secs(60), || async {
+        app.toggles().len() == jobs.len()
+    })
+    .await;
+    assert!(
+        done_at_freeze < jobs.len(),
+        "the broker went silent mid-run: {done_at_freeze} of {} done",
+        jobs.len()
+    );
+    assert_one_outcome_per_job(&app, &jobs).await;
+    wait_until(Duration::from_secs(30), || async {
+        app.queue_len(&app.settings.amqp.jobs_queue).await == 0
+    })
+    .await;
+    assert!(app.dead_letters().await.is_empty());
+    eprintln!(
+        "silent broker: noticed and reconnected after {noticed_after:?} (heartbeat 2 s); \
+         {done_at_freeze} of {} jobs done when it went silent",
+        jobs.len()
+    );
     shutdown.cancel();
     handle.await.unwrap();
     app.cleanup().await;

@@ -228,8 +228,17 @@ impl TestApp {
         credentials: Credentials,
         options: RunOptions,
     ) -> (CancellationToken, JoinHandle<()>) {
-        let (pipeline, publisher) =
-            keyturn::cli::build_pipeline(self.settings.clone(), credentials).unwrap();
+        self.start_worker_on(self.settings.clone(), credentials, options)
+    }
+
+    /// Starts an in-process worker with `settings` in place of the app's own.
+    pub fn start_worker_on(
+        &self,
+        settings: Settings,
+        credentials: Credentials,
+        options: RunOptions,
+    ) -> (CancellationToken, JoinHandle<()>) {
+        let (pipeline, publisher) = keyturn::cli::build_pipeline(settings, credentials).unwrap();
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
         let handle = tokio::spawn(async move {
