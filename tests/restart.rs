@@ -70,21 +70,7 @@ async fn a_broker_restart_mid_run_loses_nothing_and_toggles_nothing_twice() {
     drop(restart);
     app.reconnect().await;
 
-    wait_until(Duration::from_secs(120), || async {
-        app.toggles().len() == jobs.len()
-    })
-    .await;
-    assert!(
-        done_before_restart < jobs.len(),
-        "the restart happened mid-run: {done_before_restart} of {} done",
-        jobs.len()
-    );
-    assert_one_outcome_per_job(&app, &jobs).await;
-    wait_until(Duration::from_secs(30), || async {
-        app.queue_len(&app.settings.amqp.jobs_queue).await == 0
-    })
-    .await;
-    assert!(app.dead_letters().await.is_empty());
+    assert_fleet_recovers(&app, &jobs, done_before_restart).await;
 
     let pid = worker.id().unwrap().to_string();
     let signalled = std::process::Command::new("kill")

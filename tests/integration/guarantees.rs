@@ -86,20 +86,13 @@ async fn force_closed_broker_connections_are_survived_without_loss_or_double_tog
         app.toggles().len() >= 8
     })
     .await;
+    let done_at_close = app.toggles().len();
     let closed = close_connections_named(&app.settings.worker.id).await;
     assert!(
         closed >= 2,
         "closed the worker's consumer and publisher connections ({closed})"
     );
-    wait_until(Duration::from_secs(120), || async {
-        app.toggles().len() == jobs.len()
-    })
-    .await;
-    wait_until(Duration::from_secs(60), || async {
-        app.queue_len(&app.settings.amqp.jobs_queue).await == 0
-    })
-    .await;
-    assert_one_outcome_per_job(&app, &jobs).await;
+    assert_fleet_recovers(&app, &jobs, done_at_close).await;
     shutdown.cancel();
     handle.await.unwrap();
     app.cleanup().await;
@@ -209,21 +202,7 @@ async fn a_silent_broker_is_noticed_by_heartbeats_and_nothing_is_lost() {
     })
     .await;
     let noticed_after = frozen_at.elapsed();
-    wait_until(Duration::from_secs(60), || async {
-        app.toggles().len() == jobs.len()
-    })
-    .await;
-    assert!(
-        done_at_freeze < jobs.len(),
-        "the broker went silent mid-run: {done_at_freeze} of {} done",
-        jobs.len()
-    );
-    assert_one_outcome_per_job(&app, &jobs).await;
-    wait_until(Duration::from_secs(30), || async {
-        app.queue_len(&app.settings.amqp.jobs_queue).await == 0
-    })
-    .await;
-    assert!(app.dead_letters().await.is_empty());
+    assert_fleet_recovers(&app, &jobs, done_at_freeze).await;
     eprintln!(
         "silent broker: noticed and reconnected after {noticed_after:?} (heartbeat 2 s); \
          {done_at_freeze} of {} jobs done when it went silent",

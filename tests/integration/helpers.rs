@@ -491,6 +491,31 @@ pub async fn assert_one_outcome_per_job(app: &TestApp, jobs: &[(String, u32, &st
     }
 }
 
+/// After a fault injected mid-run, when `done_at_fault` jobs had finished: every job finishes
+/// exactly once (see [`assert_one_outcome_per_job`]), and nothing is left in the jobs queue or
+/// dead-lettered.
+pub async fn assert_fleet_recovers(
+    app: &TestApp,
+    jobs: &[(String, u32, &str)],
+    done_at_fault: usize,
+) {
+    wait_until(Duration::from_secs(120), || async {
+        app.toggles().len() == jobs.len()
+    })
+    .await;
+    assert!(
+        done_at_fault < jobs.len(),
+        "the fault came mid-run: {done_at_fault} of {} jobs done",
+        jobs.len()
+    );
+    assert_one_outcome_per_job(app, jobs).await;
+    wait_until(Duration::from_secs(60), || async {
+        app.queue_len(&app.settings.amqp.jobs_queue).await == 0
+    })
+    .await;
+    assert!(app.dead_letters().await.is_empty());
+}
+
 /// Publishes `count` valid jobs for instances `base..base+count`, a third of them "off".
 pub async fn publish_fleet(
     app: &TestApp,
