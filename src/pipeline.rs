@@ -150,7 +150,8 @@ struct Run {
 
 impl Pipeline {
     /// Processes one delivery to the point where it can be acked or rejected.
-    #[tracing::instrument(skip_all, fields(job_id = tracing::field::Empty, instance_id = tracing::field::Empty, redelivered = delivery.redelivered))]
+    // The span is at WARN so that it stays enabled, and names the job, under a warn-only filter.
+    #[tracing::instrument(level = "warn", skip_all, fields(job_id = tracing::field::Empty, instance_id = tracing::field::Empty, redelivered = delivery.redelivered))]
     pub async fn process(&self, delivery: Delivery, shutdown: &CancellationToken) -> Disposition {
         let digest = job::body_digest(&delivery.body);
         let parsed = job::parse(&delivery.body, &self.parse_context(&delivery));
