@@ -28,17 +28,6 @@ impl Outcome {
             Outcome::Halted => "halted",
         }
     }
-
-    pub fn parse(text: &str) -> Option<Outcome> {
-        [
-            Outcome::Succeeded,
-            Outcome::Failed,
-            Outcome::Rejected,
-            Outcome::Halted,
-        ]
-        .into_iter()
-        .find(|outcome| outcome.as_str() == text)
-    }
 }
 
 /// The `data` of a result event: everything a monitor needs about one job.
@@ -96,13 +85,7 @@ impl ResultEvent {
             .data
             .region
             .as_deref()
-            .filter(|region| {
-                !region.is_empty()
-                    && region.len() <= 32
-                    && region
-                        .bytes()
-                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            })
+            .filter(|region| crate::job::is_region_id(region))
             .unwrap_or("unknown");
         format!("job.{}.{region}", self.data.outcome.as_str())
     }

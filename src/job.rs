@@ -355,6 +355,16 @@ fn instance_id(value: &Value) -> Result<InstanceId, Rejection> {
     Ok(InstanceId(text.to_owned()))
 }
 
+/// The shape of a region id (`cn-north-4`): 1–32 of `a-z 0-9 -`. Whether the service is
+/// offered there is the region table's question.
+pub fn is_region_id(text: &str) -> bool {
+    !text.is_empty()
+        && text.len() <= 32
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
 fn region(value: Option<&Value>, ctx: &ParseContext<'_>) -> Result<Region, Rejection> {
     let text = match (value, ctx.default_region) {
         (Some(value), _) => string("region", value)?,
@@ -366,12 +376,7 @@ fn region(value: Option<&Value>, ctx: &ParseContext<'_>) -> Result<Region, Rejec
             ));
         }
     };
-    let well_formed = !text.is_empty()
-        && text.len() <= 32
-        && text
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if !well_formed {
+    if !is_region_id(text) {
         return Err(reject("region", "must be a region id such as cn-north-4"));
     }
     if !ctx.any_region && regions::host_prefix(text).is_none() {

@@ -58,6 +58,18 @@ pub async fn declare(channel: &Channel, settings: &AmqpSettings) -> lapin::Resul
         .await
 }
 
+/// Messages ready in `queue` (not counting unacked ones), by a passive declare.
+pub async fn ready_messages(channel: &Channel, queue: &str) -> lapin::Result<u32> {
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let queue = channel
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await?;
+    Ok(queue.message_count())
+}
+
 /// Deletes the whole topology, messages included: for throwaway runs (the demo, tests), never
 /// for a production worker.
 pub async fn delete(channel: &Channel, settings: &AmqpSettings) -> lapin::Result<()> {

@@ -12,7 +12,6 @@ use futures_util::StreamExt;
 use lapin::message::Delivery as AmqpDelivery;
 use lapin::options::{
     BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions,
-    QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
@@ -246,16 +245,8 @@ impl IdleWatch {
         let Some(after) = self.after else {
             return false;
         };
-        let passive = QueueDeclareOptions {
-            passive: true,
-            ..QueueDeclareOptions::default()
-        };
-        let ready = match channel
-            .queue_declare(queue.into(), passive, FieldTable::default())
-            .await
-        {
-            Ok(queue) => queue.message_count(),
-            Err(_) => return false,
+        let Ok(ready) = topology::ready_messages(channel, queue).await else {
+            return false;
         };
         let mut since = self.since.lock().expect("idle lock");
         if ready > 0 || !tracker.is_empty() {

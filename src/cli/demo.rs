@@ -136,7 +136,7 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
     publisher.close().await;
 
     let events = drain_count(&channel, &events_queue).await?;
-    let dead = message_count(&channel, &settings.amqp.dead_queue).await?;
+    let dead = topology::ready_messages(&channel, &settings.amqp.dead_queue).await?;
     let counts = crate::audit::outcome_counts(&audit_path)?;
     let stats = simulator.stats();
     print_summary(&counts, events, dead, &stats, &audit_path);
@@ -184,17 +184,6 @@ async fn drain_count(channel: &Channel, queue: &str) -> anyhow::Result<usize> {
         count += 1;
     }
     Ok(count)
-}
-
-async fn message_count(channel: &Channel, queue: &str) -> anyhow::Result<u32> {
-    let passive = QueueDeclareOptions {
-        passive: true,
-        ..Default::default()
-    };
-    Ok(channel
-        .queue_declare(queue.into(), passive, FieldTable::default())
-        .await?
-        .message_count())
 }
 
 fn print_summary(
