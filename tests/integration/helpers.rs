@@ -287,7 +287,7 @@ impl TestApp {
         .await;
     }
 
-    /// Collects result events until at least `count` arrived or 30 s passed, and returns them.
+    /// Collects result events until at least `count` arrived or 60 s passed, and returns them.
     pub async fn events(&self, count: usize) -> Vec<ResultEvent> {
         self.events_until(|events| events.len() >= count).await
     }
