@@ -182,8 +182,8 @@ async fn drain(
         .await;
 }
 
-async fn handle(pipeline: &Pipeline, delivery: AmqpDelivery, stop: &CancellationToken) {
-    let incoming = to_domain(&delivery);
+async fn handle(pipeline: &Pipeline, mut delivery: AmqpDelivery, stop: &CancellationToken) {
+    let incoming = to_domain(&mut delivery);
     let disposition = pipeline.process(incoming, stop).await;
     let settled = match disposition {
         Disposition::Ack => delivery.acker.ack(Default::default()).await,
@@ -204,12 +204,13 @@ async fn handle(pipeline: &Pipeline, delivery: AmqpDelivery, stop: &Cancellation
     }
 }
 
-fn to_domain(delivery: &AmqpDelivery) -> Delivery {
+/// The pipeline's view of a delivery; the body moves over (only the acker stays behind).
+fn to_domain(delivery: &mut AmqpDelivery) -> Delivery {
     let properties = &delivery.properties;
     let text =
         |value: &Option<lapin::types::ShortString>| value.as_ref().map(|s| s.as_str().to_owned());
     Delivery {
-        body: delivery.data.clone(),
+        body: std::mem::take(&mut delivery.data),
         message_id: text(properties.message_id()),
         correlation_id: text(properties.correlation_id()),
         reply_to: text(properties.reply_to()),
