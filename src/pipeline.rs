@@ -476,8 +476,8 @@ impl Run {
         }
     }
 
-    /// A failed run keeps the last API error; `fallback` names why when there was none or the
-    /// loop itself stopped (attempts or deadline).
+    /// A failed run keeps the last API error; a non-empty `reason` (the loop ran out of attempts
+    /// or time) is appended to its message, or is the error when no attempt was made.
     fn failed(last_error: Option<(String, String)>, exchanges: Vec<Exchange>, reason: &str) -> Run {
         let error = match (last_error, reason) {
             (Some(error), "") => error,
