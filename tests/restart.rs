@@ -62,6 +62,13 @@ async fn a_broker_restart_mid_run_loses_nothing_and_toggles_nothing_twice() {
 
     let restart = RestartOnDrop;
     rabbitmqctl(&["stop_app"]);
+    // The broker rabbitmqctl stopped must be the one the test and the worker use.
+    let uri: lapin::uri::AMQPUri = app.settings.amqp.url.parse().unwrap();
+    let address = format!("{}:{}", uri.authority.host, uri.authority.port);
+    assert!(
+        tokio::net::TcpStream::connect(&address).await.is_err(),
+        "rabbitmqctl stopped another broker than {address} (KEYTURN_TEST_AMQP_URL?)"
+    );
     let done_before_restart = app.toggles().len();
     // The outage itself: long enough for the worker's reconnect attempts to fail a few times.
     tokio::time::sleep(Duration::from_secs(3)).await;

@@ -250,8 +250,13 @@ impl TestApp {
 
     /// Runs a worker until the queue has been idle for a moment, then returns.
     pub async fn drain(&self) {
+        self.drain_with(self.credentials()).await;
+    }
+
+    /// [`TestApp::drain`] with other credentials.
+    pub async fn drain_with(&self, credentials: Credentials) {
         let (_, handle) = self.start_worker_with(
-            self.credentials(),
+            credentials,
             RunOptions {
                 exit_when_idle: Some(Duration::from_millis(600)),
             },
@@ -317,6 +322,11 @@ impl TestApp {
                     Some(event.id.as_str())
                 );
                 assert_eq!(message.delivery.routing_key.as_str(), event.routing_key());
+                assert_eq!(*properties.delivery_mode(), Some(2), "persistent");
+                assert_eq!(
+                    properties.kind().as_ref().map(|k| k.as_str()),
+                    Some(event.kind.as_str())
+                );
                 events.push(event);
             }
             if enough(&events) || tokio::time::Instant::now() >= deadline {

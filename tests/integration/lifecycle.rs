@@ -94,6 +94,11 @@ async fn sigterm_finishes_in_flight_jobs_requeues_the_rest_and_exits_0() {
         "the jobs in flight at SIGTERM finished: {finished}"
     );
     assert!(finished < total, "no new jobs were taken after SIGTERM");
+    assert_eq!(
+        u64::from(finished),
+        app.stats().requests,
+        "every job that reached the API finished within the grace period"
+    );
     wait_until(Duration::from_secs(10), || async {
         app.queue_len(&app.settings.amqp.jobs_queue).await == total - finished
     })

@@ -2,7 +2,6 @@
 
 use std::time::Duration;
 
-use keyturn::amqp::worker::RunOptions;
 use keyturn::config::Credentials;
 use keyturn::events::Outcome;
 use keyturn::simulator::Step;
@@ -218,7 +217,7 @@ async fn every_invalid_job_is_rejected_naming_its_field_audited_and_dead_lettere
 }
 
 #[tokio::test]
-async fn a_500_is_retried_with_a_new_signature_and_then_succeeds() {
+async fn a_500_is_retried_and_then_succeeds_with_each_attempt_recorded() {
     let app = TestApp::spawn().await;
     app.simulator.script(
         &instance(3),
@@ -488,19 +487,4 @@ async fn an_unknown_instance_in_a_fixed_fleet_fails_with_404() {
         Outcome::Succeeded
     );
     app.cleanup().await;
-}
-
-impl TestApp {
-    async fn drain_with(&self, credentials: Credentials) {
-        let (_, handle) = self.start_worker_with(
-            credentials,
-            RunOptions {
-                exit_when_idle: Some(Duration::from_millis(600)),
-            },
-        );
-        tokio::time::timeout(Duration::from_secs(60), handle)
-            .await
-            .unwrap()
-            .unwrap();
-    }
 }

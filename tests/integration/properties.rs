@@ -72,7 +72,9 @@ proptest! {
         }
         // The Modify body the client would send parses back to the same change.
         let sent: serde_json::Value = serde_json::from_str(&keyturn::gaussdb::client::modify_body(&parsed.change)).unwrap();
-        prop_assert_eq!(sent["encryption_status"].as_str().unwrap(), parsed.change.status().as_str());
+        let asked = body["encryption_status"].as_str().unwrap().to_ascii_lowercase();
+        prop_assert_eq!(sent["encryption_status"].as_str().unwrap(), asked.as_str());
+        prop_assert_eq!(sent.get("kms_key_id").and_then(|k| k.as_str()), body.get("kms_key_id").and_then(|k| k.as_str()));
     }
 
     #[test]
