@@ -94,6 +94,11 @@ async fn force_closed_broker_connections_are_survived_without_loss_or_double_tog
         "closed the worker's consumer and publisher connections ({closed})"
     );
     assert_fleet_recovers(&app, &jobs, done_at_close).await;
+    assert_eq!(
+        prefetch_of_consumers(&app.settings.amqp.jobs_queue).await,
+        vec![app.settings.worker.concurrency],
+        "one consumer again, with its prefetch re-applied"
+    );
     shutdown.cancel();
     handle.await.unwrap();
     app.cleanup().await;
@@ -212,6 +217,27 @@ async fn a_silent_broker_is_noticed_by_heartbeats_and_nothing_is_lost() {
     shutdown.cancel();
     handle.await.unwrap();
     app.cleanup().await;
+}
+
+/// The prefetch of every consumer of `queue`, as `rabbitmqctl` reports it.
+async fn prefetch_of_consumers(queue: &str) -> Vec<u16> {
+    let listing = tokio::process::Command::new("rabbitmqctl")
+        .args([
+            "-q",
+            "list_consumers",
+            "--no-table-headers",
+            "queue_name",
+            "prefetch_count",
+        ])
+        .output()
+        .await
+        .expect("rabbitmqctl is installed with the broker");
+    String::from_utf8_lossy(&listing.stdout)
+        .lines()
+        .filter_map(|line| line.split_once('\t'))
+        .filter(|(name, _)| *name == queue)
+        .map(|(_, prefetch)| prefetch.trim().parse().unwrap())
+        .collect()
 }
 
 /// Closes, with `rabbitmqctl`, every connection whose client-given name contains `worker_id`.
