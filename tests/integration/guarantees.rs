@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use keyturn::amqp::worker::RunOptions;
 use keyturn::events::Outcome;
+use keyturn::pipeline::{Delivery, Disposition};
 use keyturn::simulator::{Faults, Step};
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions};
 use lapin::types::FieldTable;
@@ -435,6 +436,47 @@ async fn a_message_that_kills_every_worker_is_dead_lettered_by_the_delivery_limi
         Some("delivery_limit".to_owned()),
         "dead-lettered by the limit, not rejected: {headers:?}"
     );
+    app.cleanup().await;
+}
+
+/// After a reconnect the broker may hand a worker a job whose first delivery it is still
+/// working on. The per-job lock makes the second wait and then replay the first one's result.
+#[tokio::test]
+async fn a_redelivery_beside_its_first_delivery_waits_and_replays() {
+    let app = TestApp::spawn_with(Options {
+        faults: Faults {
+            latency_ms: 300,
+            ..Faults::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    let (pipeline, publisher) =
+        keyturn::cli::build_pipeline(app.settings.clone(), app.credentials()).unwrap();
+    let delivery = |redelivered| Delivery {
+        body: job("J-twice", 90, "on").to_string().into_bytes(),
+        message_id: None,
+        correlation_id: None,
+        reply_to: None,
+        content_type: Some("application/json".into()),
+        redelivered,
+        received_at: chrono::Utc::now(),
+    };
+    let stop = CancellationToken::new();
+    let (first, second) = tokio::join!(
+        pipeline.process(delivery(false), &stop),
+        pipeline.process(delivery(true), &stop)
+    );
+    assert_eq!((first, second), (Disposition::Ack, Disposition::Ack));
+    assert_eq!(app.stats().instances[&instance(90)].modify_calls, 1);
+    assert_eq!(app.toggles().len(), 1);
+    let events = app.events(2).await;
+    assert_eq!(events.len(), 2);
+    assert_eq!(
+        events[0].id, events[1].id,
+        "the replay carries the same event id"
+    );
+    publisher.close().await;
     app.cleanup().await;
 }
 
