@@ -282,7 +282,11 @@ async fn a_locked_audit_store_holds_jobs_unacked_and_stops_new_toggles_until_it_
         ..Options::default()
     })
     .await;
-    let (shutdown, handle) = app.start_worker();
+    let (shutdown, handle, pipeline) = app.start_worker_watched(
+        app.settings.clone(),
+        app.credentials(),
+        RunOptions::default(),
+    );
     app.publish_job(&job("J-held", 30, "on")).await;
     // Lock the file while the Modify is in flight: its marker is written, its final row cannot be.
     wait_until(Duration::from_secs(20), || async {
@@ -294,9 +298,19 @@ async fn a_locked_audit_store_holds_jobs_unacked_and_stops_new_toggles_until_it_
     .await;
     let blocker = rusqlite::Connection::open(app.audit_path()).unwrap();
     blocker.execute_batch("BEGIN EXCLUSIVE").unwrap();
-    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    // J-held's Modify answers, its final row cannot be written: the worker holds it and closes
+    // its health gate.
+    wait_until(Duration::from_secs(20), || async {
+        !pipeline.health.is_healthy()
+    })
+    .await;
     app.publish_job(&job("J-waiting", 31, "on")).await;
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    wait_until(Duration::from_secs(20), || async {
+        app.queue_len(&app.settings.amqp.jobs_queue).await == 0
+    })
+    .await;
+    // J-waiting is delivered; give it the time a call would take to show none goes out.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
     assert!(
         app.stats()
             .instances

@@ -10,6 +10,7 @@ use std::time::Duration;
 use keyturn::amqp::worker::{self, RunOptions};
 use keyturn::config::{Credentials, Settings};
 use keyturn::events::ResultEvent;
+use keyturn::pipeline::Pipeline;
 use keyturn::simulator::{Faults, Simulator, SimulatorConfig, Stats};
 use lapin::options::{
     BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions,
@@ -238,14 +239,26 @@ impl TestApp {
         credentials: Credentials,
         options: RunOptions,
     ) -> (CancellationToken, JoinHandle<()>) {
+        let (shutdown, handle, _) = self.start_worker_watched(settings, credentials, options);
+        (shutdown, handle)
+    }
+
+    /// [`TestApp::start_worker_on`], also handing back the worker's pipeline to watch its state.
+    pub fn start_worker_watched(
+        &self,
+        settings: Settings,
+        credentials: Credentials,
+        options: RunOptions,
+    ) -> (CancellationToken, JoinHandle<()>, Arc<Pipeline>) {
         let (pipeline, publisher) = keyturn::cli::build_pipeline(settings, credentials).unwrap();
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
+        let running = pipeline.clone();
         let handle = tokio::spawn(async move {
-            worker::run(pipeline, options, token).await.unwrap();
+            worker::run(running, options, token).await.unwrap();
             publisher.close().await;
         });
-        (shutdown, handle)
+        (shutdown, handle, pipeline)
     }
 
     /// Runs a worker until the queue has been idle for a moment, then returns.
