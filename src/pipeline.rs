@@ -59,34 +59,81 @@ pub trait EventSink: Send + Sync {
     ) -> anyhow::Result<()>;
 }
 
+/// An infrastructure operation a job may have to wait on; each names what its failure says
+/// about the worker's dependencies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Infra {
+    AuditLookup,
+    InFlightMarker,
+    AuditCommit,
+    ResultPublish,
+}
+
+impl Infra {
+    fn name(self) -> &'static str {
+        match self {
+            Infra::AuditLookup => "audit lookup",
+            Infra::InFlightMarker => "in-flight marker",
+            Infra::AuditCommit => "audit commit",
+            Infra::ResultPublish => "result publish",
+        }
+    }
+
+    /// The dependency whose state this operation's result reports. Lookups report none: reads
+    /// can succeed while writes fail (a locked file), and must not reopen the gate.
+    fn dependency(self) -> Option<Dependency> {
+        match self {
+            Infra::AuditLookup => None,
+            Infra::InFlightMarker | Infra::AuditCommit => Some(Dependency::AuditWrites),
+            Infra::ResultPublish => Some(Dependency::EventPublishing),
+        }
+    }
+}
+
+/// What can hold every job: the audit log refusing writes, the broker refusing result events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dependency {
+    AuditWrites = 0b01,
+    EventPublishing = 0b10,
+}
+
 /// Infrastructure health: while the audit store or the broker fails, jobs hold before calling
-/// the API, so a fault stops new toggles instead of piling up unrecorded ones.
+/// the API, so a fault stops new toggles instead of piling up unrecorded ones. Each dependency
+/// is tracked on its own, so only its own recovery reopens the gate.
 #[derive(Clone)]
 pub struct Health {
-    healthy: watch::Sender<bool>,
+    failing: watch::Sender<u8>,
 }
 
 impl Default for Health {
     fn default() -> Self {
         Health {
-            healthy: watch::Sender::new(true),
+            failing: watch::Sender::new(0),
         }
     }
 }
 
 impl Health {
-    pub fn set(&self, healthy: bool) {
-        self.healthy
-            .send_if_modified(|current| std::mem::replace(current, healthy) != healthy);
+    pub fn set(&self, dependency: Dependency, healthy: bool) {
+        let bit = dependency as u8;
+        self.failing.send_if_modified(|failing| {
+            let before = *failing;
+            if healthy {
+                *failing &= !bit;
+            } else {
+                *failing |= bit;
+            }
+            *failing != before
+        });
     }
 
     pub fn is_healthy(&self) -> bool {
-        *self.healthy.borrow()
+        *self.failing.borrow() == 0
     }
 
     async fn wait_healthy(&self) {
-        let mut receiver = self.healthy.subscribe();
-        let _ = receiver.wait_for(|healthy| *healthy).await;
+        let mut receiver = self.failing.subscribe();
+        let _ = receiver.wait_for(|failing| *failing == 0).await;
     }
 }
 
@@ -167,7 +214,7 @@ impl Pipeline {
         );
         let _one_at_a_time = self.locks.lock(&identity.job_id).await;
 
-        let earlier = self.infra("audit lookup", shutdown, || {
+        let earlier = self.infra(Infra::AuditLookup, shutdown, || {
             self.audit.find_final(&identity.job_id, &digest)
         });
         let Some(earlier) = earlier.await else {
@@ -206,7 +253,7 @@ impl Pipeline {
             attempts,
         };
         let stored = self
-            .infra("audit commit", shutdown, || {
+            .infra(Infra::AuditCommit, shutdown, || {
                 self.audit.record(record.clone())
             })
             .await;
@@ -240,7 +287,7 @@ impl Pipeline {
             .unwrap_or_else(|| identity.job_id.clone());
         let reply_to = delivery.reply_to.as_deref().filter(|r| !r.is_empty());
         let published = self
-            .infra("result publish", shutdown, || {
+            .infra(Infra::ResultPublish, shutdown, || {
                 self.events.publish(&event, &correlation_id, reply_to)
             })
             .await;
@@ -257,7 +304,7 @@ impl Pipeline {
     /// Retries an infrastructure operation until it succeeds; `None` only when shutting down.
     async fn infra<T, E, F, Fut>(
         &self,
-        what: &str,
+        what: Infra,
         shutdown: &CancellationToken,
         mut op: F,
     ) -> Option<T>
@@ -273,12 +320,16 @@ impl Pipeline {
         for failures in 0u32.. {
             match op().await {
                 Ok(value) => {
-                    self.health.set(true);
+                    if let Some(dependency) = what.dependency() {
+                        self.health.set(dependency, true);
+                    }
                     return Some(value);
                 }
                 Err(error) => {
-                    self.health.set(false);
-                    tracing::error!(%error, failures, "{what} failed; holding the job until it heals");
+                    if let Some(dependency) = what.dependency() {
+                        self.health.set(dependency, false);
+                    }
+                    tracing::error!(%error, failures, "{} failed; holding the job until it heals", what.name());
                     let wait = backoff.ceiling(failures);
                     tokio::select! {
                         () = shutdown.cancelled() => return None,
@@ -301,7 +352,7 @@ impl Pipeline {
         let key: LimitKey = (job.region.to_string(), job.project_id.to_string());
         let mut uncertain = redelivered
             && self
-                .infra("audit lookup", shutdown, || {
+                .infra(Infra::AuditLookup, shutdown, || {
                     self.audit.was_sent(job.id.as_str())
                 })
                 .await?;
@@ -334,7 +385,7 @@ impl Pipeline {
                 Call::Modify
             };
             if call == Call::Modify && !marked {
-                self.infra("in-flight marker", shutdown, || {
+                self.infra(Infra::InFlightMarker, shutdown, || {
                     self.audit.mark_sending(job.id.as_str(), &self.worker_id)
                 })
                 .await?;
@@ -563,4 +614,25 @@ fn identity_of(job: &Job) -> Identity {
 
 fn elapsed_ms(since: DateTime<Utc>) -> u64 {
     (Utc::now() - since).num_milliseconds().max(0) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Dependency, Health};
+
+    #[test]
+    fn only_the_failing_dependency_reopens_the_gate() {
+        let health = Health::default();
+        health.set(Dependency::EventPublishing, false);
+        health.set(Dependency::AuditWrites, true);
+        assert!(
+            !health.is_healthy(),
+            "audit writes working says nothing of publishing"
+        );
+        health.set(Dependency::AuditWrites, false);
+        health.set(Dependency::EventPublishing, true);
+        assert!(!health.is_healthy());
+        health.set(Dependency::AuditWrites, true);
+        assert!(health.is_healthy());
+    }
 }

@@ -519,11 +519,19 @@ async fn a_refused_result_publish_is_retried_until_the_broker_takes_it() {
         app.toggles().len() == 1
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(
-        app.queue_len(&app.settings.amqp.jobs_queue).await,
-        0,
-        "the job is held unacked, not requeued"
+    // While the event cannot be published, a new job is taken but calls no API.
+    app.publish_job(&job("J-after", 41, "on")).await;
+    wait_until(Duration::from_secs(20), || async {
+        app.queue_len(&app.settings.amqp.jobs_queue).await == 0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert!(
+        app.stats()
+            .instances
+            .get(&instance(41))
+            .is_none_or(|i| i.modify_calls == 0),
+        "no new toggles while result events cannot be published"
     );
 
     let durable = ExchangeDeclareOptions {
@@ -549,8 +557,10 @@ async fn a_refused_result_publish_is_retried_until_the_broker_takes_it() {
         )
         .await
         .unwrap();
-    let events = app.events(1).await;
-    assert_eq!(events[0].data.job_id, "J-publish");
+    let events = app.events(2).await;
+    let mut finished: Vec<_> = events.iter().map(|e| e.data.job_id.as_str()).collect();
+    finished.sort_unstable();
+    assert_eq!(finished, ["J-after", "J-publish"]);
     assert_eq!(app.stats().instances[&instance(40)].modify_calls, 1);
     shutdown.cancel();
     handle.await.unwrap();
