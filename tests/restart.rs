@@ -11,7 +11,6 @@ mod helpers;
 use std::time::Duration;
 
 use helpers::*;
-use keyturn::simulator::Faults;
 
 /// Runs `rabbitmqctl` with `args`, asserting that it succeeded.
 fn rabbitmqctl(args: &[&str]) {
@@ -39,14 +38,7 @@ impl Drop for RestartOnDrop {
 
 #[tokio::test]
 async fn a_broker_restart_mid_run_loses_nothing_and_toggles_nothing_twice() {
-    let mut app = TestApp::spawn_with(Options {
-        faults: Faults {
-            latency_ms: 100,
-            ..Faults::default()
-        },
-        ..Options::default()
-    })
-    .await;
+    let mut app = TestApp::spawn_with_latency(100).await;
     let jobs = publish_fleet(&app, 200, 20_000).await;
     let mut worker = app
         .worker_process(&[
@@ -79,17 +71,11 @@ async fn a_broker_restart_mid_run_loses_nothing_and_toggles_nothing_twice() {
 
     assert_fleet_recovers(&app, &jobs, done_before_restart).await;
 
-    let pid = worker.id().unwrap().to_string();
-    let signalled = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(signalled.success());
-    let status = tokio::time::timeout(Duration::from_secs(30), worker.wait())
-        .await
-        .expect("the worker stops on SIGTERM after the restart")
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(
+        terminate(&mut worker, Duration::from_secs(30)).await,
+        Some(0),
+        "the worker stops cleanly on SIGTERM after the restart"
+    );
     let reconciled: u64 = app
         .stats()
         .instances

@@ -20,14 +20,7 @@ use crate::helpers::*;
 
 #[tokio::test]
 async fn sigkill_at_random_moments_loses_nothing_and_toggles_nothing_twice() {
-    let app = TestApp::spawn_with(Options {
-        faults: Faults {
-            latency_ms: 30,
-            ..Faults::default()
-        },
-        ..Options::default()
-    })
-    .await;
+    let app = TestApp::spawn_with_latency(30).await;
     let jobs = publish_fleet(&app, 240, 10_000).await;
     let mut killed_at = Vec::new();
     for round in 0..4u32 {
@@ -74,14 +67,7 @@ async fn sigkill_at_random_moments_loses_nothing_and_toggles_nothing_twice() {
 #[tokio::test]
 async fn force_closed_broker_connections_are_survived_without_loss_or_double_toggles() {
     // 60 jobs at 300 ms, 4 at a time, take ~4.5 s: longer than rabbitmqctl's few calls.
-    let app = TestApp::spawn_with(Options {
-        faults: Faults {
-            latency_ms: 300,
-            ..Faults::default()
-        },
-        ..Options::default()
-    })
-    .await;
+    let app = TestApp::spawn_with_latency(300).await;
     let jobs = publish_fleet(&app, 60, 20_000).await;
     let (shutdown, handle) = app.start_worker();
     wait_until(Duration::from_secs(60), || async {
@@ -178,14 +164,7 @@ impl Drop for SilentRelay {
 /// notice within a few heartbeat intervals, reconnect, and lose or double nothing.
 #[tokio::test]
 async fn a_silent_broker_is_noticed_by_heartbeats_and_nothing_is_lost() {
-    let app = TestApp::spawn_with(Options {
-        faults: Faults {
-            latency_ms: 100,
-            ..Faults::default()
-        },
-        ..Options::default()
-    })
-    .await;
+    let app = TestApp::spawn_with_latency(100).await;
     let relay = SilentRelay::start(&app.settings.amqp.url).await;
     let mut settings = app.settings.clone();
     settings.amqp.url = relay.url.clone();
@@ -457,14 +436,7 @@ async fn a_message_that_kills_every_worker_is_dead_lettered_by_the_delivery_limi
 /// working on. The per-job lock makes the second wait and then replay the first one's result.
 #[tokio::test]
 async fn a_redelivery_beside_its_first_delivery_waits_and_replays() {
-    let app = TestApp::spawn_with(Options {
-        faults: Faults {
-            latency_ms: 300,
-            ..Faults::default()
-        },
-        ..Options::default()
-    })
-    .await;
+    let app = TestApp::spawn_with_latency(300).await;
     let (pipeline, publisher) =
         keyturn::cli::build_pipeline(app.settings.clone(), app.credentials()).unwrap();
     let delivery = |redelivered| Delivery {

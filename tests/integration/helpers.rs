@@ -125,6 +125,19 @@ impl TestApp {
         Self::spawn_with(Options::default()).await
     }
 
+    /// An app whose simulator takes `latency_ms` to answer every call, so jobs stay in flight
+    /// long enough for a test to break something under them.
+    pub async fn spawn_with_latency(latency_ms: u64) -> TestApp {
+        Self::spawn_with(Options {
+            faults: Faults {
+                latency_ms,
+                ..Faults::default()
+            },
+            ..Options::default()
+        })
+        .await
+    }
+
     pub async fn spawn_with(options: Options) -> TestApp {
         let simulator = Simulator::new(SimulatorConfig {
             credentials: vec![(AK.into(), SK.to_owned().into())],
@@ -553,6 +566,21 @@ pub async fn publish_fleet(
         jobs.push((job_id, base + i, status));
     }
     jobs
+}
+
+/// Sends SIGTERM to `child` and returns its exit code once it stopped, within `limit`.
+pub async fn terminate(child: &mut tokio::process::Child, limit: Duration) -> Option<i32> {
+    let pid = child.id().expect("the child is running").to_string();
+    let signalled = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(signalled.success());
+    let status = tokio::time::timeout(limit, child.wait())
+        .await
+        .unwrap_or_else(|_| panic!("stopped within {limit:?} of SIGTERM"))
+        .unwrap();
+    status.code()
 }
 
 /// The `keyturn` binary with a clean environment and the shipped default configuration.

@@ -1,10 +1,7 @@
 //! The `keyturn` binary as an operator meets it: bad configuration, no broker, and SIGTERM with
 //! jobs in flight.
 
-use std::process::Command;
 use std::time::Duration;
-
-use keyturn::simulator::Faults;
 
 use crate::helpers::*;
 
@@ -50,14 +47,7 @@ fn the_demo_without_a_broker_says_how_to_start_one() {
 
 #[tokio::test]
 async fn sigterm_finishes_in_flight_jobs_requeues_the_rest_and_exits_0() {
-    let app = TestApp::spawn_with(Options {
-        faults: Faults {
-            latency_ms: 1_500,
-            ..Faults::default()
-        },
-        ..Options::default()
-    })
-    .await;
+    let app = TestApp::spawn_with_latency(1_500).await;
     let total = 12;
     for n in 0..total {
         app.publish_job(&job(&format!("J-term-{n}"), 100 + n, "on"))
@@ -74,19 +64,11 @@ async fn sigterm_finishes_in_flight_jobs_requeues_the_rest_and_exits_0() {
         app.stats().requests >= 4
     })
     .await;
-    let pid = child.id().unwrap().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
+    assert_eq!(
+        terminate(&mut child, Duration::from_secs(20)).await,
+        Some(0),
+        "exits 0 within the grace period"
     );
-    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
-        .await
-        .expect("exits within the grace period")
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
 
     let finished = app.toggles().len() as u32;
     assert!(
