@@ -76,12 +76,7 @@ async fn a_broker_restart_mid_run_loses_nothing_and_toggles_nothing_twice() {
         Some(0),
         "the worker stops cleanly on SIGTERM after the restart"
     );
-    let reconciled: u64 = app
-        .stats()
-        .instances
-        .values()
-        .map(|i| i.describe_calls)
-        .sum();
+    let reconciled = app.describe_calls();
     eprintln!(
         "broker restart: {done_before_restart} of {} jobs done when the broker stopped; \
          {reconciled} Describe reconciliations",

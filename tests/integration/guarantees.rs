@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use keyturn::amqp::worker::RunOptions;
 use keyturn::events::Outcome;
-use keyturn::pipeline::{Delivery, Disposition};
+use keyturn::pipeline::{Delivery, Disposition, Pipeline};
 use keyturn::simulator::{Faults, Step};
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions};
 use lapin::types::FieldTable;
@@ -48,12 +48,7 @@ async fn sigkill_at_random_moments_loses_nothing_and_toggles_nothing_twice() {
     assert_eq!(status.code(), Some(0));
     // The last kill came before the end, so every kill came mid-run (rows only grow).
     assert_fleet_recovers(&app, &jobs, killed_at[killed_at.len() - 1]).await;
-    let reconciled: u64 = app
-        .stats()
-        .instances
-        .values()
-        .map(|i| i.describe_calls)
-        .sum();
+    let reconciled = app.describe_calls();
     eprintln!(
         "SIGKILL test: rows when killed {killed_at:?}, Describe reconciliations {reconciled}"
     );
@@ -89,6 +84,34 @@ async fn force_closed_broker_connections_are_survived_without_loss_or_double_tog
     shutdown.cancel();
     handle.await.unwrap();
     app.cleanup().await;
+}
+
+/// Once the worker has seen an infrastructure fault (its health gate is closed), a job
+/// published now is delivered but sends no Modify. Delivery is awaited, then the time a call
+/// would take.
+async fn assert_a_new_job_is_held_before_the_api(
+    app: &TestApp,
+    pipeline: &Pipeline,
+    (job_id, n): (&str, u32),
+    fault: &str,
+) {
+    wait_until(Duration::from_secs(20), || async {
+        !pipeline.health.is_healthy()
+    })
+    .await;
+    app.publish_job(&job(job_id, n, "on")).await;
+    wait_until(Duration::from_secs(20), || async {
+        app.queue_len(&app.settings.amqp.jobs_queue).await == 0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert!(
+        app.stats()
+            .instances
+            .get(&instance(n))
+            .is_none_or(|i| i.modify_calls == 0),
+        "no new toggles while {fault}"
+    );
 }
 
 /// A TCP relay to the broker that can go silent: `freeze` stops relaying on every connection
@@ -277,26 +300,14 @@ async fn a_locked_audit_store_holds_jobs_unacked_and_stops_new_toggles_until_it_
     .await;
     let blocker = rusqlite::Connection::open(app.audit_path()).unwrap();
     blocker.execute_batch("BEGIN EXCLUSIVE").unwrap();
-    // J-held's Modify answers, its final row cannot be written: the worker holds it and closes
-    // its health gate.
-    wait_until(Duration::from_secs(20), || async {
-        !pipeline.health.is_healthy()
-    })
+    // J-held's Modify answers, its final row cannot be written: the worker holds it.
+    assert_a_new_job_is_held_before_the_api(
+        &app,
+        &pipeline,
+        ("J-waiting", 31),
+        "the audit log fails",
+    )
     .await;
-    app.publish_job(&job("J-waiting", 31, "on")).await;
-    wait_until(Duration::from_secs(20), || async {
-        app.queue_len(&app.settings.amqp.jobs_queue).await == 0
-    })
-    .await;
-    // J-waiting is delivered; give it the time a call would take to show none goes out.
-    tokio::time::sleep(Duration::from_millis(1_000)).await;
-    assert!(
-        app.stats()
-            .instances
-            .get(&instance(31))
-            .is_none_or(|i| i.modify_calls == 0),
-        "no new toggles while the audit log fails"
-    );
     assert!(
         app.events(0).await.is_empty(),
         "no event before the record is safe"
@@ -474,7 +485,11 @@ async fn a_refused_result_publish_is_retried_until_the_broker_takes_it() {
         .exchange_delete(exchange.as_str().into(), Default::default())
         .await
         .unwrap();
-    let (shutdown, handle) = app.start_worker();
+    let (shutdown, handle, pipeline) = app.start_worker_watched(
+        app.settings.clone(),
+        app.credentials(),
+        RunOptions::default(),
+    );
     // The worker declares the exchange on connect, before it consumes; delete it again once it
     // consumes, or the worker's declaration (without the test's binding) would swallow the event.
     let jobs_queue = app.settings.amqp.jobs_queue.clone();
@@ -491,20 +506,8 @@ async fn a_refused_result_publish_is_retried_until_the_broker_takes_it() {
         app.toggles().len() == 1
     })
     .await;
-    // While the event cannot be published, a new job is taken but calls no API.
-    app.publish_job(&job("J-after", 41, "on")).await;
-    wait_until(Duration::from_secs(20), || async {
-        app.queue_len(&app.settings.amqp.jobs_queue).await == 0
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(1_000)).await;
-    assert!(
-        app.stats()
-            .instances
-            .get(&instance(41))
-            .is_none_or(|i| i.modify_calls == 0),
-        "no new toggles while result events cannot be published"
-    );
+    assert_a_new_job_is_held_before_the_api(&app, &pipeline, ("J-after", 41), "result events fail")
+        .await;
 
     let durable = ExchangeDeclareOptions {
         durable: true,

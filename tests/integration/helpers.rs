@@ -403,6 +403,15 @@ impl TestApp {
         self.simulator.stats()
     }
 
+    /// Describe calls the simulator saw, over all instances: reconciliations of uncertain jobs.
+    pub fn describe_calls(&self) -> u64 {
+        self.stats()
+            .instances
+            .values()
+            .map(|i| i.describe_calls)
+            .sum()
+    }
+
     pub fn audit_path(&self) -> PathBuf {
         self.settings.audit.path.clone()
     }
