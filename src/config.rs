@@ -35,6 +35,7 @@ pub struct Settings {
     pub api: ApiSettings,
     pub rate_limit: RateLimitSettings,
     pub retry: RetrySettings,
+    pub circuit: CircuitSettings,
     pub audit: AuditSettings,
     pub log: LogSettings,
 }
@@ -63,6 +64,34 @@ pub struct WorkerSettings {
     pub grace_period: Duration,
     /// Region for jobs that name none; empty = none.
     pub default_region: String,
+    /// Longest a delivery waits (rate limits, its instance's turn, the health gate) before it is
+    /// handed back to the queue's tail: below RabbitMQ's 30-minute consumer timeout.
+    #[serde(with = "duration_text")]
+    pub max_hold: Duration,
+}
+
+/// Circuits for faults of the deployment (refused credentials, unreachable endpoints).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CircuitSettings {
+    /// Server errors or timeouts in a row from one region that open its circuit.
+    pub strikes_to_open: u32,
+    /// First wait before a probe; it doubles after each failed probe...
+    #[serde(with = "duration_text")]
+    pub probe_interval: Duration,
+    /// ...up to this.
+    #[serde(with = "duration_text")]
+    pub probe_max_interval: Duration,
+}
+
+impl Default for CircuitSettings {
+    fn default() -> Self {
+        CircuitSettings {
+            strikes_to_open: 5,
+            probe_interval: Duration::from_secs(1),
+            probe_max_interval: Duration::from_secs(30),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -149,6 +178,7 @@ impl Default for WorkerSettings {
             concurrency: 16,
             grace_period: Duration::from_secs(30),
             default_region: String::new(),
+            max_hold: Duration::from_secs(10 * 60),
         }
     }
 }
@@ -301,14 +331,31 @@ impl Settings {
             1,
             2000,
         )?;
-        positive("amqp.reconnect_max_backoff", amqp.reconnect_max_backoff)?;
-        positive("worker.grace_period", self.worker.grace_period)?;
+        bounded("amqp.reconnect_max_backoff", amqp.reconnect_max_backoff, HOUR)?;
+        bounded("worker.grace_period", self.worker.grace_period, HOUR)?;
+        bounded("worker.max_hold", self.worker.max_hold, 25 * MINUTE)?;
+        let circuit = &self.circuit;
+        range(
+            "circuit.strikes_to_open",
+            circuit.strikes_to_open.into(),
+            1,
+            1000,
+        )?;
+        bounded("circuit.probe_interval", circuit.probe_interval, HOUR)?;
+        bounded("circuit.probe_max_interval", circuit.probe_max_interval, HOUR)?;
+        if circuit.probe_max_interval < circuit.probe_interval {
+            return Err(config_error(
+                "circuit.probe_max_interval",
+                "must be at least circuit.probe_interval",
+            ));
+        }
         self.validate_api()?;
         self.validate_limits()?;
         match self.audit.synchronous.as_str() {
             "full" | "normal" => {}
             _ => return Err(config_error("audit.synchronous", "must be full or normal")),
         }
+        bounded("audit.busy_timeout", self.audit.busy_timeout, HOUR)?;
         if self.audit.path.as_os_str().is_empty() {
             return Err(config_error("audit.path", "is empty"));
         }
@@ -352,8 +399,8 @@ impl Settings {
         if !matches!(api.language.as_str(), "en-us" | "zh-cn") {
             return Err(config_error("api.language", "must be en-us or zh-cn"));
         }
-        positive("api.connect_timeout", api.connect_timeout)?;
-        positive("api.request_timeout", api.request_timeout)
+        bounded("api.connect_timeout", api.connect_timeout, 10 * MINUTE)?;
+        bounded("api.request_timeout", api.request_timeout, 10 * MINUTE)
     }
 
     fn validate_limits(&self) -> Result<(), ConfigError> {
@@ -377,10 +424,11 @@ impl Settings {
             1,
             100_000,
         )?;
-        positive("rate_limit.throttle_pause", limits.throttle_pause)?;
+        bounded("rate_limit.throttle_pause", limits.throttle_pause, 10 * MINUTE)?;
         let retry = &self.retry;
         range("retry.max_attempts", retry.max_attempts.into(), 1, 100)?;
-        positive("retry.base_delay", retry.base_delay)?;
+        bounded("retry.base_delay", retry.base_delay, 10 * MINUTE)?;
+        bounded("retry.max_delay", retry.max_delay, 10 * MINUTE)?;
         if retry.max_delay < retry.base_delay {
             return Err(config_error(
                 "retry.max_delay",
@@ -407,6 +455,26 @@ fn range(key: &str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
             format!("is {value}; it must be between {min} and {max}"),
         ))
     }
+}
+
+const MINUTE: Duration = Duration::from_secs(60);
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// Longer than zero and at most `max`: every duration is bounded, so no arithmetic on it can
+/// overflow an `Instant`.
+fn bounded(key: &str, value: Duration, max: Duration) -> Result<(), ConfigError> {
+    positive(key, value)?;
+    if value > max {
+        return Err(config_error(
+            key,
+            format!(
+                "is {}; it must be at most {}",
+                humantime::format_duration(value),
+                humantime::format_duration(max)
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn positive(key: &str, value: Duration) -> Result<(), ConfigError> {

@@ -6,6 +6,27 @@
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 
+/// One event as it goes out: its bytes are exactly what is stored, so replays are identical.
+pub struct Outgoing<'a> {
+    /// CloudEvents id = AMQP message_id.
+    pub id: &'a str,
+    /// CloudEvents type = AMQP type.
+    pub kind: &'a str,
+    /// On `amqp.results_exchange`.
+    pub routing_key: &'a str,
+    /// The stored JSON bytes.
+    pub body: &'a [u8],
+    pub correlation_id: &'a str,
+    pub reply_to: Option<&'a str>,
+}
+
+/// Where result events go (the AMQP publisher in production).
+#[async_trait::async_trait]
+pub trait EventSink: Send + Sync {
+    /// Returns once the broker confirmed the event (and its reply_to copy).
+    async fn publish(&self, event: &Outgoing<'_>) -> anyhow::Result<()>;
+}
+
 /// AMQP content type of every result event.
 pub const CONTENT_TYPE: &str = "application/cloudevents+json";
 
@@ -34,6 +55,9 @@ impl Outcome {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobResult {
     pub job_id: String,
+    /// Which run of `job_id` (0 unless the job said otherwise).
+    #[serde(default)]
+    pub rerun: u32,
     pub rollout_id: Option<String>,
     pub ticket: Option<String>,
     pub region: Option<String>,
@@ -102,6 +126,7 @@ mod tests {
     fn result(outcome: Outcome, region: Option<&str>) -> JobResult {
         JobResult {
             job_id: "J-1".into(),
+            rerun: 0,
             rollout_id: None,
             ticket: None,
             region: region.map(str::to_owned),

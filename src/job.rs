@@ -115,6 +115,9 @@ impl Change {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Job {
     pub id: JobId,
+    /// Which run of `id` this is: (`id`, `rerun`) is the idempotency key, so a failed job runs
+    /// again only under a higher `rerun`.
+    pub rerun: u32,
     pub rollout_id: Option<RolloutId>,
     pub ticket: Option<Label>,
     pub region: Region,
@@ -124,16 +127,42 @@ pub struct Job {
     pub requested_by: Option<Label>,
 }
 
-/// Why a job was refused: the field at fault and what is wrong with it.
+/// One thing wrong with a job: the field at fault and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rejection {
+pub struct Problem {
     pub field: String,
     pub reason: String,
 }
 
+/// Why a job was refused: every field at fault, in the contract's field order (never empty).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    problems: Vec<Problem>,
+}
+
+impl Rejection {
+    /// A rejection with one problem.
+    pub fn single(field: &str, reason: impl Into<String>) -> Rejection {
+        reject(field, reason)
+    }
+
+    /// The first field at fault; it names the rejection's error code.
+    pub fn field(&self) -> &str {
+        &self.problems[0].field
+    }
+
+    pub fn problems(&self) -> &[Problem] {
+        &self.problems
+    }
+}
+
 impl fmt::Display for Rejection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.field, self.reason)
+        for (n, problem) in self.problems.iter().enumerate() {
+            let separator = if n == 0 { "" } else { "; " };
+            write!(f, "{separator}{}: {}", problem.field, problem.reason)?;
+        }
+        Ok(())
     }
 }
 
@@ -141,8 +170,20 @@ impl std::error::Error for Rejection {}
 
 fn reject(field: &str, reason: impl Into<String>) -> Rejection {
     Rejection {
-        field: field.to_owned(),
-        reason: reason.into(),
+        problems: vec![Problem {
+            field: field.to_owned(),
+            reason: reason.into(),
+        }],
+    }
+}
+
+/// Collects the problems of every field, so one rejection names them all.
+#[derive(Default)]
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn check<T>(&mut self, result: Result<T, Rejection>) -> Option<T> {
+        result.map_err(|r| self.0.extend(r.problems)).ok()
     }
 }
 
@@ -165,6 +206,7 @@ pub struct ParseContext<'a> {
 #[serde(deny_unknown_fields)]
 struct RawJob {
     job_id: Option<Value>,
+    rerun: Option<Value>,
     rollout_id: Option<Value>,
     ticket: Option<Value>,
     region: Option<Value>,
@@ -181,6 +223,7 @@ struct RawJob {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Identity {
     pub job_id: String,
+    pub rerun: u32,
     pub rollout_id: Option<String>,
     pub ticket: Option<String>,
     pub region: Option<String>,
@@ -195,28 +238,91 @@ pub fn body_digest(body: &[u8]) -> String {
     hex::encode(Sha256::digest(body))
 }
 
-/// Parses a delivery body into a [`Job`].
+/// Parses a delivery body into a [`Job`], or a [`Rejection`] naming every field at fault.
 pub fn parse(body: &[u8], ctx: &ParseContext<'_>) -> Result<Job, Rejection> {
     check_envelope(body, ctx)?;
     let raw = decode(body)?;
-    let id = match (&raw.job_id, ctx.message_id) {
-        (Some(value), _) => JobId(token("job_id", value)?),
-        (None, Some(message_id)) => JobId(token("message_id", &Value::from(message_id))?),
-        (None, None) => return Err(reject("job_id", "is required (or set the AMQP message_id)")),
-    };
-    Ok(Job {
-        id,
-        rollout_id: optional(&raw.rollout_id, |v| token("rollout_id", v).map(RolloutId))?,
-        ticket: optional(&raw.ticket, |v| label("ticket", v, 256))?,
-        region: region(raw.region.as_ref(), ctx)?,
-        project_id: ProjectId(hex_id(
-            "project_id",
-            required("project_id", &raw.project_id)?,
-        )?),
-        instance_id: instance_id(required("instance_id", &raw.instance_id)?)?,
-        change: change(&raw)?,
-        requested_by: optional(&raw.requested_by, |v| label("requested_by", v, 128))?,
-    })
+    let mut problems = Problems::default();
+    let id = problems.check(match (&raw.job_id, ctx.message_id) {
+        (Some(value), _) => token("job_id", value).map(JobId),
+        (None, Some(message_id)) => token("message_id", &Value::from(message_id)).map(JobId),
+        (None, None) => Err(reject("job_id", "is required (or set the AMQP message_id)")),
+    });
+    let rerun = problems.check(optional(&raw.rerun, rerun));
+    let rollout_id = problems.check(optional(&raw.rollout_id, |v| {
+        token("rollout_id", v).map(RolloutId)
+    }));
+    let ticket = problems.check(optional(&raw.ticket, |v| label("ticket", v, 256)));
+    let region = problems.check(region(raw.region.as_ref(), ctx));
+    let project_id = problems.check(
+        required("project_id", &raw.project_id)
+            .and_then(|v| hex_id("project_id", v))
+            .map(ProjectId),
+    );
+    let instance_id =
+        problems.check(required("instance_id", &raw.instance_id).and_then(instance_id));
+    let change = problems.check(change(&raw));
+    let requested_by =
+        problems.check(optional(&raw.requested_by, |v| label("requested_by", v, 128)));
+    match (id, rerun, rollout_id, ticket, region, project_id, instance_id, change, requested_by) {
+        (
+            Some(id),
+            Some(rerun),
+            Some(rollout_id),
+            Some(ticket),
+            Some(region),
+            Some(project_id),
+            Some(instance_id),
+            Some(change),
+            Some(requested_by),
+        ) if problems.0.is_empty() => Ok(Job {
+            id,
+            rerun: rerun.unwrap_or(0),
+            rollout_id,
+            ticket,
+            region,
+            project_id,
+            instance_id,
+            change,
+            requested_by,
+        }),
+        _ => Err(Rejection {
+            problems: problems.0,
+        }),
+    }
+}
+
+impl Job {
+    /// A digest of what the job asks for, independent of JSON spelling (key order, spaces,
+    /// case of `on`/`kms`): two deliveries of one key with different digests are a conflict.
+    pub fn digest(&self) -> String {
+        let text = |value: Option<&str>| value.unwrap_or("\u{1}").to_owned();
+        let parts = [
+            "keyturn-job-v1".to_owned(),
+            self.id.to_string(),
+            self.rerun.to_string(),
+            text(self.rollout_id.as_ref().map(RolloutId::as_str)),
+            text(self.ticket.as_ref().map(Label::as_str)),
+            self.region.to_string(),
+            self.project_id.to_string(),
+            self.instance_id.to_string(),
+            self.change.status().as_str().to_owned(),
+            text(self.change.kms_key_id().map(KmsKeyId::as_str)),
+            text(self.requested_by.as_ref().map(Label::as_str)),
+        ];
+        body_digest(parts.join("\u{0}").as_bytes())
+    }
+}
+
+/// Highest `rerun` accepted: far beyond any real retry count, small enough for every store.
+pub const MAX_RERUN: u64 = 1_000_000;
+
+fn rerun(value: &Value) -> Result<u32, Rejection> {
+    value
+        .as_u64()
+        .filter(|n| *n <= MAX_RERUN)
+        .map(|n| n as u32)
+        .ok_or_else(|| reject("rerun", format!("must be an integer from 0 to {MAX_RERUN}")))
 }
 
 /// What can be salvaged from any body for the audit trail, without trusting it: strings only,
@@ -232,6 +338,11 @@ pub fn identify(body: &[u8], message_id: Option<&str>) -> Identity {
         .unwrap_or_else(|| format!("sha256:{}", &body_digest(body)[..16]));
     Identity {
         job_id,
+        rerun: object
+            .get("rerun")
+            .and_then(Value::as_u64)
+            .filter(|n| *n <= MAX_RERUN)
+            .map_or(0, |n| n as u32),
         rollout_id: field("rollout_id"),
         ticket: field("ticket"),
         region: field("region"),
@@ -270,15 +381,43 @@ fn decode(body: &[u8]) -> Result<RawJob, Rejection> {
     serde_json::from_str(text).map_err(|error| {
         let message = error.to_string();
         match backticked(&message) {
-            Some(name) if message.starts_with("unknown field") => {
-                reject(&sanitize(name), "is not a job field")
-            }
+            Some(_) if message.starts_with("unknown field") => unknown_fields(text),
             Some(name) if message.starts_with("duplicate field") => {
                 reject(name, "appears more than once")
             }
             _ => reject("body", format!("is not valid JSON: {message}")),
         }
     })
+}
+
+/// Every field of the object that is not a job field (serde stops at the first).
+fn unknown_fields(text: &str) -> Rejection {
+    const KNOWN: &[&str] = &[
+        "job_id",
+        "rerun",
+        "rollout_id",
+        "ticket",
+        "region",
+        "project_id",
+        "instance_id",
+        "encryption_status",
+        "type",
+        "kms_key_id",
+        "requested_by",
+    ];
+    let object: serde_json::Map<String, Value> = serde_json::from_str(text).unwrap_or_default();
+    let problems: Vec<Problem> = object
+        .keys()
+        .filter(|key| !KNOWN.contains(&key.as_str()))
+        .map(|key| Problem {
+            field: sanitize(key),
+            reason: "is not a job field".into(),
+        })
+        .collect();
+    if problems.is_empty() {
+        return reject("body", "has a field that is not a job field");
+    }
+    Rejection { problems }
 }
 
 fn backticked(message: &str) -> Option<&str> {
@@ -327,7 +466,43 @@ fn label(field: &str, value: &Value, max_chars: usize) -> Result<Label, Rejectio
     if text.chars().any(char::is_control) {
         return Err(reject(field, "must not contain control characters"));
     }
+    if text.chars().any(is_format_char) {
+        return Err(reject(
+            field,
+            "must not contain invisible format or bidirectional characters",
+        ));
+    }
     Ok(Label(text.to_owned()))
+}
+
+/// Unicode format characters (general category Cf): bidirectional overrides and isolates,
+/// zero-width characters, tags. They make a ticket or a name read differently than it compares
+/// ("Trojan Source"), so free text refuses them.
+fn is_format_char(c: char) -> bool {
+    matches!(
+        c as u32,
+        0x00AD
+            | 0x0600..=0x0605
+            | 0x061C
+            | 0x06DD
+            | 0x070F
+            | 0x0890..=0x0891
+            | 0x08E2
+            | 0x180E
+            | 0x200B..=0x200F
+            | 0x202A..=0x202E
+            | 0x2060..=0x2064
+            | 0x2066..=0x206F
+            | 0xFEFF
+            | 0xFFF9..=0xFFFB
+            | 0x110BD
+            | 0x110CD
+            | 0x13430..=0x1343F
+            | 0x1BCA0..=0x1BCA3
+            | 0x1D173..=0x1D17A
+            | 0xE0001
+            | 0xE0020..=0xE007F
+    )
 }
 
 fn hex_id(field: &str, value: &Value) -> Result<String, Rejection> {
@@ -444,7 +619,10 @@ mod tests {
     }
 
     fn field_of(body: &[u8]) -> String {
-        parse(body, &ParseContext::default()).unwrap_err().field
+        parse(body, &ParseContext::default())
+            .unwrap_err()
+            .field()
+            .to_owned()
     }
 
     #[test]
@@ -504,6 +682,12 @@ mod tests {
             ("ticket", "x".repeat(257).into()),
             ("ticket", "CHG-1\r\nX-Injected: 1".into()),
             ("requested_by", "x".repeat(129).into()),
+            ("ticket", "CHG-1\u{202E}2401".into()),
+            ("requested_by", "jdoe\u{200B}".into()),
+            ("ticket", "CHG\u{2066}1\u{2069}".into()),
+            ("rerun", Value::from(-1)),
+            ("rerun", "1".into()),
+            ("rerun", Value::from(1.5)),
             ("region", "mars-1".into()),
             ("region", "CN-NORTH-4".into()),
             ("project_id", "619d3e78f61b4be68bc5aa0b59edcf7".into()),
@@ -553,7 +737,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            parse(ON.as_bytes(), &ctx).unwrap_err().field,
+            parse(ON.as_bytes(), &ctx).unwrap_err().field(),
             "content_type"
         );
         let ctx = ParseContext {
@@ -600,5 +784,40 @@ mod tests {
         assert_eq!(identity.region, None);
         assert!(identify(b"\xff", Some("m-1")).job_id == "m-1");
         assert!(identify(b"\xff", None).job_id.starts_with("sha256:"));
+    }
+
+    #[test]
+    fn a_rejection_names_every_field_at_fault() {
+        let body = ON
+            .replace("cn-north-4", "mars-1")
+            .replace("619d3e78", "zzzz")
+            .replace("b82fa43f-", "nope-");
+        let rejection = parse(body.as_bytes(), &ParseContext::default()).unwrap_err();
+        let fields: Vec<&str> = rejection.problems().iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(fields, ["region", "project_id", "kms_key_id"]);
+        let text = rejection.to_string();
+        assert!(text.starts_with("region: ") && text.contains("; kms_key_id: must be a UUID"));
+        let typos = ON.replace("\"ticket\"", "\"tikcet\"").replace("\"region\"", "\"regoin\"");
+        let rejection = parse(typos.as_bytes(), &ParseContext::default()).unwrap_err();
+        let mut fields: Vec<&str> = rejection.problems().iter().map(|p| p.field.as_str()).collect();
+        fields.sort();
+        assert_eq!(fields, ["regoin", "tikcet"]);
+    }
+
+    #[test]
+    fn rerun_defaults_to_zero_and_changes_the_digest_but_spelling_does_not() {
+        let job = parse(ON.as_bytes(), &ParseContext::default()).unwrap();
+        assert_eq!(job.rerun, 0);
+        let rerun = parse(&with("rerun", Value::from(2)), &ParseContext::default()).unwrap();
+        assert_eq!(rerun.rerun, 2);
+        assert_ne!(job.digest(), rerun.digest());
+        let respelled = parse(&with("encryption_status", "ON".into()), &ParseContext::default()).unwrap();
+        assert_eq!(job.digest(), respelled.digest(), "key order and case are spelling");
+        let other_key = parse(
+            &with("kms_key_id", "c82fa43f-f6e8-4ec4-9c31-231bc547c526".into()),
+            &ParseContext::default(),
+        )
+        .unwrap();
+        assert_ne!(job.digest(), other_key.digest());
     }
 }

@@ -10,6 +10,7 @@
 //! - [`amqp`]: connections, topology, the consuming worker (ack/reject) and the confirmed publisher.
 //! - [`job`]: bytes → a valid [`job::Job`] or a [`job::Rejection`] naming the field.
 //! - [`pipeline`]: idempotency, rate limits, retries, and the decision to ack or dead-letter.
+//! - [`circuit`]: faults of the deployment (credentials, endpoints) that hold work, not fail it.
 //! - [`limits`] and [`retry`]: governor limiters, the 429 pause, the retry table and backoff.
 //! - [`gaussdb`]: the signed HTTP client, the pure SDK-HMAC-SHA256 signer, the region table.
 //! - [`audit`]: the SQLite log and the in-flight markers that make redeliveries safe.
@@ -20,6 +21,7 @@
 
 pub mod amqp;
 pub mod audit;
+pub mod circuit;
 pub mod cli;
 pub mod config;
 pub mod events;

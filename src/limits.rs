@@ -3,6 +3,9 @@
 //!
 //! governor has no "blocked until", so the 429 pause is a map of instants checked before the
 //! limiters; a paused key waits without spending global tokens, and other keys go on.
+//!
+//! Both per-key maps grow with the projects seen; [`Limits::prune`] (run every minute by the
+//! worker) drops the keys whose bucket is full again and the pauses that are over.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -13,6 +16,10 @@ use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLim
 use tokio::time::Instant;
 
 use crate::config::RateLimitSettings;
+
+/// Longest pause after a 429, whatever `Retry-After` says: a huge or broken value cannot hold a
+/// project for hours.
+pub const MAX_PAUSE: Duration = Duration::from_secs(300);
 
 /// Calls are limited per region and project: the unit the API gateway throttles.
 pub type LimitKey = (String, String);
@@ -54,10 +61,28 @@ impl Limits {
 
     /// Pauses calls for `key` after a 429: `retry_after` when the API sent one, else the default.
     pub fn throttled(&self, key: &LimitKey, retry_after: Option<Duration>) {
-        let until = Instant::now() + retry_after.unwrap_or(self.default_pause);
+        let now = Instant::now();
+        let pause = retry_after.unwrap_or(self.default_pause).min(MAX_PAUSE);
+        let until = now.checked_add(pause).unwrap_or(now);
         let mut paused = self.paused_until.lock().expect("limits lock");
         let entry = paused.entry(key.clone()).or_insert(until);
         *entry = (*entry).max(until);
+    }
+
+    /// Forgets keys that hold no state worth keeping: full buckets, pauses that are over.
+    pub fn prune(&self) {
+        self.per_key.retain_recent();
+        self.per_key.shrink_to_fit();
+        let now = Instant::now();
+        let mut paused = self.paused_until.lock().expect("limits lock");
+        paused.retain(|_, until| *until > now);
+        paused.shrink_to_fit();
+    }
+
+    /// Keys held: (per-key limiters, pauses).
+    pub fn len(&self) -> (usize, usize) {
+        let paused = self.paused_until.lock().expect("limits lock").len();
+        (self.per_key.len(), paused)
     }
 
     fn paused(&self, key: &LimitKey) -> Option<Instant> {
@@ -110,5 +135,37 @@ mod tests {
         let start = Instant::now();
         limits.acquire(&key("a")).await;
         assert!(start.elapsed() >= Duration::from_secs(7));
+    }
+
+    #[tokio::test]
+    async fn pruning_forgets_idle_projects() {
+        let limits = Limits::new(&RateLimitSettings {
+            per_second: 100_000,
+            burst: 100_000,
+            per_project_per_second: 1000,
+            per_project_burst: 1,
+            throttle_pause: Duration::from_millis(1),
+        });
+        for n in 0..100_000 {
+            let key = ("cn-north-4".to_owned(), format!("{n:032x}"));
+            limits.acquire(&key).await;
+            if n % 10 == 0 {
+                limits.throttled(&key, None);
+            }
+        }
+        assert_eq!(limits.len(), (100_000, 10_000));
+        // Each bucket refills in 1 ms and each pause lasts 1 ms.
+        std::thread::sleep(Duration::from_millis(20));
+        limits.prune();
+        assert_eq!(limits.len(), (0, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_huge_retry_after_does_not_overflow() {
+        let limits = limits(Duration::from_secs(3));
+        limits.throttled(&key("a"), Some(Duration::MAX));
+        let until = limits.paused(&key("a")).expect("paused");
+        assert!(until <= Instant::now() + MAX_PAUSE);
+        assert!(limits.paused(&key("b")).is_none());
     }
 }

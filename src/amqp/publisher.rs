@@ -10,8 +10,8 @@ use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use tokio::sync::Mutex;
 
 use crate::config::AmqpSettings;
-use crate::events::{CONTENT_TYPE, ResultEvent};
-use crate::pipeline::EventSink;
+use crate::events::{CONTENT_TYPE, EventSink, Outgoing};
+use crate::pipeline::{JobQueue, Requeue};
 
 /// Longest wait for the broker to confirm one result event.
 const CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -96,19 +96,13 @@ impl Publisher {
 
 #[async_trait::async_trait]
 impl EventSink for Publisher {
-    async fn publish(
-        &self,
-        event: &ResultEvent,
-        correlation_id: &str,
-        reply_to: Option<&str>,
-    ) -> anyhow::Result<()> {
-        let body = event.to_json();
+    async fn publish(&self, event: &Outgoing<'_>) -> anyhow::Result<()> {
         let properties = BasicProperties::default()
             .with_content_type(CONTENT_TYPE.into())
             .with_delivery_mode(2)
-            .with_message_id(event.id.as_str().into())
-            .with_correlation_id(short(correlation_id))
-            .with_type(event.kind.as_str().into())
+            .with_message_id(event.id.into())
+            .with_correlation_id(short(event.correlation_id))
+            .with_type(event.kind.into())
             .with_app_id("keyturn".into())
             .with_timestamp(chrono::Utc::now().timestamp().max(0) as u64);
         let result = async {
@@ -117,16 +111,46 @@ impl EventSink for Publisher {
             self.send(
                 &channel,
                 exchange,
-                &event.routing_key(),
-                body.as_bytes(),
+                event.routing_key,
+                event.body,
                 properties.clone(),
             )
             .await?;
-            if let Some(queue) = reply_to {
-                self.send(&channel, "", queue, body.as_bytes(), properties)
+            if let Some(queue) = event.reply_to {
+                self.send(&channel, "", queue, event.body, properties)
                     .await?;
             }
             anyhow::Ok(())
+        }
+        .await;
+        if result.is_err() {
+            self.forget().await;
+        }
+        result
+    }
+}
+
+#[async_trait::async_trait]
+impl JobQueue for Publisher {
+    async fn requeue(&self, job: &Requeue<'_>) -> anyhow::Result<()> {
+        let text = |value: Option<&str>| value.map(short);
+        let mut properties = BasicProperties::default().with_delivery_mode(2);
+        if let Some(value) = text(job.message_id) {
+            properties = properties.with_message_id(value);
+        }
+        if let Some(value) = text(job.correlation_id) {
+            properties = properties.with_correlation_id(value);
+        }
+        if let Some(value) = text(job.reply_to) {
+            properties = properties.with_reply_to(value);
+        }
+        if let Some(value) = text(job.content_type) {
+            properties = properties.with_content_type(value);
+        }
+        let result = async {
+            let channel = self.channel().await?;
+            self.send(&channel, "", &self.settings.jobs_queue, job.body, properties)
+                .await
         }
         .await;
         if result.is_err() {

@@ -5,23 +5,26 @@
 //! Shutdown: on cancel the consumer is cancelled (no new deliveries), in-flight jobs get the grace
 //! period, and closing the channel hands anything unfinished back to the queue.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
+
 use lapin::message::Delivery as AmqpDelivery;
 use lapin::options::{
-    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions,
+    BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection};
+use lapin::{Acker, Channel, Consumer};
 use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use super::topology;
-use crate::pipeline::{Delivery, Disposition, Pipeline};
+use crate::circuit::Scope;
+use crate::pipeline::{Admitted, Delivery, Disposition, Pipeline};
 use crate::retry::Backoff;
 
 /// How a worker run is shaped beyond the settings.
@@ -37,6 +40,11 @@ enum SessionEnd {
     Lost(String),
 }
 
+/// How often parked jobs of closed circuits are looked for, and limiter maps pruned.
+const HOUSEKEEPING: Duration = Duration::from_secs(60);
+/// A session that lived this long resets the reconnect backoff.
+const STABLE_SESSION: Duration = Duration::from_secs(30);
+
 /// Consumes until `shutdown` fires (or the queue stays idle, with `exit_when_idle`).
 pub async fn run(
     pipeline: Arc<Pipeline>,
@@ -49,28 +57,57 @@ pub async fn run(
         base: Duration::from_millis(200),
         cap: settings.reconnect_max_backoff,
     };
+    let mut housekeeping = None;
     let mut failures = 0u32;
     while !stop.is_cancelled() {
-        match session(&pipeline, &options, &stop).await {
+        let started = Instant::now();
+        let ended = session(&pipeline, &options, &stop, &mut housekeeping).await;
+        let reason = match ended {
             Ok(SessionEnd::Shutdown) => break,
             Ok(SessionEnd::Lost(reason)) => {
-                tracing::warn!(%reason, "broker connection lost; reconnecting");
-                failures = 0;
-            }
-            Err(error) => {
-                let wait = backoff
-                    .delay(failures, &mut rand::rng())
-                    .max(Duration::from_millis(100));
-                tracing::warn!(error = %format!("{error:#}"), retry_in_ms = wait.as_millis() as u64, "cannot consume");
-                failures = failures.saturating_add(1);
-                tokio::select! {
-                    () = stop.cancelled() => break,
-                    () = tokio::time::sleep(wait) => {}
+                if started.elapsed() >= STABLE_SESSION {
+                    failures = 0;
                 }
+                format!("broker connection lost: {reason}")
             }
+            Err(error) => format!("cannot consume: {error:#}"),
+        };
+        let wait = backoff
+            .delay(failures, &mut rand::rng())
+            .max(Duration::from_millis(100));
+        tracing::warn!(retry_in_ms = wait.as_millis() as u64, "{reason}; reconnecting");
+        failures = failures.saturating_add(1);
+        tokio::select! {
+            () = stop.cancelled() => break,
+            () = tokio::time::sleep(wait) => {}
         }
     }
+    pipeline.stopping.cancel();
+    if let Some(task) = housekeeping {
+        let _ = task.await;
+    }
     Ok(())
+}
+
+/// Background work of a running worker: releasing parked jobs whose circuit is closed (first
+/// right after the topology exists, so a job parked before a restart finds its queue), and
+/// pruning the rate limiters' per-project maps.
+fn housekeeping(pipeline: &Arc<Pipeline>) -> tokio::task::JoinHandle<()> {
+    let pipeline = pipeline.clone();
+    tokio::spawn(async move {
+        let stopping = pipeline.stopping.clone();
+        let pruning = async {
+            loop {
+                tokio::time::sleep(HOUSEKEEPING).await;
+                pipeline.limits.prune();
+            }
+        };
+        tokio::select! {
+            () = pipeline.keep_releasing(HOUSEKEEPING, stopping.clone()) => {}
+            () = pruning => {}
+            () = stopping.cancelled() => {}
+        }
+    })
 }
 
 /// One connection's life: set up, consume, and on the way out settle or hand back in-flight jobs.
@@ -78,6 +115,7 @@ async fn session(
     pipeline: &Arc<Pipeline>,
     options: &RunOptions,
     stop: &CancellationToken,
+    housekeeping_task: &mut Option<tokio::task::JoinHandle<()>>,
 ) -> anyhow::Result<SessionEnd> {
     let settings = &pipeline.settings;
     let connection = super::connect(
@@ -91,114 +129,219 @@ async fn session(
     channel
         .basic_qos(concurrency, BasicQosOptions::default())
         .await?;
-    let tag = format!(
-        "keyturn-{}-{}",
-        pipeline.worker_id,
-        uuid::Uuid::new_v4().simple()
-    );
-    let mut consumer = channel
-        .basic_consume(
-            settings.amqp.jobs_queue.as_str().into(),
-            tag.as_str().into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    if housekeeping_task.is_none() {
+        *housekeeping_task = Some(housekeeping(pipeline));
+    }
+    let mut consuming = Consuming::start(pipeline, &channel).await?;
     tracing::info!(queue = %settings.amqp.jobs_queue, prefetch = concurrency, "consuming");
 
-    let tracker = TaskTracker::new();
+    let mut tasks = JoinSet::new();
     let slots = Arc::new(Semaphore::new(concurrency.into()));
     let idle = IdleWatch::new(options.exit_when_idle);
     let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let mut circuits = pipeline.circuits.watch();
     let end = 'consume: loop {
         let permit = tokio::select! {
             () = stop.cancelled() => break SessionEnd::Shutdown,
             permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
         };
-        // With a free slot, wait for the next delivery; meanwhile watch for idleness.
+        // With a free slot, wait for the next delivery; meanwhile reap finished jobs, follow the
+        // credentials circuit and watch for idleness.
         let next = loop {
+            if let Err(error) = consuming.follow_circuits(pipeline, &channel).await {
+                break 'consume SessionEnd::Lost(error.to_string());
+            }
             tokio::select! {
                 () = stop.cancelled() => break 'consume SessionEnd::Shutdown,
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                _ = circuits.changed() => {}
                 _ = tick.tick(), if idle.enabled() => {
-                    if idle.is_over(&channel, &settings.amqp.jobs_queue, &tracker).await {
+                    let busy = !tasks.is_empty() || !pipeline.circuits.open().is_empty();
+                    if idle.is_over(&channel, &settings.amqp.jobs_queue, busy).await {
                         tracing::info!("queue idle; stopping");
                         stop.cancel();
                     }
                 }
-                next = consumer.next() => break next,
+                next = consuming.next() => match next {
+                    Some(next) => break next,
+                    // The stream of a consumer we cancelled ended: wait for the circuit.
+                    None => continue,
+                },
             }
         };
-        let delivery = match next {
-            Some(Ok(delivery)) => delivery,
-            Some(Err(error)) => break SessionEnd::Lost(error.to_string()),
-            None => break SessionEnd::Lost("consumer stream ended".into()),
+        let mut delivery = match next {
+            Ok(delivery) => delivery,
+            Err(error) => break SessionEnd::Lost(error),
         };
         idle.touch();
+        // Admitted here, in delivery order: that is what orders the jobs of one instance.
+        let admitted = pipeline.admit(to_domain(&mut delivery));
         let pipeline = pipeline.clone();
         let stop = stop.clone();
-        tracker.spawn(async move {
-            handle(&pipeline, delivery, &stop).await;
+        tasks.spawn(async move {
+            handle(&pipeline, admitted, delivery.acker, &stop).await;
             drop(permit);
         });
     };
-    tracker.close();
-    if let SessionEnd::Shutdown = end {
-        drain(
-            &channel,
-            &connection,
-            &tag,
-            &tracker,
-            settings.worker.grace_period,
-        )
-        .await;
+    match &end {
+        SessionEnd::Shutdown => {
+            consuming.cancel(&channel).await;
+            drain(&mut tasks, settings.worker.grace_period).await;
+            let _ = channel.close(200, "keyturn worker stopping".into()).await;
+            let _ = connection
+                .close(200, "keyturn worker stopping".into())
+                .await;
+        }
+        // Jobs of the lost session cannot be acked; let them make their records safe (their
+        // redeliveries replay them), then abort the rest before a new session admits more.
+        SessionEnd::Lost(_) => drain(&mut tasks, settings.worker.grace_period).await,
     }
     Ok(end)
 }
 
-/// Stops deliveries, gives in-flight jobs the grace period, then closes: the broker requeues
-/// whatever is still unacked.
-async fn drain(
-    channel: &Channel,
-    connection: &Connection,
-    tag: &str,
-    tracker: &TaskTracker,
-    grace: Duration,
-) {
-    let _ = channel
-        .basic_cancel(tag.into(), BasicCancelOptions::default())
-        .await;
-    let in_flight = tracker.len();
-    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-        tracing::warn!(
-            unfinished = tracker.len(),
-            "grace period over; unfinished jobs go back to the queue"
-        );
-    } else {
-        tracing::info!(in_flight, "in-flight jobs finished");
-    }
-    let _ = channel.close(200, "keyturn worker stopping".into()).await;
-    let _ = connection
-        .close(200, "keyturn worker stopping".into())
-        .await;
+/// The consumer, and whether the credentials circuit has paused it.
+struct Consuming {
+    consumer: Option<Consumer>,
+    tag: String,
+    /// We cancelled the consumer: its stream ends after the deliveries it still holds.
+    paused: bool,
 }
 
-async fn handle(pipeline: &Pipeline, mut delivery: AmqpDelivery, stop: &CancellationToken) {
-    let incoming = to_domain(&mut delivery);
-    let disposition = pipeline.process(incoming, stop).await;
-    let settled = match disposition {
-        Disposition::Ack => delivery.acker.ack(Default::default()).await,
-        Disposition::DeadLetter => {
-            delivery
-                .acker
+impl Consuming {
+    async fn start(pipeline: &Pipeline, channel: &Channel) -> anyhow::Result<Consuming> {
+        let mut consuming = Consuming {
+            consumer: None,
+            tag: String::new(),
+            paused: false,
+        };
+        if !pipeline.circuits.is_open(&Scope::Credentials) {
+            consuming.subscribe(pipeline, channel).await?;
+        } else {
+            consuming.paused = true;
+        }
+        Ok(consuming)
+    }
+
+    async fn subscribe(&mut self, pipeline: &Pipeline, channel: &Channel) -> anyhow::Result<()> {
+        self.tag = format!(
+            "keyturn-{}-{}",
+            pipeline.worker_id,
+            uuid::Uuid::new_v4().simple()
+        );
+        let queue = pipeline.settings.amqp.jobs_queue.as_str();
+        self.consumer = Some(
+            channel
+                .basic_consume(
+                    queue.into(),
+                    self.tag.as_str().into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?,
+        );
+        self.paused = false;
+        Ok(())
+    }
+
+    /// While the credentials circuit is open no job can be served: stop taking deliveries (the
+    /// ones already delivered are parked as usual), and take them again once it closes.
+    async fn follow_circuits(
+        &mut self,
+        pipeline: &Pipeline,
+        channel: &Channel,
+    ) -> anyhow::Result<()> {
+        let open = pipeline.circuits.is_open(&Scope::Credentials);
+        if open && !self.paused {
+            tracing::warn!("credentials circuit open: not taking deliveries until it closes");
+            channel
+                .basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default())
+                .await?;
+            self.paused = true;
+        } else if !open && self.paused && self.consumer.is_none() {
+            tracing::info!("credentials circuit closed: taking deliveries again");
+            self.subscribe(pipeline, channel).await?;
+        }
+        Ok(())
+    }
+
+    /// The next delivery; `None` while paused and the cancelled stream is done.
+    async fn next(&mut self) -> Option<Result<AmqpDelivery, String>> {
+        let Some(consumer) = self.consumer.as_mut() else {
+            return std::future::pending().await;
+        };
+        match consumer.next().await {
+            Some(Ok(delivery)) => Some(Ok(delivery)),
+            Some(Err(error)) => Some(Err(error.to_string())),
+            None if self.paused => {
+                self.consumer = None;
+                None
+            }
+            None => Some(Err("consumer stream ended".into())),
+        }
+    }
+
+    async fn cancel(&self, channel: &Channel) {
+        if self.consumer.is_some() {
+            let _ = channel
+                .basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default())
+                .await;
+        }
+    }
+}
+
+/// Gives in-flight jobs the grace period, then aborts the rest: closing the channel hands them
+/// back to the queue.
+async fn drain(tasks: &mut JoinSet<()>, grace: Duration) {
+    let in_flight = tasks.len();
+    let finished = tokio::time::timeout(grace, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if finished.is_err() {
+        tracing::warn!(
+            unfinished = tasks.len(),
+            "grace period over; unfinished jobs go back to the queue"
+        );
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+    } else if in_flight > 0 {
+        tracing::info!(in_flight, "in-flight jobs finished");
+    }
+}
+
+async fn handle(
+    pipeline: &Arc<Pipeline>,
+    admitted: Admitted,
+    acker: Acker,
+    stop: &CancellationToken,
+) {
+    let processed = AssertUnwindSafe(pipeline.process(admitted, stop))
+        .catch_unwind()
+        .await;
+    let settled = match processed {
+        Ok(Disposition::Ack) => acker.ack(Default::default()).await,
+        Ok(Disposition::DeadLetter) => {
+            acker
                 .reject(BasicRejectOptions { requeue: false })
                 .await
         }
-        Disposition::Abandon => return,
+        Ok(Disposition::Abandon) => return,
+        // A bug, not the job's fault: the delivery goes back (counting toward the queue's
+        // delivery limit, so a job that always panics ends in the dead queue), and the slot,
+        // the job's lock and its instance's turn are freed as the task unwinds.
+        Err(_) => {
+            tracing::error!("job processing panicked; returning the delivery to the queue");
+            acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await
+        }
     };
     match settled {
         Ok(true) => {}
         Ok(false) | Err(_) => tracing::warn!(
-            ?disposition,
             "channel closed before the job could be settled; the broker redelivers it and the stored result is replayed"
         ),
     }
@@ -242,7 +385,7 @@ impl IdleWatch {
         *self.since.lock().expect("idle lock") = None;
     }
 
-    async fn is_over(&self, channel: &Channel, queue: &str, tracker: &TaskTracker) -> bool {
+    async fn is_over(&self, channel: &Channel, queue: &str, busy: bool) -> bool {
         let Some(after) = self.after else {
             return false;
         };
@@ -250,7 +393,7 @@ impl IdleWatch {
             return false;
         };
         let mut since = self.since.lock().expect("idle lock");
-        if ready > 0 || !tracker.is_empty() {
+        if ready > 0 || busy {
             *since = None;
             return false;
         }

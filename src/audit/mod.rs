@@ -1,31 +1,24 @@
 //! The audit log: an append-only SQLite file with one `toggles` row per finished job and an
-//! `attempts` row per HTTP call, and the lookup that makes redeliveries idempotent.
+//! `attempts` row per HTTP call; beside it the work in progress that makes redeliveries safe
+//! (`in_flight` markers) and the jobs parked until they can run (`parked`).
 //!
-//! One thread owns the connection. Callers send commands over a channel; the thread takes every
-//! write that is waiting and commits them in one transaction (group commit), so `synchronous=FULL`
-//! costs one fsync per batch rather than per job. The schema comes from `migrations/`.
+//! This module is the store's interface: plain values in and out, no SQL. [`sqlite`] owns the
+//! connection on one thread and commits every waiting write in one transaction (group commit), so
+//! `synchronous=FULL` costs one fsync per batch rather than per job. The schema comes from
+//! `migrations/`.
+
+mod sqlite;
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use crate::events::ResultEvent;
 
-/// Versioned schema files, applied in order, each once.
-const MIGRATIONS: &[(&str, &str)] = &[
-    ("0001_init", include_str!("../../migrations/0001_init.sql")),
-    (
-        "0002_toggles_by_job",
-        include_str!("../../migrations/0002_toggles_by_job.sql"),
-    ),
-];
-
-/// Most writes committed in one transaction.
-const MAX_BATCH: usize = 256;
+pub use sqlite::outcome_counts;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
@@ -42,8 +35,6 @@ pub enum AuditError {
     Closed,
     #[error("audit log: the record clashes with a stored row that is not this job's")]
     Conflict,
-    #[error("audit log: commit failed: {0}")]
-    Batch(String),
 }
 
 /// One HTTP call made for a job.
@@ -67,48 +58,128 @@ pub struct FinalRecord {
     pub received_at: DateTime<Utc>,
     pub finished_at: DateTime<Utc>,
     pub body_sha256: String,
+    /// What a valid job asked for ([`crate::job::Job::digest`]); `None` for rejections.
+    pub job_digest: Option<String>,
     pub worker_id: String,
     pub attempts: Vec<AttemptRecord>,
+}
+
+/// An event as stored: the exact JSON bytes (published as they are on every replay) and the
+/// event they decode to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    pub event: ResultEvent,
+    pub json: String,
+}
+
+impl StoredEvent {
+    pub fn new(event: ResultEvent) -> StoredEvent {
+        let json = event.to_json();
+        StoredEvent { event, json }
+    }
+
+    fn parse(json: String) -> Result<StoredEvent, AuditError> {
+        Ok(StoredEvent {
+            event: serde_json::from_str(&json)?,
+            json,
+        })
+    }
+}
+
+/// When a job key was first seen, and what it asked for then (`None`: not known, older rows).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    pub digest: Option<String>,
+    pub at: String,
+}
+
+/// What the store knows of a job key before a delivery of it is worked on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Earlier {
+    /// The final (not rejected) record of this (job_id, rerun).
+    pub final_record: Option<(StoredEvent, Seen)>,
+    /// The rejection of these very bytes, under this job id.
+    pub rejection: Option<StoredEvent>,
+    /// An in-flight marker: a Modify of this key may have gone out.
+    pub marker: Option<Seen>,
+    /// The key is parked.
+    pub parked: Option<Seen>,
 }
 
 /// What recording did: a new row, or the row an earlier delivery of the same job left.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Recorded {
-    New(ResultEvent),
-    Existing(ResultEvent),
-    /// An in-flight marker was written.
-    Marked,
+    New(StoredEvent),
+    Existing(StoredEvent),
 }
 
 impl Recorded {
-    /// The event to publish; `None` only for a marker.
-    pub fn into_event(self) -> Option<ResultEvent> {
+    pub fn into_stored(self) -> StoredEvent {
         match self {
-            Recorded::New(event) | Recorded::Existing(event) => Some(event),
-            Recorded::Marked => None,
+            Recorded::New(stored) | Recorded::Existing(stored) => stored,
         }
     }
 }
 
+/// A delivery kept in the store until its scope can run again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParkedJob {
+    /// Row id; 0 for a job not stored yet.
+    pub id: i64,
+    pub job_id: String,
+    pub rerun: u32,
+    pub job_digest: String,
+    pub rollout_id: Option<String>,
+    /// What must open for the job to run again: `credentials`, `region:<id>`.
+    pub scope: String,
+    pub reason: String,
+    pub body: Vec<u8>,
+    pub message_id: Option<String>,
+    pub correlation_id: Option<String>,
+    pub reply_to: Option<String>,
+    pub content_type: Option<String>,
+    pub parked_at: DateTime<Utc>,
+    /// How often the key was parked again while parked (see migration 0003).
+    pub generation: i64,
+}
+
 enum Command {
-    Find {
+    Lookup {
         job_id: String,
+        rerun: u32,
         body_sha256: String,
-        reply: oneshot::Sender<Result<Option<ResultEvent>, AuditError>>,
+        reply: oneshot::Sender<Result<Earlier, AuditError>>,
     },
-    WasSent {
-        job_id: String,
-        reply: oneshot::Sender<Result<bool, AuditError>>,
+    ParkedScopes {
+        reply: oneshot::Sender<Result<Vec<(String, u64)>, AuditError>>,
+    },
+    Parked {
+        scope: String,
+        limit: u32,
+        reply: oneshot::Sender<Result<Vec<ParkedJob>, AuditError>>,
     },
     Write {
         write: Write,
-        reply: oneshot::Sender<Result<Recorded, AuditError>>,
+        reply: oneshot::Sender<Result<Written, AuditError>>,
     },
 }
 
 enum Write {
     Record(Box<FinalRecord>),
-    MarkSending { job_id: String, worker_id: String },
+    Claim {
+        job_id: String,
+        rerun: u32,
+        digest: String,
+        worker_id: String,
+    },
+    Park(Box<ParkedJob>),
+    Unpark(Vec<(i64, i64)>),
+}
+
+enum Written {
+    Recorded(Recorded),
+    Claimed(Seen),
+    Done,
 }
 
 /// Handle to the audit log; cheap to clone.
@@ -128,18 +199,7 @@ pub struct AuditOptions {
 impl AuditStore {
     /// Opens (creating if needed) the file, applies pending migrations and starts the writer.
     pub fn open(path: &Path, options: &AuditOptions) -> Result<AuditStore, AuditError> {
-        let open_error = |source| AuditError::Open {
-            path: path.to_owned(),
-            source,
-        };
-        let mut connection = Connection::open(path).map_err(open_error)?;
-        configure(&connection, options).map_err(open_error)?;
-        migrate(&mut connection).map_err(open_error)?;
-        let (commands, receiver) = mpsc::channel();
-        std::thread::Builder::new()
-            .name("keyturn-audit".into())
-            .spawn(move || writer_loop(connection, receiver))
-            .expect("spawn the audit writer thread");
+        let commands = sqlite::start(path, options)?;
         Ok(AuditStore {
             commands,
             path: path.to_owned(),
@@ -150,258 +210,91 @@ impl AuditStore {
         &self.path
     }
 
-    /// The stored event of an earlier final outcome of `job_id`, if any. A rejection counts only
-    /// for the same body: a corrected resubmission under the same job id is processed.
-    pub async fn find_final(
+    /// What the store holds about (`job_id`, `rerun`) and about these body bytes.
+    pub async fn lookup(
         &self,
         job_id: &str,
+        rerun: u32,
         body_sha256: &str,
-    ) -> Result<Option<ResultEvent>, AuditError> {
-        let (reply, answer) = oneshot::channel();
-        self.send(Command::Find {
+    ) -> Result<Earlier, AuditError> {
+        self.ask(|reply| Command::Lookup {
             job_id: job_id.to_owned(),
+            rerun,
             body_sha256: body_sha256.to_owned(),
             reply,
-        })?;
-        answer.await.map_err(|_| AuditError::Closed)?
+        })
+        .await
     }
 
     /// Commits `record` durably; if the job already has a final row, returns that one instead.
     pub async fn record(&self, record: FinalRecord) -> Result<Recorded, AuditError> {
-        self.write(Write::Record(Box::new(record))).await
+        match self.write(Write::Record(Box::new(record))).await? {
+            Written::Recorded(recorded) => Ok(recorded),
+            _ => unreachable!("a record write answers Recorded"),
+        }
     }
 
-    /// Durably notes that a Modify for `job_id` is about to go out (before the first one only).
-    pub async fn mark_sending(&self, job_id: &str, worker_id: &str) -> Result<(), AuditError> {
-        let write = Write::MarkSending {
+    /// Durably notes that a Modify of (`job_id`, `rerun`) is about to go out, unless an earlier
+    /// delivery did; returns the marker as stored, whose digest tells a conflicting body.
+    pub async fn claim(
+        &self,
+        job_id: &str,
+        rerun: u32,
+        digest: &str,
+        worker_id: &str,
+    ) -> Result<Seen, AuditError> {
+        let write = Write::Claim {
             job_id: job_id.to_owned(),
+            rerun,
+            digest: digest.to_owned(),
             worker_id: worker_id.to_owned(),
         };
-        self.write(write).await.map(|_| ())
+        match self.write(write).await? {
+            Written::Claimed(seen) => Ok(seen),
+            _ => unreachable!("a claim answers Claimed"),
+        }
     }
 
-    /// Whether an earlier delivery of `job_id` may have sent a Modify.
-    pub async fn was_sent(&self, job_id: &str) -> Result<bool, AuditError> {
-        let (reply, answer) = oneshot::channel();
-        self.send(Command::WasSent {
-            job_id: job_id.to_owned(),
+    /// Stores `job` until its scope reopens (a second park of the same key keeps the first).
+    pub async fn park(&self, job: ParkedJob) -> Result<(), AuditError> {
+        self.write(Write::Park(Box::new(job))).await.map(|_| ())
+    }
+
+    /// Forgets parked rows, given as (id, generation), once they are safely back on the queue;
+    /// a row parked again meanwhile has a newer generation and stays.
+    pub async fn unpark(&self, ids: Vec<(i64, i64)>) -> Result<(), AuditError> {
+        self.write(Write::Unpark(ids)).await.map(|_| ())
+    }
+
+    /// Scopes with parked jobs, and how many each.
+    pub async fn parked_scopes(&self) -> Result<Vec<(String, u64)>, AuditError> {
+        self.ask(|reply| Command::ParkedScopes { reply }).await
+    }
+
+    /// The oldest `limit` parked jobs of `scope`.
+    pub async fn parked(&self, scope: &str, limit: u32) -> Result<Vec<ParkedJob>, AuditError> {
+        self.ask(|reply| Command::Parked {
+            scope: scope.to_owned(),
+            limit,
             reply,
-        })?;
-        answer.await.map_err(|_| AuditError::Closed)?
-    }
-
-    async fn write(&self, write: Write) -> Result<Recorded, AuditError> {
-        let (reply, answer) = oneshot::channel();
-        self.send(Command::Write { write, reply })?;
-        answer.await.map_err(|_| AuditError::Closed)?
-    }
-
-    fn send(&self, command: Command) -> Result<(), AuditError> {
-        self.commands.send(command).map_err(|_| AuditError::Closed)
-    }
-}
-
-fn configure(connection: &Connection, options: &AuditOptions) -> rusqlite::Result<()> {
-    connection.busy_timeout(options.busy_timeout)?;
-    connection
-        .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get::<_, String>(0))?;
-    let synchronous = if options.synchronous_full {
-        "FULL"
-    } else {
-        "NORMAL"
-    };
-    connection.pragma_update(None, "synchronous", synchronous)?;
-    connection.pragma_update(None, "foreign_keys", "ON")
-}
-
-fn migrate(connection: &mut Connection) -> rusqlite::Result<()> {
-    connection.execute_batch(
-        "CREATE TABLE IF NOT EXISTS schema_migrations (version TEXT PRIMARY KEY, applied_at TEXT NOT NULL)",
-    )?;
-    for (version, sql) in MIGRATIONS {
-        let tx = connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let applied: bool = tx.query_row(
-            "SELECT EXISTS (SELECT 1 FROM schema_migrations WHERE version = ?1)",
-            [version],
-            |row| row.get(0),
-        )?;
-        if !applied {
-            tx.execute_batch(sql)?;
-            tx.execute(
-                "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, ?2)",
-                params![version, timestamp(Utc::now())],
-            )?;
-        }
-        tx.commit()?;
-    }
-    Ok(())
-}
-
-fn writer_loop(mut connection: Connection, commands: mpsc::Receiver<Command>) {
-    while let Ok(first) = commands.recv() {
-        let mut writes = Vec::new();
-        let mut next = Some(first);
-        while let Some(command) = next {
-            match command {
-                Command::Find {
-                    job_id,
-                    body_sha256,
-                    reply,
-                } => {
-                    let _ = reply.send(find_final(&connection, &job_id, &body_sha256));
-                }
-                Command::WasSent { job_id, reply } => {
-                    let _ = reply.send(was_sent(&connection, &job_id));
-                }
-                Command::Write { write, reply } => writes.push((write, reply)),
-            }
-            next = if writes.len() < MAX_BATCH {
-                commands.try_recv().ok()
-            } else {
-                None
-            };
-        }
-        if !writes.is_empty() {
-            commit_batch(&mut connection, writes);
-        }
-    }
-}
-
-type Pending = (Write, oneshot::Sender<Result<Recorded, AuditError>>);
-
-fn commit_batch(connection: &mut Connection, writes: Vec<Pending>) {
-    match commit_all(connection, &writes) {
-        Ok(results) => {
-            for ((_, reply), result) in writes.into_iter().zip(results) {
-                let _ = reply.send(Ok(result));
-            }
-        }
-        Err(error) => {
-            let message = error.to_string();
-            tracing::error!(error = %message, batch = writes.len(), "audit commit failed");
-            for (_, reply) in writes {
-                let _ = reply.send(Err(AuditError::Batch(message.clone())));
-            }
-        }
-    }
-}
-
-/// Writes every pending record in one transaction: all of them are committed, or none.
-fn commit_all(
-    connection: &mut Connection,
-    writes: &[Pending],
-) -> Result<Vec<Recorded>, AuditError> {
-    let tx = connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let results = writes
-        .iter()
-        .map(|(write, _)| match write {
-            Write::Record(record) => insert(&tx, record),
-            Write::MarkSending { job_id, worker_id } => mark(&tx, job_id, worker_id),
         })
-        .collect::<Result<Vec<_>, _>>()?;
-    tx.commit()?;
-    Ok(results)
-}
-
-/// The stored result of a job: its final record, or the rejection of these very bytes.
-const FIND_FINAL: &str = "SELECT event_json FROM toggles
-     WHERE job_id = ?1 AND (outcome <> 'rejected' OR body_sha256 = ?2)
-     ORDER BY (outcome = 'rejected'), id LIMIT 1";
-
-fn find_final(
-    connection: &Connection,
-    job_id: &str,
-    body_sha256: &str,
-) -> Result<Option<ResultEvent>, AuditError> {
-    let json: Option<String> = connection
-        .prepare_cached(FIND_FINAL)?
-        .query_row(params![job_id, body_sha256], |row| row.get(0))
-        .optional()?;
-    Ok(json.map(|json| serde_json::from_str(&json)).transpose()?)
-}
-
-fn was_sent(connection: &Connection, job_id: &str) -> Result<bool, AuditError> {
-    let mut statement =
-        connection.prepare_cached("SELECT EXISTS (SELECT 1 FROM in_flight WHERE job_id = ?1)")?;
-    Ok(statement.query_row([job_id], |row| row.get(0))?)
-}
-
-fn mark(
-    tx: &rusqlite::Transaction<'_>,
-    job_id: &str,
-    worker_id: &str,
-) -> Result<Recorded, AuditError> {
-    tx.prepare_cached(
-        "INSERT INTO in_flight (job_id, first_sent_at, worker_id) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
-    )?
-    .execute(params![job_id, timestamp(Utc::now()), worker_id])?;
-    Ok(Recorded::Marked)
-}
-
-fn insert(tx: &rusqlite::Transaction<'_>, record: &FinalRecord) -> Result<Recorded, AuditError> {
-    let event = &record.event;
-    let data = &event.data;
-    let inserted = tx
-        .prepare_cached(
-            "INSERT INTO toggles (job_id, rollout_id, ticket, region, project_id, instance_id,
-             requested_status, kms_key_id, requested_by, outcome, resulting_status, http_status,
-             error_code, error_msg, request_id, attempts, received_at, finished_at, duration_ms,
-             event_id, event_json, body_sha256, worker_id)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
-                 ?19, ?20, ?21, ?22, ?23)
-         ON CONFLICT DO NOTHING",
-        )?
-        .execute(params![
-            data.job_id,
-            data.rollout_id,
-            data.ticket,
-            data.region,
-            data.project_id,
-            data.instance_id,
-            data.requested_status,
-            record.kms_key_id,
-            record.requested_by,
-            data.outcome.as_str(),
-            data.resulting_status,
-            data.http_status,
-            data.error_code,
-            data.error_msg,
-            data.request_id,
-            data.attempts,
-            timestamp(record.received_at),
-            timestamp(record.finished_at),
-            data.duration_ms,
-            event.id,
-            event.to_json(),
-            record.body_sha256,
-            record.worker_id,
-        ])?;
-    if inserted == 0 {
-        let existing = find_final(tx, &data.job_id, &record.body_sha256)?;
-        return existing.map(Recorded::Existing).ok_or(AuditError::Conflict);
+        .await
     }
-    tx.prepare_cached("DELETE FROM in_flight WHERE job_id = ?1")?
-        .execute([&data.job_id])?;
-    let mut statement = tx.prepare_cached(
-        "INSERT INTO attempts (event_id, job_id, number, call, started_at, latency_ms, http_status,
-             error_code, error_msg, request_id)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-    )?;
-    for (number, attempt) in record.attempts.iter().enumerate() {
-        statement.execute(params![
-            event.id,
-            data.job_id,
-            number + 1,
-            attempt.call,
-            timestamp(attempt.started_at),
-            attempt.latency_ms,
-            attempt.http_status,
-            attempt.error_code,
-            attempt.error_msg,
-            attempt.request_id,
-        ])?;
+
+    async fn write(&self, write: Write) -> Result<Written, AuditError> {
+        self.ask(|reply| Command::Write { write, reply }).await
     }
-    Ok(Recorded::New(event.clone()))
+
+    async fn ask<T>(
+        &self,
+        command: impl FnOnce(oneshot::Sender<Result<T, AuditError>>) -> Command,
+    ) -> Result<T, AuditError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(command(reply))
+            .map_err(|_| AuditError::Closed)?;
+        answer.await.map_err(|_| AuditError::Closed)?
+    }
 }
 
 /// RFC 3339 in UTC with milliseconds: sorts as text, reads as time.
@@ -409,23 +302,11 @@ pub fn timestamp(at: DateTime<Utc>) -> String {
     at.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
-/// Finished jobs per outcome, read from the file at `path` (for summaries).
-pub fn outcome_counts(path: &Path) -> Result<Vec<(String, i64)>, AuditError> {
-    let connection = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .map_err(|source| AuditError::Open {
-            path: path.to_owned(),
-            source,
-        })?;
-    let mut statement = connection
-        .prepare("SELECT outcome, COUNT(*) FROM toggles GROUP BY outcome ORDER BY outcome")?;
-    let rows = statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
-    Ok(rows.collect::<Result<_, _>>()?)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::events::{JobResult, Outcome};
+    use rusqlite::{Connection, params};
 
     fn store(dir: &tempfile::TempDir) -> AuditStore {
         let options = AuditOptions {
@@ -435,9 +316,10 @@ mod tests {
         AuditStore::open(&dir.path().join("audit.db"), &options).unwrap()
     }
 
-    fn record(job_id: &str, outcome: Outcome, digest: &str) -> FinalRecord {
+    fn record(job_id: &str, rerun: u32, outcome: Outcome, digest: &str) -> FinalRecord {
         let data = JobResult {
             job_id: job_id.into(),
+            rerun,
             rollout_id: None,
             ticket: None,
             region: Some("cn-north-4".into()),
@@ -460,6 +342,7 @@ mod tests {
             received_at: Utc::now(),
             finished_at: Utc::now(),
             body_sha256: digest.into(),
+            job_digest: (outcome != Outcome::Rejected).then(|| format!("job-{digest}")),
             worker_id: "w-1".into(),
             attempts: vec![AttemptRecord {
                 call: "modify",
@@ -474,64 +357,153 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_second_final_record_returns_the_first_one() {
+    async fn a_second_final_record_of_a_key_returns_the_first_one() {
         let dir = tempfile::tempdir().unwrap();
         let audit = store(&dir);
         let first = audit
-            .record(record("J-1", Outcome::Succeeded, "d1"))
+            .record(record("J-1", 0, Outcome::Succeeded, "d1"))
             .await
             .unwrap();
         let second = audit
-            .record(record("J-1", Outcome::Succeeded, "d1"))
+            .record(record("J-1", 0, Outcome::Succeeded, "d1"))
             .await
             .unwrap();
         let Recorded::New(first) = first else {
             panic!("first write is new")
         };
         assert_eq!(second, Recorded::Existing(first.clone()));
-        assert_eq!(audit.find_final("J-1", "other").await.unwrap(), Some(first));
+        let earlier = audit.lookup("J-1", 0, "other").await.unwrap();
+        let (stored, seen) = earlier.final_record.unwrap();
+        assert_eq!(stored, first);
+        assert_eq!(seen.digest.as_deref(), Some("job-d1"));
     }
 
     #[tokio::test]
-    async fn a_rejection_only_blocks_the_same_body() {
+    async fn a_rerun_is_a_key_of_its_own() {
         let dir = tempfile::tempdir().unwrap();
         let audit = store(&dir);
         audit
-            .record(record("J-2", Outcome::Rejected, "bad"))
+            .record(record("J-9", 0, Outcome::Failed, "d"))
             .await
             .unwrap();
-        assert!(audit.find_final("J-2", "bad").await.unwrap().is_some());
-        assert!(audit.find_final("J-2", "fixed").await.unwrap().is_none());
-        let fixed = audit
-            .record(record("J-2", Outcome::Succeeded, "fixed"))
+        assert!(audit.lookup("J-9", 1, "d").await.unwrap().final_record.is_none());
+        let rerun = audit
+            .record(record("J-9", 1, Outcome::Succeeded, "d"))
             .await
             .unwrap();
-        assert!(matches!(fixed, Recorded::New(_)));
+        assert!(matches!(rerun, Recorded::New(_)));
+        let counts = outcome_counts(audit.path()).unwrap();
         assert_eq!(
-            audit
-                .find_final("J-2", "bad")
-                .await
-                .unwrap()
-                .unwrap()
-                .data
-                .outcome,
-            Outcome::Succeeded
+            counts,
+            vec![("failed".to_owned(), 1), ("succeeded".to_owned(), 1)],
+            "the audit keeps every run"
         );
     }
 
     #[tokio::test]
-    async fn markers_live_until_the_final_record() {
+    async fn a_rejection_is_found_only_by_its_own_bytes() {
         let dir = tempfile::tempdir().unwrap();
         let audit = store(&dir);
-        assert!(!audit.was_sent("J-3").await.unwrap());
-        audit.mark_sending("J-3", "w-1").await.unwrap();
-        audit.mark_sending("J-3", "w-1").await.unwrap();
-        assert!(audit.was_sent("J-3").await.unwrap());
         audit
-            .record(record("J-3", Outcome::Succeeded, "d"))
+            .record(record("J-2", 0, Outcome::Rejected, "bad"))
             .await
             .unwrap();
-        assert!(!audit.was_sent("J-3").await.unwrap());
+        assert!(audit.lookup("J-2", 0, "bad").await.unwrap().rejection.is_some());
+        assert_eq!(audit.lookup("J-2", 0, "fixed").await.unwrap(), Earlier::default());
+        let fixed = audit
+            .record(record("J-2", 0, Outcome::Succeeded, "fixed"))
+            .await
+            .unwrap();
+        assert!(matches!(fixed, Recorded::New(_)));
+    }
+
+    #[tokio::test]
+    async fn a_claim_keeps_the_first_digest_and_lives_until_the_final_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let audit = store(&dir);
+        assert!(audit.lookup("J-3", 0, "d").await.unwrap().marker.is_none());
+        let first = audit.claim("J-3", 0, "job-d", "w-1").await.unwrap();
+        let again = audit.claim("J-3", 0, "other", "w-2").await.unwrap();
+        assert_eq!(first, again, "the first claim stands");
+        assert_eq!(first.digest.as_deref(), Some("job-d"));
+        assert!(audit.lookup("J-3", 0, "d").await.unwrap().marker.is_some());
+        audit
+            .record(record("J-3", 0, Outcome::Succeeded, "d"))
+            .await
+            .unwrap();
+        assert!(audit.lookup("J-3", 0, "d").await.unwrap().marker.is_none());
+    }
+
+    fn parked_job(job_id: &str, scope: &str) -> ParkedJob {
+        ParkedJob {
+            id: 0,
+            job_id: job_id.into(),
+            rerun: 0,
+            job_digest: "job-d".into(),
+            rollout_id: Some("R-1".into()),
+            scope: scope.into(),
+            reason: "test".into(),
+            body: b"{}".to_vec(),
+            message_id: None,
+            correlation_id: Some("c-1".into()),
+            reply_to: None,
+            content_type: Some("application/json".into()),
+            parked_at: Utc::now(),
+            generation: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn parked_jobs_are_kept_once_per_key_until_unparked() {
+        let dir = tempfile::tempdir().unwrap();
+        let audit = store(&dir);
+        audit.park(parked_job("P-1", "credentials")).await.unwrap();
+        audit.park(parked_job("P-1", "credentials")).await.unwrap();
+        audit.park(parked_job("P-2", "region:cn-north-4")).await.unwrap();
+        assert_eq!(
+            audit.parked_scopes().await.unwrap(),
+            vec![
+                ("credentials".to_owned(), 1),
+                ("region:cn-north-4".to_owned(), 1)
+            ]
+        );
+        let parked = audit.parked("credentials", 10).await.unwrap();
+        assert_eq!(parked.len(), 1);
+        assert_eq!(parked[0].correlation_id.as_deref(), Some("c-1"));
+        assert!(audit.lookup("P-1", 0, "x").await.unwrap().parked.is_some());
+        assert_eq!(parked[0].generation, 1, "parked twice");
+        audit.unpark(vec![(parked[0].id, 0)]).await.unwrap();
+        assert_eq!(audit.parked("credentials", 10).await.unwrap().len(), 1, "a stale release keeps a row parked again");
+        audit.unpark(vec![(parked[0].id, 1)]).await.unwrap();
+        assert!(audit.parked("credentials", 10).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn one_write_that_cannot_commit_fails_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let audit = store(&dir);
+        // Two different events claiming one event id: the second can never commit.
+        let good = record("J-5", 0, Outcome::Succeeded, "d");
+        let mut clash = record("J-6", 0, Outcome::Succeeded, "d");
+        clash.event.id = good.event.id.clone();
+        let others: Vec<_> = (0..20)
+            .map(|n| record(&format!("J-7-{n}"), 0, Outcome::Succeeded, "d"))
+            .collect();
+        audit.record(good).await.unwrap();
+        let mut writes = vec![tokio::spawn({
+            let audit = audit.clone();
+            async move { audit.record(clash).await.is_ok() }
+        })];
+        for other in others {
+            let audit = audit.clone();
+            writes.push(tokio::spawn(async move { audit.record(other).await.is_ok() }));
+        }
+        let mut ok = Vec::new();
+        for write in writes {
+            ok.push(write.await.unwrap());
+        }
+        assert!(!ok[0], "the clashing write fails");
+        assert!(ok[1..].iter().all(|ok| *ok), "the writes beside it commit");
     }
 
     #[tokio::test]
@@ -539,7 +511,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let audit = store(&dir);
         audit
-            .record(record("J-4", Outcome::Succeeded, "d"))
+            .record(record("J-4", 0, Outcome::Succeeded, "d"))
             .await
             .unwrap();
         let connection = Connection::open(audit.path()).unwrap();
@@ -564,15 +536,14 @@ mod tests {
         let audit = store(&dir);
         let connection = Connection::open(audit.path()).unwrap();
         let plan: Vec<String> = connection
-            .prepare(&format!("EXPLAIN QUERY PLAN {FIND_FINAL}"))
+            .prepare(&format!("EXPLAIN QUERY PLAN {}", sqlite::FIND_FINAL))
             .unwrap()
-            .query_map(params!["J-1", "digest"], |row| row.get(3))
+            .query_map(params!["J-1", 0], |row| row.get(3))
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap();
         assert!(
-            plan.iter()
-                .any(|step| step.contains("USING INDEX toggles_job")),
+            plan.iter().any(|step| step.contains("USING INDEX")),
             "a table scan per delivery makes each job slower than the last: {plan:?}"
         );
     }
@@ -586,6 +557,6 @@ mod tests {
         let applied: i64 = connection
             .query_row("SELECT COUNT(*) FROM schema_migrations", [], |r| r.get(0))
             .unwrap();
-        assert_eq!(applied, MIGRATIONS.len() as i64);
+        assert_eq!(applied, sqlite::MIGRATIONS.len() as i64);
     }
 }

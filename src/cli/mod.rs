@@ -17,8 +17,8 @@ use crate::amqp::worker::{self, RunOptions};
 use crate::audit::{AuditOptions, AuditStore};
 use crate::config::{ConfigError, Credentials, Settings};
 use crate::gaussdb::Client;
-use crate::limits::Limits;
-use crate::pipeline::{Health, JobLocks, Pipeline};
+use crate::circuit::AuthMode;
+use crate::pipeline::Pipeline;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -112,19 +112,22 @@ pub fn build_pipeline(
         synchronous_full: settings.audit.synchronous == "full",
     };
     let audit = AuditStore::open(&settings.audit.path, &audit_options)?;
+    let auth = match credentials {
+        Credentials::AkSk { .. } => AuthMode::AkSk,
+        Credentials::Token(_) => AuthMode::Token,
+    };
     let client = Client::new(&settings.api, credentials).context("building the HTTP client")?;
     let worker_id = settings.worker_id();
     let publisher = Publisher::new(&settings.amqp, &worker_id);
-    let pipeline = Pipeline {
-        limits: Limits::new(&settings.rate_limit),
+    let pipeline = Pipeline::new(
+        settings,
         worker_id,
         client,
+        auth,
         audit,
-        events: publisher.clone(),
-        health: Health::default(),
-        locks: JobLocks::default(),
-        settings,
-    };
+        publisher.clone(),
+        publisher.clone(),
+    );
     Ok((Arc::new(pipeline), publisher))
 }
 

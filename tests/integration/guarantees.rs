@@ -461,8 +461,8 @@ async fn a_redelivery_beside_its_first_delivery_waits_and_replays() {
     };
     let stop = CancellationToken::new();
     let (first, second) = tokio::join!(
-        pipeline.process(delivery(false), &stop),
-        pipeline.process(delivery(true), &stop)
+        pipeline.process(pipeline.admit(delivery(false)), &stop),
+        pipeline.process(pipeline.admit(delivery(true)), &stop)
     );
     assert_eq!((first, second), (Disposition::Ack, Disposition::Ack));
     assert_eq!(app.stats().instances[&instance(90)].modify_calls, 1);

@@ -47,8 +47,10 @@ proptest! {
     #[test]
     fn arbitrary_bytes_never_panic_and_rejections_name_a_field(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
         if let Err(rejection) = job::parse(&bytes, &ParseContext::default()) {
-            prop_assert!(!rejection.field.is_empty());
-            prop_assert!(!rejection.field.chars().any(char::is_control));
+            for problem in rejection.problems() {
+                prop_assert!(!problem.field.is_empty());
+                prop_assert!(!problem.field.chars().any(char::is_control));
+            }
         }
         let _ = job::identify(&bytes, None);
     }

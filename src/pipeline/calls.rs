@@ -1,0 +1,289 @@
+//! The API phase of one job: Modify (or Describe first when an earlier attempt may have
+//! landed), retried under the rate limits with capped, jittered backoff.
+//!
+//! The job's deadline (`retry.deadline`) counts only its own API time: the calls and the backoff
+//! between them. Waiting for a rate-limit token, a 429 pause, the health gate or a circuit never
+//! fails a job; a job that waits longer than `worker.max_hold` is handed back to the queue.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{Context, Held, Pipeline};
+use crate::audit::Seen;
+use crate::circuit::{self, Scope, Signal};
+use crate::events::Outcome;
+use crate::gaussdb::{Call, CallError, Exchange};
+use crate::job::{Job, Status};
+use crate::limits::LimitKey;
+use crate::retry::{self, Backoff, Verdict};
+
+use super::health::Infra;
+
+/// How the API phase of a job ended.
+pub(super) enum Ended {
+    /// Succeeded or failed for good: record it.
+    Finished(Run),
+    /// An earlier delivery of the key asked for something else.
+    Conflict(Seen),
+    /// A circuit holds the job's scope: park it.
+    Parked(Scope),
+    /// Stopped waiting (shutdown, or held too long).
+    Held(Held),
+}
+
+/// What the API phase of a job came to.
+pub(super) struct Run {
+    pub outcome: Outcome,
+    pub resulting_status: Option<Status>,
+    pub error: Option<(String, String)>,
+    pub exchanges: Vec<Exchange>,
+}
+
+/// The loop's memory between attempts.
+struct Progress {
+    exchanges: Vec<Exchange>,
+    last_error: Option<(String, String)>,
+    /// Attempts that count against `retry.max_attempts` (a 429 does not: it is a wait).
+    counted: u32,
+    /// The job's own API time so far: calls and backoff sleeps.
+    spent: Duration,
+    retries: u32,
+    claimed: bool,
+}
+
+impl Progress {
+    fn failed(self, reason: &str) -> Ended {
+        Ended::Finished(Run::failed(self.last_error, self.exchanges, reason))
+    }
+}
+
+impl Pipeline {
+    /// Calls the API until the job succeeds, fails for good, runs out of attempts or of its
+    /// own time, or is held by a circuit.
+    pub(super) async fn call(
+        self: &Arc<Self>,
+        job: &Job,
+        digest: &str,
+        uncertain: bool,
+        ctx: &Context<'_>,
+    ) -> Ended {
+        let retry = &self.settings.retry;
+        let backoff = Backoff {
+            base: retry.base_delay,
+            cap: retry.max_delay,
+        };
+        let region = job.region.as_str();
+        let key: LimitKey = (region.to_owned(), job.project_id.to_string());
+        let mut uncertain = uncertain;
+        let mut progress = Progress {
+            exchanges: Vec::new(),
+            last_error: None,
+            counted: 0,
+            spent: Duration::ZERO,
+            retries: 0,
+            claimed: uncertain,
+        };
+        loop {
+            if progress.counted >= retry.max_attempts {
+                return progress.failed("keyturn.attempts_exhausted");
+            }
+            if progress.spent >= retry.deadline {
+                return progress.failed("keyturn.deadline_exceeded");
+            }
+            if let Err(ended) = self.wait_to_call(region, &key, ctx).await {
+                return ended;
+            }
+            let call = if uncertain {
+                Call::Describe
+            } else {
+                Call::Modify
+            };
+            if call == Call::Modify && !progress.claimed {
+                let claimed = self
+                    .infra(Infra::InFlightMarker, ctx.shutdown, || {
+                        self.audit
+                            .claim(job.id.as_str(), job.rerun, digest, &self.worker_id)
+                    })
+                    .await;
+                match claimed {
+                    None => return Ended::Held(Held::Shutdown),
+                    Some(seen) if seen.digest.as_deref().is_some_and(|d| d != digest) => {
+                        return Ended::Conflict(seen);
+                    }
+                    Some(_) => progress.claimed = true,
+                }
+            }
+            let exchange = match call {
+                Call::Modify => self.client.modify(job).await,
+                Call::Describe => self.client.describe(job).await,
+            };
+            super::results::log_exchange(&exchange);
+            progress.spent = progress.spent.saturating_add(exchange.latency);
+            let result = exchange.result.clone();
+            if let Some(scope) = self.watch_circuits(job, &result) {
+                return Ended::Parked(scope);
+            }
+            progress.exchanges.push(exchange);
+            let error = match result {
+                Ok(status) if status == job.change.status() => {
+                    return Ended::Finished(match call {
+                        Call::Modify => self.confirm(job, status, progress.exchanges).await,
+                        Call::Describe => Run::ok(status, progress.exchanges),
+                    });
+                }
+                Ok(_) => {
+                    // Modify answered another state (settle it with Describe), or Describe says
+                    // the change is not there (send it).
+                    progress.counted += 1;
+                    uncertain = call == Call::Modify;
+                    continue;
+                }
+                Err(error) => error,
+            };
+            progress.last_error = Some(super::results::error_pair(&error));
+            match verdict(&error) {
+                Verdict::Fatal => return progress.failed(""),
+                Verdict::Throttled => {
+                    let retry_after = match &error {
+                        CallError::Api { retry_after, .. } => *retry_after,
+                        _ => None,
+                    };
+                    self.limits.throttled(&key, retry_after);
+                }
+                Verdict::Retry => {
+                    progress.counted += 1;
+                    uncertain |= call == Call::Modify && may_have_landed(&error);
+                    if progress.counted >= retry.max_attempts {
+                        return progress.failed("keyturn.attempts_exhausted");
+                    }
+                    let wait = backoff.delay(progress.retries, &mut rand::rng());
+                    if progress.spent.saturating_add(wait) >= retry.deadline {
+                        return progress.failed("keyturn.deadline_exceeded");
+                    }
+                    tokio::time::sleep(wait).await;
+                    progress.spent = progress.spent.saturating_add(wait);
+                    progress.retries += 1;
+                }
+            }
+        }
+    }
+
+    /// Waits until a call may go out: the health gate, then the rate limits; a circuit that is
+    /// open (or opens meanwhile) parks the job instead.
+    async fn wait_to_call(
+        &self,
+        region: &str,
+        key: &LimitKey,
+        ctx: &Context<'_>,
+    ) -> Result<(), Ended> {
+        let holding = |pipeline: &Pipeline| pipeline.circuits.holding(region).map(Ended::Parked);
+        if let Some(parked) = holding(self) {
+            return Err(parked);
+        }
+        self.hold(ctx, self.health.wait_healthy())
+            .await
+            .map_err(Ended::Held)?;
+        self.hold(ctx, self.limits.acquire(key))
+            .await
+            .map_err(Ended::Held)?;
+        holding(self).map_or(Ok(()), Err)
+    }
+
+    /// Feeds an answer to the circuits; returns the scope that holds this job if the answer
+    /// showed a fault of the deployment (opening its circuit and starting its probe).
+    fn watch_circuits(
+        self: &Arc<Self>,
+        job: &Job,
+        result: &Result<Status, CallError>,
+    ) -> Option<Scope> {
+        let region = job.region.as_str();
+        let signal = circuit::classify(&result.clone().map(|_| ()), region, self.auth);
+        let is_fault = matches!(signal, Signal::Fault(_));
+        let fault_scope = match &signal {
+            Signal::Fault(fault) => Some(fault.scope.clone()),
+            _ => None,
+        };
+        if let Some(opened) = self.circuits.report(region, signal) {
+            self.spawn_probe(opened.scope.clone(), job.clone());
+            return Some(opened.scope);
+        }
+        if is_fault {
+            return fault_scope;
+        }
+        // Another job's answer may have opened a circuit meanwhile: retry no further there.
+        result.as_ref().err().and_then(|_| self.circuits.holding(region))
+    }
+
+    /// After a successful Modify: optionally read the state back, as the operator asked.
+    async fn confirm(&self, job: &Job, status: Status, mut exchanges: Vec<Exchange>) -> Run {
+        if !self.settings.api.confirm_after {
+            return Run::ok(status, exchanges);
+        }
+        let key: LimitKey = (job.region.to_string(), job.project_id.to_string());
+        self.limits.acquire(&key).await;
+        let confirmation = self.client.describe(job).await;
+        super::results::log_exchange(&confirmation);
+        let confirmed = confirmation.result.clone();
+        exchanges.push(confirmation);
+        match confirmed {
+            Ok(read) if read == job.change.status() => Run::ok(read, exchanges),
+            Ok(read) => Run {
+                outcome: Outcome::Failed,
+                resulting_status: Some(read),
+                error: Some((
+                    "keyturn.not_confirmed".into(),
+                    format!("Describe reports {} after Modify", read.as_str()),
+                )),
+                exchanges,
+            },
+            // The toggle was accepted; a failed read-back does not undo it.
+            Err(_) => Run::ok(status, exchanges),
+        }
+    }
+}
+
+/// True when a Modify that failed this way may still have been applied: no answer came (a
+/// timeout, a cut connection) or the server failed after maybe applying it (5xx, 504).
+fn may_have_landed(error: &CallError) -> bool {
+    match error {
+        CallError::Api { status, .. } => (500..=599).contains(status),
+        other => other.may_have_landed(),
+    }
+}
+
+fn verdict(error: &CallError) -> Verdict {
+    match error {
+        CallError::Api { status, code, .. } => retry::classify(*status, code.as_deref()),
+        CallError::Timeout | CallError::Connect(_) | CallError::Protocol(_) => Verdict::Retry,
+    }
+}
+
+impl Run {
+    pub(super) fn ok(status: Status, exchanges: Vec<Exchange>) -> Run {
+        Run {
+            outcome: Outcome::Succeeded,
+            resulting_status: Some(status),
+            error: None,
+            exchanges,
+        }
+    }
+
+    /// A failed run keeps the last API error; a non-empty `reason` (the loop ran out of attempts
+    /// or time) is appended to its message, or is the error when no attempt was made.
+    fn failed(last_error: Option<(String, String)>, exchanges: Vec<Exchange>, reason: &str) -> Run {
+        let error = match (last_error, reason) {
+            (Some(error), "") => error,
+            (Some((code, msg)), reason) => (code, format!("{msg} ({reason})")),
+            (None, reason) => (
+                reason.to_owned(),
+                "no attempt could be made in time".to_owned(),
+            ),
+        };
+        Run {
+            outcome: Outcome::Failed,
+            resulting_status: None,
+            error: Some(error),
+            exchanges,
+        }
+    }
+}

@@ -1,0 +1,401 @@
+//! The path of one delivery: admit (parse, take the instance's turn) → identity check → circuit
+//! check → signed calls with retries → audit commit → confirmed result event → a [`Disposition`]
+//! telling the AMQP layer what to do.
+//!
+//! This is the one place that decides ack, dead-letter or leave-for-redelivery. It knows nothing
+//! of lapin: deliveries arrive as [`Delivery`] values, events leave through an [`EventSink`] and
+//! jobs go back to the queue through a [`JobQueue`]. Nothing that is the deployment's fault ends
+//! a job: the audit store or the broker failing holds it ([`health`]); refused credentials or an
+//! unreachable endpoint park it until a probe passes ([`parking`]).
+//!
+//! - [`calls`]: the API phase, its retries and its deadline.
+//! - [`health`]: the infrastructure gate and the retry of infrastructure operations.
+//! - [`locks`]: one delivery per job key, one job per instance in delivery order.
+//! - [`parking`]: parking, handing back, probing and releasing.
+//! - [`results`]: what a finished job's record and event say.
+
+mod calls;
+mod health;
+mod locks;
+mod parking;
+mod results;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+pub use health::{Dependency, Health};
+pub use locks::{InstanceTurns, JobLocks, Turn};
+
+use crate::audit::{AuditStore, Earlier, FinalRecord, Seen, StoredEvent};
+use crate::circuit::{AuthMode, Circuits};
+use crate::config::Settings;
+use crate::events::{EventSink, Outcome, Outgoing, ResultEvent};
+use crate::gaussdb::Client;
+use crate::job::{self, Identity, Job, ParseContext, Rejection};
+use crate::limits::Limits;
+use calls::Ended;
+use health::Infra;
+
+/// A message as the AMQP layer hands it over.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub body: Vec<u8>,
+    pub message_id: Option<String>,
+    pub correlation_id: Option<String>,
+    pub reply_to: Option<String>,
+    pub content_type: Option<String>,
+    pub redelivered: bool,
+    pub received_at: DateTime<Utc>,
+}
+
+/// What to do with a delivery once processing is over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// The record and event are safe, or the job is parked or handed back: acknowledge.
+    Ack,
+    /// The job was rejected and recorded: `basic.reject(requeue=false)` to the dead queue.
+    DeadLetter,
+    /// Shutting down before the job could be made safe: leave it unacked for redelivery.
+    Abandon,
+}
+
+/// A job as it goes back to the jobs queue: the original body and properties.
+#[derive(Debug, Clone, Copy)]
+pub struct Requeue<'a> {
+    pub body: &'a [u8],
+    pub message_id: Option<&'a str>,
+    pub correlation_id: Option<&'a str>,
+    pub reply_to: Option<&'a str>,
+    pub content_type: Option<&'a str>,
+}
+
+/// Where jobs go back to the queue (the AMQP publisher in production).
+#[async_trait::async_trait]
+pub trait JobQueue: Send + Sync {
+    /// Publishes `job` to the jobs queue and returns once the broker confirmed it.
+    async fn requeue(&self, job: &Requeue<'_>) -> anyhow::Result<()>;
+}
+
+/// Everything one worker needs to process deliveries; shared by all in-flight jobs.
+pub struct Pipeline {
+    pub settings: Settings,
+    pub worker_id: String,
+    pub client: Client,
+    pub auth: AuthMode,
+    pub audit: AuditStore,
+    pub events: Arc<dyn EventSink>,
+    pub jobs: Arc<dyn JobQueue>,
+    pub limits: Limits,
+    pub health: Health,
+    pub circuits: Circuits,
+    pub locks: JobLocks,
+    pub turns: InstanceTurns,
+    /// Cancelled when the worker stops: ends probes and releases.
+    pub stopping: CancellationToken,
+    releasing: tokio::sync::Mutex<()>,
+}
+
+/// A delivery admitted by the consuming loop: parsed once, with its place in its instance's line.
+pub struct Admitted {
+    delivery: Delivery,
+    parsed: Result<Job, Rejection>,
+    body_digest: String,
+    turn: Option<Turn>,
+}
+
+/// What a delivery is worked on with, besides the pipeline.
+struct Context<'a> {
+    delivery: &'a Delivery,
+    identity: Identity,
+    body_digest: String,
+    /// Past this instant the job is handed back to the queue rather than held longer, so no
+    /// delivery meets RabbitMQ's consumer timeout.
+    hold_until: Instant,
+    shutdown: &'a CancellationToken,
+}
+
+/// Why a job stopped waiting before its work was done.
+enum Held {
+    Shutdown,
+    TooLong,
+}
+
+impl Pipeline {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        settings: Settings,
+        worker_id: String,
+        client: Client,
+        auth: AuthMode,
+        audit: AuditStore,
+        events: Arc<dyn EventSink>,
+        jobs: Arc<dyn JobQueue>,
+    ) -> Pipeline {
+        Pipeline {
+            limits: Limits::new(&settings.rate_limit),
+            circuits: Circuits::new(settings.circuit.strikes_to_open),
+            settings,
+            worker_id,
+            client,
+            auth,
+            audit,
+            events,
+            jobs,
+            health: Health::default(),
+            locks: JobLocks::default(),
+            turns: InstanceTurns::default(),
+            stopping: CancellationToken::new(),
+            releasing: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Parses a delivery and takes its instance's ticket. Call in delivery order: the tickets
+    /// give jobs of one instance their order.
+    pub fn admit(&self, delivery: Delivery) -> Admitted {
+        let body_digest = job::body_digest(&delivery.body);
+        let parsed = job::parse(&delivery.body, &self.parse_context(&delivery));
+        let turn = parsed
+            .as_ref()
+            .ok()
+            .map(|job| self.turns.take(job.instance_id.as_str()));
+        Admitted {
+            delivery,
+            parsed,
+            body_digest,
+            turn,
+        }
+    }
+
+    /// Processes one admitted delivery to the point where it can be acked or rejected.
+    // The span is at WARN so that it stays enabled, and names the job, under a warn-only filter.
+    #[tracing::instrument(level = "warn", skip_all, fields(job_id = tracing::field::Empty, rerun = tracing::field::Empty, rollout_id = tracing::field::Empty, instance_id = tracing::field::Empty, redelivered = admitted.delivery.redelivered))]
+    pub async fn process(
+        self: &Arc<Self>,
+        admitted: Admitted,
+        shutdown: &CancellationToken,
+    ) -> Disposition {
+        let Admitted {
+            delivery,
+            parsed,
+            body_digest,
+            turn,
+        } = admitted;
+        let identity = match &parsed {
+            Ok(job) => results::identity_of(job),
+            Err(_) => job::identify(&delivery.body, delivery.message_id.as_deref()),
+        };
+        let span = tracing::Span::current();
+        span.record("job_id", identity.job_id.as_str());
+        span.record("rerun", identity.rerun);
+        span.record("rollout_id", identity.rollout_id.as_deref().unwrap_or("-"));
+        span.record(
+            "instance_id",
+            identity.instance_id.as_deref().unwrap_or("-"),
+        );
+        #[cfg(debug_assertions)]
+        injected_panic(&identity.job_id);
+        let hold_for = self.settings.worker.max_hold;
+        let received = Instant::now()
+            .checked_sub(since(delivery.received_at))
+            .unwrap_or_else(Instant::now);
+        let ctx = Context {
+            delivery: &delivery,
+            identity,
+            body_digest,
+            hold_until: received + hold_for,
+            shutdown,
+        };
+        let lock_key = format!("{}#{}", ctx.identity.job_id, ctx.identity.rerun);
+        let _one_at_a_time = match self.hold(&ctx, self.locks.lock(&lock_key)).await {
+            Ok(guard) => guard,
+            Err(held) => return self.held(held, &ctx).await,
+        };
+        if let Some(turn) = &turn
+            && let Err(held) = self.hold(&ctx, turn.ready()).await
+        {
+            return self.held(held, &ctx).await;
+        }
+        let rerun = parsed.as_ref().map_or(0, |job| job.rerun);
+        let earlier = self
+            .infra(Infra::AuditLookup, shutdown, || {
+                self.audit
+                    .lookup(&ctx.identity.job_id, rerun, &ctx.body_digest)
+            })
+            .await;
+        let Some(earlier) = earlier else {
+            return Disposition::Abandon;
+        };
+        match parsed {
+            Err(rejection) => match earlier.rejection {
+                Some(stored) => self.replay(stored, &ctx).await,
+                None => self.reject(&rejection, None, &ctx).await,
+            },
+            Ok(job) => self.process_job(&job, earlier, &ctx).await,
+        }
+    }
+
+    async fn process_job(self: &Arc<Self>, job: &Job, earlier: Earlier, ctx: &Context<'_>) -> Disposition {
+        let digest = job.digest();
+        if let Some(seen) = conflict(&earlier, &digest) {
+            return self.reject(&reused_key(job, &seen), None, ctx).await;
+        }
+        if let Some((stored, _)) = earlier.final_record {
+            return self.replay(stored, ctx).await;
+        }
+        let uncertain = earlier.marker.is_some();
+        match self.call(job, &digest, uncertain, ctx).await {
+            Ended::Finished(run) => {
+                let record = self.record_of(job, &digest, run, ctx);
+                self.commit(record, ctx).await
+            }
+            Ended::Conflict(seen) => self.reject(&reused_key(job, &seen), None, ctx).await,
+            Ended::Parked(scope) => self.park(job, &digest, &scope, ctx).await,
+            Ended::Held(held) => self.held(held, ctx).await,
+        }
+    }
+
+    fn parse_context<'a>(&'a self, delivery: &'a Delivery) -> ParseContext<'a> {
+        ParseContext {
+            default_region: Some(self.settings.worker.default_region.as_str())
+                .filter(|r| !r.is_empty()),
+            any_region: !self.settings.api.endpoint.is_empty(),
+            message_id: delivery.message_id.as_deref(),
+            content_type: delivery.content_type.as_deref(),
+        }
+    }
+
+    /// Waits for `wait`, unless shutdown comes first or the job has been held too long.
+    async fn hold<T>(
+        &self,
+        ctx: &Context<'_>,
+        wait: impl std::future::Future<Output = T>,
+    ) -> Result<T, Held> {
+        tokio::select! {
+            () = ctx.shutdown.cancelled() => Err(Held::Shutdown),
+            () = tokio::time::sleep_until(ctx.hold_until) => Err(Held::TooLong),
+            value = wait => Ok(value),
+        }
+    }
+
+    /// Records a rejection (the API is never called) and dead-letters the original.
+    async fn reject(
+        &self,
+        rejection: &Rejection,
+        job: Option<&Job>,
+        ctx: &Context<'_>,
+    ) -> Disposition {
+        tracing::warn!(field = rejection.field(), reason = %rejection, "job rejected");
+        let record = self.rejection_record(rejection, job, ctx);
+        self.commit(record, ctx).await
+    }
+
+    async fn commit(&self, record: FinalRecord, ctx: &Context<'_>) -> Disposition {
+        let stored = self
+            .infra(Infra::AuditCommit, ctx.shutdown, || {
+                self.audit.record(record.clone())
+            })
+            .await;
+        match stored {
+            Some(recorded) => self.finish(recorded.into_stored(), ctx).await,
+            None => Disposition::Abandon,
+        }
+    }
+
+    async fn replay(&self, stored: StoredEvent, ctx: &Context<'_>) -> Disposition {
+        tracing::info!(event_id = %stored.event.id, outcome = stored.event.data.outcome.as_str(), "duplicate delivery: replaying the stored result");
+        self.finish(stored, ctx).await
+    }
+
+    /// Publishes the stored event's bytes and picks the disposition its outcome calls for.
+    async fn finish(&self, stored: StoredEvent, ctx: &Context<'_>) -> Disposition {
+        let event = &stored.event;
+        let correlation_id = ctx
+            .delivery
+            .correlation_id
+            .clone()
+            .unwrap_or_else(|| ctx.identity.job_id.clone());
+        let routing_key = event.routing_key();
+        let outgoing = Outgoing {
+            id: &event.id,
+            kind: &event.kind,
+            routing_key: &routing_key,
+            body: stored.json.as_bytes(),
+            correlation_id: &correlation_id,
+            reply_to: ctx.delivery.reply_to.as_deref().filter(|r| !r.is_empty()),
+        };
+        let published = self
+            .infra(Infra::ResultPublish, ctx.shutdown, || {
+                self.events.publish(&outgoing)
+            })
+            .await;
+        match (published, event.data.outcome) {
+            (None, _) => Disposition::Abandon,
+            (Some(()), Outcome::Rejected) => Disposition::DeadLetter,
+            (Some(()), _) => {
+                log_finished(event);
+                Disposition::Ack
+            }
+        }
+    }
+}
+
+fn log_finished(event: &ResultEvent) {
+    let data = &event.data;
+    if data.outcome == Outcome::Failed {
+        tracing::warn!(
+            event_id = %event.id,
+            error_code = data.error_code.as_deref().unwrap_or("-"),
+            attempts = data.attempts,
+            rollout_id = data.rollout_id.as_deref().unwrap_or("-"),
+            "job failed: {}",
+            data.error_msg.as_deref().unwrap_or("-")
+        );
+    } else {
+        tracing::info!(event_id = %event.id, outcome = data.outcome.as_str(), "job finished");
+    }
+}
+
+/// When the store saw this job key ask for something else, that earlier sighting.
+fn conflict(earlier: &Earlier, digest: &str) -> Option<Seen> {
+    let seen = [
+        earlier.final_record.as_ref().map(|(_, seen)| seen),
+        earlier.marker.as_ref(),
+        earlier.parked.as_ref(),
+    ];
+    seen.into_iter()
+        .flatten()
+        .find(|seen| seen.digest.as_deref().is_some_and(|d| d != digest))
+        .cloned()
+}
+
+/// The rejection of a job key reused with another body: it names `job_id` and when the key was
+/// first seen, so the sender can tell which of its messages won.
+fn reused_key(job: &Job, seen: &Seen) -> Rejection {
+    Rejection::single(
+        "job_id",
+        format!(
+            "{} (rerun {}) was first seen at {} with a different body; send it under a new job_id, or with a higher rerun to run it again",
+            job.id, job.rerun, seen.at
+        ),
+    )
+}
+
+/// Debug builds only: panics while processing the job named by `KEYTURN_DEBUG_PANIC_JOB`, so
+/// tests can show that a panicking job neither leaks its slot nor wedges the worker.
+#[cfg(debug_assertions)]
+fn injected_panic(job_id: &str) {
+    static TARGET: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let target = TARGET.get_or_init(|| std::env::var("KEYTURN_DEBUG_PANIC_JOB").ok());
+    if target.as_deref() == Some(job_id) {
+        panic!("injected panic for job {job_id} (KEYTURN_DEBUG_PANIC_JOB)");
+    }
+}
+
+/// Time since `since`, never negative.
+fn since(at: DateTime<Utc>) -> Duration {
+    (Utc::now() - at).to_std().unwrap_or_default()
+}
