@@ -89,9 +89,8 @@ pub async fn run(
     Ok(())
 }
 
-/// Background work of a running worker: releasing parked jobs whose circuit is closed (first
-/// right after the topology exists, so a job parked before a restart finds its queue), and
-/// pruning the rate limiters' per-project maps.
+/// Background work of a running worker: releasing parked jobs whose circuit is closed (a
+/// release cut short, or parked by another worker), and pruning the rate limiters' maps.
 fn housekeeping(pipeline: &Arc<Pipeline>) -> tokio::task::JoinHandle<()> {
     let pipeline = pipeline.clone();
     tokio::spawn(async move {
@@ -130,6 +129,8 @@ async fn session(
         .basic_qos(concurrency, BasicQosOptions::default())
         .await?;
     if housekeeping_task.is_none() {
+        // Jobs parked before a restart go back to the queue before anything else happens.
+        pipeline.release_closed(stop).await;
         *housekeeping_task = Some(housekeeping(pipeline));
     }
     let mut consuming = Consuming::start(pipeline, &channel).await?;

@@ -195,14 +195,14 @@ impl Pipeline {
         }
     }
 
-    /// Runs [`Pipeline::release_closed`] now and every `every` until `shutdown`.
+    /// Runs [`Pipeline::release_closed`] every `every` until `shutdown`.
     pub async fn keep_releasing(&self, every: Duration, shutdown: CancellationToken) {
         loop {
-            self.release_closed(&shutdown).await;
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = tokio::time::sleep(every) => {}
             }
+            self.release_closed(&shutdown).await;
         }
     }
 }

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use keyturn::amqp::worker::RunOptions;
 use keyturn::config::Credentials;
 use keyturn::events::Outcome;
 use keyturn::simulator::Step;
@@ -217,7 +218,7 @@ async fn every_invalid_job_is_rejected_naming_its_field_audited_and_dead_lettere
 }
 
 #[tokio::test]
-async fn a_500_is_retried_and_then_succeeds_with_each_attempt_recorded() {
+async fn a_500_is_checked_with_describe_then_retried_with_each_attempt_recorded() {
     let app = TestApp::spawn().await;
     app.simulator.script(
         &instance(3),
@@ -236,17 +237,22 @@ async fn a_500_is_retried_and_then_succeeds_with_each_attempt_recorded() {
 
     let event = &app.events(1).await[0];
     assert_eq!(event.data.outcome, Outcome::Succeeded);
-    assert_eq!(event.data.attempts, 2);
+    assert_eq!(event.data.attempts, 3);
     let attempts = app.attempts("J-500");
     assert_eq!(
         attempts
             .iter()
-            .map(|a| a["http_status"].clone())
+            .map(|a| (a["call"].clone(), a["http_status"].clone()))
             .collect::<Vec<_>>(),
-        vec![json!(500), json!(200)]
+        vec![
+            (json!("modify"), json!(500)),
+            // A 500 may have landed: ask before sending it again.
+            (json!("describe"), json!(200)),
+            (json!("modify"), json!(200)),
+        ]
     );
     assert_eq!(attempts[0]["error_code"], "DBS.05000000");
-    assert_ne!(attempts[0]["request_id"], attempts[1]["request_id"]);
+    assert_ne!(attempts[0]["request_id"], attempts[2]["request_id"]);
     assert_eq!(app.stats().instances[&instance(3)].modify_calls, 2);
     app.cleanup().await;
 }
@@ -431,28 +437,36 @@ async fn reply_to_and_correlation_id_are_honoured() {
 }
 
 #[tokio::test]
-async fn token_auth_works_and_a_wrong_token_fails_without_retry() {
+async fn token_auth_works_and_a_wrong_token_parks_the_job_until_a_good_one_runs_it() {
     let app = TestApp::spawn().await;
     app.publish_job(&job("J-token", 11, "on")).await;
     app.drain_with(Credentials::Token(TOKEN.to_owned().into()))
         .await;
-    app.publish_job(&job("J-badtoken", 12, "on")).await;
-    app.drain_with(Credentials::Token("wrong-token".to_owned().into()))
-        .await;
+    assert_eq!(app.events(1).await[0].data.outcome, Outcome::Succeeded);
 
-    let events = app.events(2).await;
-    let good = events.iter().find(|e| e.data.job_id == "J-token").unwrap();
-    assert_eq!(good.data.outcome, Outcome::Succeeded);
-    let bad = events
-        .iter()
-        .find(|e| e.data.job_id == "J-badtoken")
-        .unwrap();
-    assert_eq!(
-        (bad.data.outcome, bad.data.http_status),
-        (Outcome::Failed, Some(401))
+    // A refused token is the deployment's fault: the job is parked, not failed.
+    app.publish_job(&job("J-badtoken", 12, "on")).await;
+    let (stop, worker) = app.start_worker_with(
+        Credentials::Token("wrong-token".to_owned().into()),
+        RunOptions::default(),
     );
-    assert_eq!(bad.data.error_code.as_deref(), Some("APIGW.0301"));
-    assert_eq!(bad.data.attempts, 1);
+    wait_until(Duration::from_secs(30), || async {
+        rows(&app.audit_path(), "SELECT job_id FROM parked").len() == 1
+    })
+    .await;
+    stop.cancel();
+    worker.await.unwrap();
+    assert_eq!(app.toggles().len(), 1, "no record for the held job");
+    assert_eq!(app.stats().auth_failures, 1, "one refused call, then nothing");
+
+    // A worker with a good token releases it at start, under its own job id.
+    app.drain_with(Credentials::Token(TOKEN.to_owned().into()))
+        .await;
+    let events = app.events(2).await;
+    let held = events.iter().find(|e| e.data.job_id == "J-badtoken").unwrap();
+    assert_eq!(held.data.outcome, Outcome::Succeeded);
+    assert!(rows(&app.audit_path(), "SELECT job_id FROM parked").is_empty());
+    assert!(app.dead_letters().await.is_empty());
     app.cleanup().await;
 }
 

@@ -15,7 +15,7 @@ prop_compose! {
     fn valid_job()(
         job_id in "[A-Za-z0-9._:-]{1,128}",
         rollout_id in proptest::option::of("[A-Za-z0-9._:-]{1,128}"),
-        ticket in proptest::option::of("[^\\p{Cc}]{0,256}"),
+        ticket in proptest::option::of("[^\\p{Cc}\\p{Cf}]{0,256}"),
         region in proptest::sample::select(keyturn::gaussdb::regions::all().collect::<Vec<_>>()),
         project_id in hex(32),
         instance in hex(32),
@@ -23,7 +23,7 @@ prop_compose! {
         on in any::<bool>(),
         upper in any::<bool>(),
         key in any::<u128>(),
-        requested_by in proptest::option::of("[^\\p{Cc}]{0,128}"),
+        requested_by in proptest::option::of("[^\\p{Cc}\\p{Cf}]{0,128}"),
     ) -> serde_json::Value {
         let status = match (on, upper) { (true, true) => "ON", (true, false) => "on", (false, true) => "Off", (false, false) => "off" };
         let mut body = json!({
