@@ -421,8 +421,9 @@ fn validate_endpoint(endpoint: &str, allow_insecure_http: bool) -> Result<(), Co
         "http" if allow_insecure_http || is_loopback(host) => Ok(()),
         "http" => Err(config_error(
             "api.endpoint",
+            // The host only: a URL may carry user info that is not for a log line.
             format!(
-                "{endpoint:?} is plain http to a host that is not loopback; use https or set api.allow_insecure_http = true"
+                "plain http to {host}, which is not loopback; use https or set api.allow_insecure_http = true"
             ),
         )),
         _ => Err(config_error(
