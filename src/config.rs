@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
 use crate::gaussdb::regions;
@@ -101,8 +101,10 @@ pub struct ApiSettings {
     pub endpoint: String,
     /// `aksk` (from CLOUD_SDK_AK / CLOUD_SDK_SK) or `token` (api.token).
     pub auth: String,
-    /// Static IAM token for `auth = "token"`; better given as KEYTURN_API__TOKEN.
-    pub token: String,
+    /// Static IAM token for `auth = "token"`, only from KEYTURN_API__TOKEN: a file is copied,
+    /// backed up and shown on screens, so [`Settings::load`] refuses it there. Never serialized.
+    #[serde(skip_serializing, deserialize_with = "secret_text::deserialize")]
+    pub token: SecretString,
     pub language: String,
     #[serde(with = "duration_text")]
     pub connect_timeout: Duration,
@@ -110,6 +112,12 @@ pub struct ApiSettings {
     pub request_timeout: Duration,
     /// Ask Describe after a successful Modify and report what the instance says.
     pub confirm_after: bool,
+    /// Accept an `http://` endpoint that is not loopback. Off: a token or signature sent in the
+    /// clear to another host is a mistake worth stopping at start.
+    pub allow_insecure_http: bool,
+    /// A PEM bundle of extra roots the API client trusts besides the built-in ones (a private
+    /// endpoint behind a company CA); empty = the built-in roots only.
+    pub ca_file: PathBuf,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -188,11 +196,13 @@ impl Default for ApiSettings {
         ApiSettings {
             endpoint: String::new(),
             auth: "aksk".into(),
-            token: String::new(),
+            token: SecretString::from(""),
             language: "en-us".into(),
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(30),
             confirm_after: false,
+            allow_insecure_http: false,
+            ca_file: PathBuf::new(),
         }
     }
 }
@@ -253,6 +263,7 @@ impl Settings {
             Some(path) => read_table(path)?,
             None => toml::Table::new(),
         };
+        refuse_secrets_in_file(&table)?;
         apply_env(&mut table, env)?;
         let settings: Settings = serde_path_to_error::deserialize(toml::Value::Table(table))
             .map_err(|error| {
@@ -294,8 +305,8 @@ impl Settings {
                 })?;
                 Ok(Credentials::AkSk { ak, sk: sk.into() })
             }
-            "token" if !self.api.token.is_empty() => {
-                Ok(Credentials::Token(self.api.token.clone().into()))
+            "token" if !self.api.token.expose_secret().is_empty() => {
+                Ok(Credentials::Token(self.api.token.clone()))
             }
             "token" => Err(config_error("api.token", "is empty (api.auth = \"token\")")),
             other => Err(config_error(
@@ -371,14 +382,10 @@ impl Settings {
     fn validate_api(&self) -> Result<(), ConfigError> {
         let api = &self.api;
         if !api.endpoint.is_empty() {
-            let url = reqwest::Url::parse(&api.endpoint)
-                .map_err(|error| config_error("api.endpoint", format!("is not a URL: {error}")))?;
-            if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
-                return Err(config_error(
-                    "api.endpoint",
-                    "must be an http(s) URL with a host",
-                ));
-            }
+            validate_endpoint(&api.endpoint, api.allow_insecure_http)?;
+        }
+        if !api.ca_file.as_os_str().is_empty() {
+            crate::gaussdb::client::read_ca_bundle(&api.ca_file)?;
         }
         let default_region = &self.worker.default_region;
         if !default_region.is_empty()
@@ -444,6 +451,56 @@ impl Settings {
         }
         Ok(())
     }
+}
+
+/// An http(s) URL with a host; plain `http://` only to loopback unless explicitly allowed, because
+/// every request carries a signature or a token.
+fn validate_endpoint(endpoint: &str, allow_insecure_http: bool) -> Result<(), ConfigError> {
+    let url = reqwest::Url::parse(endpoint)
+        .map_err(|error| config_error("api.endpoint", format!("is not a URL: {error}")))?;
+    let Some(host) = url.host_str() else {
+        return Err(config_error(
+            "api.endpoint",
+            "must be an http(s) URL with a host",
+        ));
+    };
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" if allow_insecure_http || is_loopback(host) => Ok(()),
+        "http" => Err(config_error(
+            "api.endpoint",
+            // The host only: a URL may carry user info that is not for a log line.
+            format!(
+                "plain http to {host}, which is not loopback; use https or set api.allow_insecure_http = true"
+            ),
+        )),
+        _ => Err(config_error(
+            "api.endpoint",
+            "must be an http(s) URL with a host",
+        )),
+    }
+}
+
+/// `localhost`, 127.0.0.0/8 or ::1 (the URL parser has already normalised the host).
+fn is_loopback(host: &str) -> bool {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || bare
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Secrets written in the settings file are refused, not ignored: the operator learns at once
+/// that the file is the wrong place, and where the value belongs.
+fn refuse_secrets_in_file(table: &toml::Table) -> Result<(), ConfigError> {
+    let api = table.get("api").and_then(toml::Value::as_table);
+    if api.is_some_and(|api| api.contains_key("token")) {
+        return Err(config_error(
+            "api.token",
+            "must not be written in the config file; set KEYTURN_API__TOKEN",
+        ));
+    }
+    Ok(())
 }
 
 fn range(key: &str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
@@ -520,7 +577,13 @@ fn apply_env(table: &mut toml::Table, env: &[(String, String)]) -> Result<(), Co
         };
         let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
         let dotted = format!("{section}.{key}");
-        let Some(default) = defaults.get(&section).and_then(|s| s.get(&key)) else {
+        let secret =
+            (section == "api" && key == "token").then(|| toml::Value::String(String::new()));
+        let Some(default) = defaults
+            .get(&section)
+            .and_then(|s| s.get(&key))
+            .or(secret.as_ref())
+        else {
             return Err(config_error(
                 name.clone(),
                 format!("names no config key ({dotted})"),
@@ -550,6 +613,18 @@ fn typed_value(like: &toml::Value, text: &str) -> Option<toml::Value> {
         toml::Value::Boolean(_) => toml::Value::Boolean(text.trim().parse().ok()?),
         _ => toml::Value::String(text.to_owned()),
     })
+}
+
+/// Secret text read straight into a [`SecretString`], so no plain copy outlives deserializing.
+mod secret_text {
+    use secrecy::SecretString;
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<SecretString, D::Error> {
+        String::deserialize(deserializer).map(SecretString::from)
+    }
 }
 
 /// Durations written the human way (`250ms`, `30s`, `10m`).
@@ -648,6 +723,115 @@ mod tests {
         let error = Settings::load(Some(&path), &[]).unwrap_err();
         assert!(error.key.starts_with("worker"), "{error}");
         assert!(error.problem.contains("concurency"), "{error}");
+    }
+
+    fn load_file(text: &str, vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keyturn.toml");
+        std::fs::write(&path, text).unwrap();
+        Settings::load(Some(&path), &env(vars))
+    }
+
+    #[test]
+    fn plain_http_endpoints_only_on_loopback_unless_allowed() {
+        for endpoint in [
+            "http://127.0.0.1:8600",
+            "http://127.9.8.7",
+            "http://[::1]:8600/",
+            "http://localhost:8600",
+            "http://LOCALHOST",
+            "https://gaussdb.example.com",
+        ] {
+            let loaded = Settings::load(None, &env(&[("KEYTURN_API__ENDPOINT", endpoint)]));
+            assert!(loaded.is_ok(), "{endpoint}: {:?}", loaded.err());
+        }
+        for endpoint in [
+            "http://10.0.0.8:8600",
+            "http://localhost.example.com",
+            "http://gaussdb.example.com",
+            "http://[::2]",
+            "http://128.0.0.1",
+        ] {
+            let error = Settings::load(None, &env(&[("KEYTURN_API__ENDPOINT", endpoint)]))
+                .expect_err(endpoint);
+            assert_eq!(error.key, "api.endpoint", "{error}");
+            assert!(error.problem.contains("use https"), "{error}");
+            assert!(error.problem.contains("api.allow_insecure_http"), "{error}");
+            let allowed = Settings::load(
+                None,
+                &env(&[
+                    ("KEYTURN_API__ENDPOINT", endpoint),
+                    ("KEYTURN_API__ALLOW_INSECURE_HTTP", "true"),
+                ]),
+            );
+            assert!(allowed.is_ok(), "{endpoint}: {:?}", allowed.err());
+        }
+        let in_file = load_file(
+            "[api]\nendpoint = \"http://10.1.2.3\"\nallow_insecure_http = true\n",
+            &[],
+        );
+        assert!(in_file.unwrap().api.allow_insecure_http);
+    }
+
+    #[test]
+    fn a_token_in_the_file_is_refused_and_the_env_token_stays_secret() {
+        for text in [
+            "[api]\ntoken = \"file-token-secret\"\n",
+            "[api]\ntoken = \"\"\n",
+        ] {
+            let error = load_file(text, &[("KEYTURN_API__TOKEN", "x")]).unwrap_err();
+            assert_eq!(
+                error.to_string(),
+                "config key api.token: must not be written in the config file; set KEYTURN_API__TOKEN"
+            );
+        }
+        let vars = [
+            ("KEYTURN_API__AUTH", "token"),
+            ("KEYTURN_API__TOKEN", "env-token-secret-42"),
+        ];
+        let settings = load_file("[api]\nauth = \"aksk\"\n", &vars).unwrap();
+        match settings.credentials(&[]).unwrap() {
+            Credentials::Token(token) => assert_eq!(token.expose_secret(), "env-token-secret-42"),
+            Credentials::AkSk { .. } => panic!("token auth expected"),
+        }
+        assert!(!format!("{settings:?}").contains("env-token-secret-42"));
+        assert!(
+            !toml::to_string(&settings)
+                .unwrap()
+                .contains("env-token-secret-42")
+        );
+        let no_token = Settings::load(None, &env(&[("KEYTURN_API__AUTH", "token")])).unwrap();
+        assert_eq!(no_token.credentials(&[]).unwrap_err().key, "api.token");
+    }
+
+    #[test]
+    fn a_ca_file_must_be_a_readable_pem_bundle() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let garbage = write("garbage.pem", "not a certificate\n");
+        let empty = write("empty.pem", "");
+        let bad_der = write(
+            "bad.pem",
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        );
+        let missing = dir.path().join("missing.pem");
+        for path in [&garbage, &empty, &bad_der, &missing] {
+            let shown = path.display().to_string();
+            let error =
+                Settings::load(None, &env(&[("KEYTURN_API__CA_FILE", &shown)])).expect_err(&shown);
+            assert_eq!(error.key, "api.ca_file", "{error}");
+            assert!(error.problem.contains(&shown), "{error}");
+            assert_eq!(error.to_string().lines().count(), 1, "{error}");
+        }
+        let ca = rcgen::generate_simple_self_signed(vec!["ca.test".into()]).unwrap();
+        let good = write("good.pem", &ca.cert.pem());
+        let shown = good.display().to_string();
+        let settings = Settings::load(None, &env(&[("KEYTURN_API__CA_FILE", &shown)])).unwrap();
+        assert_eq!(settings.api.ca_file, good);
     }
 
     #[test]

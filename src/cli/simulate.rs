@@ -109,6 +109,8 @@ pub async fn run(args: SimulatorArgs, env: &[(String, String)]) -> Result<(), Fa
             busy_rate: args.busy_rate,
             timeout_rate: args.timeout_rate,
             hang_ms: args.hang_ms,
+            // Set at run time with `PUT /_simulator/faults`.
+            apply_then_error_rate: 0.0,
         },
         max_clock_skew: Duration::from_secs(15 * 60),
         seed: args.seed,

@@ -3,7 +3,12 @@
 //! Each call is one attempt: signed afresh (a retry gets a new `X-Sdk-Date`), timed, and returned
 //! as an [`Exchange`] that says what happened, including the `X-Request-Id` support asks for.
 //! Whether to try again is the pipeline's decision, not this module's.
+//!
+//! Redirects are never followed: a 3xx would carry a signed request (or a token) to a host the
+//! operator did not configure, so it ends the attempt as an API error instead. Extra trusted roots
+//! come from `api.ca_file`, on top of the built-in ones.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -12,7 +17,7 @@ use secrecy::ExposeSecret;
 use serde::Deserialize;
 
 use super::{regions, signer};
-use crate::config::{ApiSettings, Credentials};
+use crate::config::{ApiSettings, ConfigError, Credentials};
 use crate::job::{Change, Job, Status};
 
 /// Which API operation an attempt used.
@@ -70,6 +75,45 @@ pub struct Exchange {
     pub result: Result<Status, CallError>,
 }
 
+/// Why a [`Client`] could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// A setting (`api.ca_file`) that cannot be used; `main` exits 2 on it like on any other.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Http(#[from] reqwest::Error),
+}
+
+/// Reads the PEM bundle at `path` and checks that every certificate in it can be a trusted root,
+/// so a bad file stops the worker at start rather than at its first call.
+pub fn read_ca_bundle(path: &Path) -> Result<Vec<reqwest::Certificate>, ConfigError> {
+    let problem = |problem: String| ConfigError {
+        key: "api.ca_file".into(),
+        problem,
+    };
+    let shown = path.display();
+    let pem =
+        std::fs::read(path).map_err(|error| problem(format!("cannot read {shown}: {error}")))?;
+    let certificates = reqwest::Certificate::from_pem_bundle(&pem)
+        .map_err(|_| problem(format!("{shown} is not a PEM certificate bundle")))?;
+    if certificates.is_empty() {
+        return Err(problem(format!("{shown} holds no PEM certificate")));
+    }
+    let mut trial = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false);
+    for certificate in &certificates {
+        trial = trial.add_root_certificate(certificate.clone());
+    }
+    trial.build().map_err(|_| {
+        problem(format!(
+            "{shown} holds a certificate that cannot be a trusted root"
+        ))
+    })?;
+    Ok(certificates)
+}
+
 /// Signed client for one deployment (one credential, one endpoint rule).
 #[derive(Clone)]
 pub struct Client {
@@ -88,13 +132,19 @@ struct Answer {
 }
 
 impl Client {
-    pub fn new(settings: &ApiSettings, credentials: Credentials) -> reqwest::Result<Client> {
-        let http = reqwest::Client::builder()
+    pub fn new(settings: &ApiSettings, credentials: Credentials) -> Result<Client, ClientError> {
+        let mut builder = reqwest::Client::builder()
             .use_rustls_tls()
+            .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(settings.connect_timeout)
             .timeout(settings.request_timeout)
-            .user_agent(concat!("keyturn/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+            .user_agent(concat!("keyturn/", env!("CARGO_PKG_VERSION")));
+        if !settings.ca_file.as_os_str().is_empty() {
+            for certificate in read_ca_bundle(&settings.ca_file)? {
+                builder = builder.add_root_certificate(certificate);
+            }
+        }
+        let http = builder.build()?;
         let endpoint =
             Some(settings.endpoint.trim_end_matches('/').to_owned()).filter(|e| !e.is_empty());
         Ok(Client {

@@ -5,4 +5,4 @@ pub mod client;
 pub mod regions;
 pub mod signer;
 
-pub use client::{Call, CallError, Client, Exchange};
+pub use client::{Call, CallError, Client, ClientError, Exchange};

@@ -278,6 +278,7 @@ enum Fault {
     Throttle,
     Busy,
     ServerError,
+    ApplyThenError,
 }
 
 impl Simulator {
@@ -289,7 +290,12 @@ impl Simulator {
             headers: &parts.headers,
             body,
         };
-        let verdict = auth::authenticate(&self.config, &received, chrono::Utc::now());
+        let verdict = auth::authenticate(
+            &self.keys(),
+            self.config.max_clock_skew,
+            &received,
+            chrono::Utc::now(),
+        );
         let decision = match (verdict.result, route.problem()) {
             (Err(error), _) => Decision::now(Reply::auth_failure(&error)),
             (Ok(()), Some(problem)) => Decision::now(Reply::bad_request(problem)),
@@ -332,7 +338,10 @@ impl Simulator {
         let mut decision = match step {
             Some(step) => scripted(step, instance, route.call, body),
             None => match roll(rng, faults) {
-                Some(fault) => injected(fault, faults),
+                Some(Fault::ApplyThenError) if route.call == Call::Describe => {
+                    Decision::now(serve_call(instance, route.call, body))
+                }
+                Some(fault) => injected(fault, faults, instance, body),
                 None => Decision::now(serve_call(instance, route.call, body)),
             },
         };
@@ -415,13 +424,27 @@ fn scripted(step: Step, instance: &mut Instance, call: Call, body: &[u8]) -> Dec
             code,
             msg,
             retry_after_secs,
+            apply,
         } => {
+            if apply {
+                apply_quietly(instance, call, body);
+            }
             let msg = msg.unwrap_or_else(|| format!("Scripted error {code}."));
             let reply = Reply::error(error_status(status), &code, msg);
             Decision::injected(reply.retry_after(retry_after_secs), 0)
         }
         Step::Hang { ms, apply: true } => Decision::injected(serve_call(instance, call, body), ms),
         Step::Hang { ms, apply: false } => Decision::injected(Reply::timeout(), ms),
+    }
+}
+
+/// Lands a Modify's toggle whose answer will be an error anyway; a body that is not a valid
+/// Modify body changes nothing (the error still answers).
+fn apply_quietly(instance: &mut Instance, call: Call, body: &[u8]) {
+    if call == Call::Modify
+        && let Ok(desired) = body::parse_modify(body)
+    {
+        apply(instance, desired);
     }
 }
 
@@ -440,6 +463,7 @@ fn roll(rng: &mut StdRng, faults: &Faults) -> Option<Fault> {
         (faults.throttle_rate, Fault::Throttle),
         (faults.busy_rate, Fault::Busy),
         (faults.error_rate, Fault::ServerError),
+        (faults.apply_then_error_rate, Fault::ApplyThenError),
     ];
     if table.iter().all(|(rate, _)| *rate <= 0.0) {
         return None;
@@ -455,7 +479,7 @@ fn roll(rng: &mut StdRng, faults: &Faults) -> Option<Fault> {
     None
 }
 
-fn injected(fault: Fault, faults: &Faults) -> Decision {
+fn injected(fault: Fault, faults: &Faults, instance: &mut Instance, body: &[u8]) -> Decision {
     let reply = match fault {
         Fault::Timeout => return Decision::injected(Reply::timeout(), faults.hang_ms),
         Fault::Throttle => {
@@ -467,13 +491,21 @@ fn injected(fault: Fault, faults: &Faults) -> Decision {
             let msg = "Another operation is being performed on the DB instance.";
             Reply::error(StatusCode::CONFLICT, "DBS.200019", msg)
         }
-        Fault::ServerError => Reply::error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "DBS.05000000",
-            "Server error.",
-        ),
+        Fault::ServerError => server_error(),
+        Fault::ApplyThenError => {
+            apply_quietly(instance, Call::Modify, body);
+            server_error()
+        }
     };
     Decision::injected(reply, 0)
+}
+
+fn server_error() -> Reply {
+    Reply::error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "DBS.05000000",
+        "Server error.",
+    )
 }
 
 #[cfg(test)]
@@ -586,6 +618,7 @@ mod tests {
             code: "DBS.05000000".into(),
             msg: Some("boom".into()),
             retry_after_secs: None,
+            apply: false,
         };
         server.sim.script(INSTANCE, vec![error, Step::Ok]);
         let (status, code, msg) =
@@ -615,6 +648,71 @@ mod tests {
         assert_eq!(stats.instances[INSTANCE].modify_calls, 2);
         assert_eq!(stats.instances[INSTANCE].toggles_applied, 1);
         assert_eq!(stats.faults_injected, 1);
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn scripted_errors_with_apply_land_the_toggle_then_answer_the_error() {
+        let server = Server::start(config()).await;
+        // Scripted over the control endpoint, as a test driving the binary would.
+        let steps = serde_json::json!([
+            {"kind": "error", "status": 500, "code": "DBS.05000000", "apply": true},
+            {"kind": "error", "status": 504, "code": "APIGW.0201", "apply": true},
+        ]);
+        let script_url = server.url(&format!("/_simulator/script/{INSTANCE}"));
+        let posted = reqwest::Client::new().post(script_url).json(&steps).send();
+        assert_eq!(posted.await.expect("sent").status(), 204);
+
+        let (status, code, _) =
+            error_of(server.send(Call::post(modify_path(), &on_body())).await).await;
+        assert_eq!((status, code.as_str()), (500, "DBS.05000000"));
+        assert_eq!(
+            server.sim.status_of(PROJECT, INSTANCE).as_deref(),
+            Some("on")
+        );
+
+        let off = r#"{"encryption_status":"off"}"#;
+        let (status, code, _) = error_of(server.send(Call::post(modify_path(), off)).await).await;
+        assert_eq!((status, code.as_str()), (504, "APIGW.0201"));
+        assert_eq!(
+            server.sim.status_of(PROJECT, INSTANCE).as_deref(),
+            Some("off")
+        );
+
+        let stats = server.sim.stats();
+        let instance = &stats.instances[INSTANCE];
+        assert_eq!((instance.modify_calls, instance.toggles_applied), (2, 2));
+        assert_eq!(instance.kms_key_id, None);
+        assert_eq!(stats.faults_injected, 2);
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn apply_then_error_rate_lands_modify_answers_500_and_serves_describe() {
+        let server = Server::start(config()).await;
+        let faults = serde_json::json!({"apply_then_error_rate": 1.0});
+        let put = reqwest::Client::new()
+            .put(server.url("/_simulator/faults"))
+            .json(&faults)
+            .send();
+        assert_eq!(put.await.expect("sent").status(), 204);
+
+        let (status, code, _) =
+            error_of(server.send(Call::post(modify_path(), &on_body())).await).await;
+        assert_eq!((status, code.as_str()), (500, "DBS.05000000"));
+        let described = server.send(Call::get(modify_path())).await;
+        assert_eq!(described.status(), 200);
+        assert_eq!(json_of(described).await["encryption_status"], "on");
+
+        // A body the service would refuse changes nothing, though the fault still answers.
+        let (status, ..) = error_of(server.send(Call::post(modify_path(), "{}")).await).await;
+        assert_eq!(status, 500);
+        let stats = server.sim.stats();
+        let instance = &stats.instances[INSTANCE];
+        assert_eq!(instance.status, "on");
+        assert_eq!(instance.kms_key_id.as_deref(), Some(KEY_ID));
+        assert_eq!((instance.toggles_applied, instance.describe_calls), (1, 1));
+        assert_eq!(stats.faults_injected, 2);
         server.stop().await;
     }
 

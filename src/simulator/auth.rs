@@ -7,13 +7,18 @@ use axum::http::HeaderMap;
 use chrono::{DateTime, Utc};
 use secrecy::{ExposeSecret, SecretString};
 
-use super::SimulatorConfig;
 use crate::gaussdb::signer;
 
 const TOKEN_HEADER: &str = "x-auth-token";
 const AUTHORIZATION_HEADER: &str = "authorization";
 const DATE_SIGNED_NAME: &str = "x-sdk-date";
 const IAM_PREFIX: &str = "Incorrect IAM authentication information";
+
+/// The keys the gateway accepts right now; [`super::Simulator::set_credentials`] swaps them whole.
+pub(super) struct Keys {
+    pub credentials: Vec<(String, SecretString)>,
+    pub tokens: Vec<SecretString>,
+}
 
 /// A request as it arrived, in the shape the signer reads.
 pub(super) struct Received<'a> {
@@ -69,12 +74,13 @@ pub(super) struct Verdict {
 
 /// Checks a token when one is sent, else the signature.
 pub(super) fn authenticate(
-    config: &SimulatorConfig,
+    keys: &Keys,
+    max_skew: Duration,
     request: &Received<'_>,
     now: DateTime<Utc>,
 ) -> Verdict {
     if let Some(token) = request.headers.get(TOKEN_HEADER) {
-        let accepted = config
+        let accepted = keys
             .tokens
             .iter()
             .any(|known| same_secret(known, token.as_bytes()));
@@ -104,17 +110,18 @@ pub(super) fn authenticate(
     };
     Verdict {
         signed_headers: Some(parsed.signed_headers.clone()),
-        result: check_signature(config, request, &parsed, now),
+        result: check_signature(keys, max_skew, request, &parsed, now),
     }
 }
 
 fn check_signature(
-    config: &SimulatorConfig,
+    keys: &Keys,
+    max_skew: Duration,
     request: &Received<'_>,
     authorization: &signer::Authorization,
     now: DateTime<Utc>,
 ) -> Result<(), AuthError> {
-    let sk = config
+    let sk = keys
         .credentials
         .iter()
         .find(|(ak, _)| *ak == authorization.access)
@@ -127,7 +134,7 @@ fn check_signature(
     {
         return Err(AuthError::DateNotSigned);
     }
-    check_date(request.headers, now, config.max_clock_skew)?;
+    check_date(request.headers, now, max_skew)?;
     let headers = header_pairs(request.headers);
     let query = decode_query(request.raw_query.unwrap_or_default());
     let path = percent_decode(request.raw_path);

@@ -6,7 +6,8 @@
 //! It can be told to misbehave: random faults at configured rates ([`Faults`], rolled with a seeded
 //! RNG) or a script of answers for one instance's next Modify calls ([`Step`]). [`Stats`] tells a
 //! test what actually reached it. The same controls are HTTP endpoints under `/_simulator/`, for
-//! tests that drive the `keyturn` binary from another process.
+//! tests that drive the `keyturn` binary from another process. The keys it accepts can be swapped
+//! at run time ([`Simulator::set_credentials`]), so a test can fix "wrong credentials" mid-run.
 //!
 //! [`signer`]: crate::gaussdb::signer
 
@@ -18,7 +19,7 @@ mod test_support;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
 
 use axum::extract::{Path, State};
@@ -31,6 +32,8 @@ use rand::rngs::StdRng;
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
+
+use auth::Keys;
 
 /// The header every answer carries, as Huawei Cloud's gateway does.
 const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -69,7 +72,7 @@ impl Default for SimulatorConfig {
 
 /// Random misbehaviour, applied to authenticated Modify and Describe calls. Rates are
 /// probabilities in `0.0..=1.0`; one roll per call picks at most one fault, checked in the order
-/// timeout, throttle, busy, error.
+/// timeout, throttle, busy, error, apply-then-error.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Faults {
@@ -85,6 +88,9 @@ pub struct Faults {
     pub busy_rate: f64,
     /// Hang for `hang_ms`, then answer 504 `APIGW.0201` without touching the state.
     pub timeout_rate: f64,
+    /// Apply a Modify's toggle, then answer 500 `DBS.05000000` anyway: the error that landed.
+    /// Describe calls are served normally when this fault is rolled.
+    pub apply_then_error_rate: f64,
     /// How long a hang lasts (default 30 s): long enough for any sane client to give up first.
     pub hang_ms: u64,
 }
@@ -98,6 +104,7 @@ impl Default for Faults {
             retry_after_secs: None,
             busy_rate: 0.0,
             timeout_rate: 0.0,
+            apply_then_error_rate: 0.0,
             hang_ms: 30_000,
         }
     }
@@ -109,7 +116,9 @@ impl Default for Faults {
 pub enum Step {
     /// Behave normally (no fault roll).
     Ok,
-    /// Answer this error and leave the state alone. A `status` outside 400..=599 becomes 500.
+    /// Answer this error. A `status` outside 400..=599 becomes 500. Without `apply` the state
+    /// is left alone; with it the toggle is applied first ("the 500 or 504 that landed"), when the
+    /// body is a valid Modify body.
     Error {
         status: u16,
         code: String,
@@ -117,6 +126,8 @@ pub enum Step {
         msg: Option<String>,
         #[serde(default)]
         retry_after_secs: Option<u64>,
+        #[serde(default)]
+        apply: bool,
     },
     /// Hang for `ms` before answering. With `apply` the toggle is applied first and the normal
     /// answer follows the hang ("the POST landed but the client timed out"); without it the state
@@ -177,6 +188,8 @@ pub struct RequestRecord {
 /// The simulated service: configuration plus the mutable world behind one lock.
 pub struct Simulator {
     config: SimulatorConfig,
+    /// The accepted keys, swapped whole; a request authenticates against one consistent set.
+    keys: RwLock<Arc<Keys>>,
     state: Mutex<World>,
 }
 
@@ -253,10 +266,37 @@ impl Simulator {
             totals: Totals::default(),
             recent: VecDeque::new(),
         };
+        let keys = Keys {
+            credentials: config.credentials.clone(),
+            tokens: config.tokens.clone(),
+        };
         Arc::new(Self {
             config,
+            keys: RwLock::new(Arc::new(keys)),
             state: Mutex::new(world),
         })
+    }
+
+    /// Replaces the accepted AK/SK pairs and tokens (both sets, whole); requests already being
+    /// authenticated keep the old ones. The secrets go nowhere else: not into stats or logs.
+    pub fn set_credentials(
+        &self,
+        credentials: Vec<(String, SecretString)>,
+        tokens: Vec<SecretString>,
+    ) {
+        let keys = Arc::new(Keys {
+            credentials,
+            tokens,
+        });
+        *self.keys.write().unwrap_or_else(PoisonError::into_inner) = keys;
+    }
+
+    /// The keys to authenticate one request with.
+    fn keys(&self) -> Arc<Keys> {
+        self.keys
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Replaces the fault rates; calls already decided keep the old ones.
@@ -312,10 +352,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let stop = CancellationToken::new();
-    let app = router(App {
-        sim,
-        stop: stop.clone(),
-    });
+    let app = router(sim, stop.clone());
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown.await;
@@ -332,16 +369,19 @@ struct App {
     stop: CancellationToken,
 }
 
-fn router(app: App) -> Router {
+/// The API and admin endpoints as a [`Router`], for serving some other way than [`serve`] (over
+/// TLS in the tests, for example). Cancelling `stop` cuts hangs and latency short.
+pub fn router(sim: Arc<Simulator>, stop: CancellationToken) -> Router {
     Router::new()
         .route("/_simulator/health", get(admin_health))
         .route("/_simulator/stats", get(admin_stats))
         .route("/_simulator/faults", put(admin_faults))
         .route("/_simulator/script/{instance_id}", post(admin_script))
+        .route("/_simulator/credentials", put(admin_credentials))
         // Everything else is the API, whose routing and errors mimic the gateway's.
         .fallback(api::handle)
         .layer(axum::middleware::map_response(ensure_request_id))
-        .with_state(app)
+        .with_state(App { sim, stop })
 }
 
 /// API answers set their own id (it is recorded in the stats); this covers the rest.
@@ -378,6 +418,37 @@ async fn admin_script(
     Json(steps): Json<Vec<Step>>,
 ) -> StatusCode {
     app.sim.script(&instance_id, steps);
+    StatusCode::NO_CONTENT
+}
+
+/// The body of `PUT /_simulator/credentials`. No `Debug`: it holds secrets.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CredentialsBody {
+    #[serde(default)]
+    credentials: Vec<KeyPair>,
+    #[serde(default)]
+    tokens: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyPair {
+    ak: String,
+    sk: String,
+}
+
+async fn admin_credentials(
+    State(app): State<App>,
+    Json(body): Json<CredentialsBody>,
+) -> StatusCode {
+    let credentials = body
+        .credentials
+        .into_iter()
+        .map(|pair| (pair.ak, SecretString::from(pair.sk)))
+        .collect();
+    let tokens = body.tokens.into_iter().map(SecretString::from).collect();
+    app.sim.set_credentials(credentials, tokens);
     StatusCode::NO_CONTENT
 }
 
@@ -530,6 +601,75 @@ mod tests {
         let stats: Stats = stats.expect("sent").json().await.expect("stats json");
         assert_eq!(stats, server.sim.stats());
         assert_eq!(stats.instances[INSTANCE].status, "on");
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn switched_credentials_take_effect_at_once_and_stay_secret() {
+        const NEW_AK: &str = "SWITCHEDAK000000001";
+        const NEW_SK: &str = "switched-secret-key-never-show-me-0001";
+        const NEW_TOKEN: &str = "MIIswitched-token-never-show-me";
+        let server = Server::start(config()).await;
+        let on = on_body();
+        let with_new_key = Call {
+            ak: NEW_AK,
+            sk: NEW_SK,
+            ..Call::post(modify_path(), &on)
+        };
+        let (status, code, msg) = error_of(server.send(with_new_key).await).await;
+        assert_eq!((status, code.as_str()), (401, "APIGW.0301"));
+        assert!(msg.contains("access key not found"), "{msg}");
+
+        let body = json!({
+            "credentials": [{"ak": NEW_AK, "sk": NEW_SK}],
+            "tokens": [NEW_TOKEN],
+        });
+        let client = reqwest::Client::new();
+        let put = client
+            .put(server.url("/_simulator/credentials"))
+            .json(&body);
+        assert_eq!(put.send().await.expect("sent").status(), 204);
+
+        assert_eq!(server.send(with_new_key).await.status(), 200);
+        // Both sets were replaced: the old key and the old token are refused now.
+        let old_key = server.send(Call::get(modify_path())).await;
+        assert_eq!(old_key.status(), 401);
+        let token_call = |token: &'static str| {
+            client
+                .get(server.url(modify_path()))
+                .header("X-Auth-Token", token)
+                .send()
+        };
+        assert_eq!(token_call(TOKEN).await.expect("sent").status(), 401);
+        assert_eq!(token_call(NEW_TOKEN).await.expect("sent").status(), 200);
+
+        let stats = serde_json::to_string(&server.sim.stats()).expect("stats json");
+        for secret in [NEW_SK, NEW_TOKEN, SK, TOKEN] {
+            assert!(!stats.contains(secret), "a secret reached the stats");
+        }
+        // Back through the library call, to the original pair.
+        server
+            .sim
+            .set_credentials(vec![(AK.into(), SecretString::from(SK))], Vec::new());
+        let back = server.send(Call::get(modify_path())).await;
+        assert_eq!(back.status(), 200);
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_bad_credentials_body_is_refused_without_echoing_it() {
+        let server = Server::start(config()).await;
+        let body = json!({"credentials": [{"ak": "X", "secret": "leaky-secret-value"}]});
+        let put = reqwest::Client::new()
+            .put(server.url("/_simulator/credentials"))
+            .json(&body)
+            .send()
+            .await
+            .expect("sent");
+        assert!(put.status().is_client_error());
+        let text = put.text().await.expect("body");
+        assert!(!text.contains("leaky-secret-value"), "{text}");
+        assert_eq!(server.send(Call::get(modify_path())).await.status(), 200);
         server.stop().await;
     }
 

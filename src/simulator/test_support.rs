@@ -46,6 +46,7 @@ pub fn busy_step() -> Step {
         code: "DBS.200019".into(),
         msg: None,
         retry_after_secs: None,
+        apply: false,
     }
 }
 

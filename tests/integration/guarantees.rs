@@ -557,6 +557,7 @@ async fn a_429_pauses_only_its_region_and_project() {
             code: "APIGW.0308".into(),
             msg: None,
             retry_after_secs: None,
+            apply: false,
         }],
     );
     let (shutdown, handle) = app.start_worker();
@@ -612,6 +613,7 @@ async fn retries_stop_at_the_attempt_limit_with_the_last_error() {
         code: "DBS.200019".into(),
         msg: Some("busy".into()),
         retry_after_secs: None,
+        apply: false,
     };
     app.simulator
         .script(&instance(60), vec![busy(), busy(), busy(), Step::Ok]);
@@ -716,6 +718,7 @@ async fn secrets_never_appear_in_logs_events_audit_or_errors() {
             code: "DBS.05000000".into(),
             msg: None,
             retry_after_secs: None,
+            apply: false,
         }],
     );
     app.publish_job(&job("J-s1", 90, "on")).await;

@@ -101,7 +101,8 @@ pub struct TestApp {
     pub channel: Channel,
     _connection: Connection,
     _dir: tempfile::TempDir,
-    stop_simulator: CancellationToken,
+    /// The simulator's server, which [`TestApp::simulator_down`] and `simulator_up` replace.
+    simulator_server: std::sync::Mutex<SimulatorServer>,
 }
 
 pub struct Options {
@@ -149,13 +150,7 @@ impl TestApp {
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let simulator_url = format!("http://{}", listener.local_addr().unwrap());
-        let stop_simulator = CancellationToken::new();
-        let stop = stop_simulator.clone();
-        tokio::spawn(keyturn::simulator::serve(
-            listener,
-            simulator.clone(),
-            async move { stop.cancelled().await },
-        ));
+        let simulator_server = SimulatorServer::start(listener, &simulator);
 
         let dir = tempfile::tempdir().unwrap();
         let name = unique("kt-test");
@@ -221,7 +216,7 @@ impl TestApp {
             channel,
             _connection: connection,
             _dir: dir,
-            stop_simulator,
+            simulator_server: std::sync::Mutex::new(simulator_server),
         }
     }
 
@@ -486,7 +481,7 @@ impl TestApp {
             .queue_delete(self.events_queue.as_str().into(), Default::default())
             .await;
         let _ = keyturn::amqp::topology::delete(&self.channel, &self.settings.amqp).await;
-        self.stop_simulator.cancel();
+        self.simulator_server().stop.cancel();
     }
 }
 
@@ -665,4 +660,69 @@ pub fn job(job_id: &str, n: u32, status: &str) -> Value {
 
 pub fn instance(n: u32) -> String {
     format!("{n:032x}in07")
+}
+
+/// The simulator's HTTP server of a [`TestApp`]: where it listens and how to stop it.
+pub struct SimulatorServer {
+    addr: std::net::SocketAddr,
+    stop: CancellationToken,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl SimulatorServer {
+    fn start(listener: tokio::net::TcpListener, simulator: &Arc<Simulator>) -> SimulatorServer {
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let stopped = stop.clone();
+        let task = tokio::spawn(keyturn::simulator::serve(
+            listener,
+            simulator.clone(),
+            async move { stopped.cancelled().await },
+        ));
+        SimulatorServer {
+            addr,
+            stop,
+            task: Some(task),
+        }
+    }
+}
+
+impl TestApp {
+    fn simulator_server(&self) -> std::sync::MutexGuard<'_, SimulatorServer> {
+        self.simulator_server
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Takes the simulator off the network, keeping its state: once this returns nothing listens
+    /// on its address (new connections are refused) and every connection it had is closed
+    /// (requests in flight are answered at once, hangs cut short).
+    #[allow(dead_code, reason = "used by the outage tests")]
+    pub async fn simulator_down(&self) {
+        let task = {
+            let mut server = self.simulator_server();
+            server.stop.cancel();
+            server.task.take()
+        };
+        if let Some(task) = task {
+            tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .expect("the simulator closed its connections within 10 s")
+                .unwrap()
+                .unwrap();
+        }
+    }
+
+    /// Serves the same simulator (same state) on the same address again.
+    #[allow(dead_code, reason = "used by the outage tests")]
+    pub async fn simulator_up(&self) {
+        let addr = self.simulator_server().addr;
+        assert!(
+            self.simulator_server().task.is_none(),
+            "the simulator is already up"
+        );
+        // tokio sets SO_REUSEADDR, so the port is free again at once despite closed connections.
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        *self.simulator_server() = SimulatorServer::start(listener, &self.simulator);
+    }
 }

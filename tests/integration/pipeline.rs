@@ -228,6 +228,7 @@ async fn a_500_is_checked_with_describe_then_retried_with_each_attempt_recorded(
                 code: "DBS.05000000".into(),
                 msg: None,
                 retry_after_secs: None,
+                apply: false,
             },
             Step::Ok,
         ],
@@ -267,6 +268,7 @@ async fn a_400_is_not_retried_and_fails_with_the_api_error() {
             code: "DBS.200001".into(),
             msg: Some("Invalid parameter".into()),
             retry_after_secs: None,
+            apply: false,
         }],
     );
     app.publish_job(&job("J-400", 4, "on")).await;
@@ -300,6 +302,7 @@ async fn a_429_burst_pauses_the_project_for_retry_after() {
         code: "APIGW.0308".into(),
         msg: None,
         retry_after_secs: Some(1),
+        apply: false,
     };
     app.simulator
         .script(&instance(5), vec![throttled(), throttled(), Step::Ok]);
