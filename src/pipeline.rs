@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::audit::{AttemptRecord, AuditStore, FinalRecord};
 use crate::config::Settings;
-use crate::events::{JobResult, Outcome, ResultEvent};
+use crate::events::{EventSink, JobResult, Outcome, Outgoing, ResultEvent};
 use crate::gaussdb::{Call, CallError, Client, Exchange};
 use crate::job::{self, Identity, Job, ParseContext, Rejection, Status};
 use crate::limits::{LimitKey, Limits};
@@ -45,18 +45,6 @@ pub enum Disposition {
     DeadLetter,
     /// Shutting down before the job could be made safe: leave it unacked for redelivery.
     Abandon,
-}
-
-/// Where result events go (the AMQP publisher in production).
-#[async_trait::async_trait]
-pub trait EventSink: Send + Sync {
-    /// Publishes `event` and returns once the broker confirmed it.
-    async fn publish(
-        &self,
-        event: &ResultEvent,
-        correlation_id: &str,
-        reply_to: Option<&str>,
-    ) -> anyhow::Result<()>;
 }
 
 /// An infrastructure operation a job may have to wait on; each names what its failure says
@@ -286,9 +274,19 @@ impl Pipeline {
             .clone()
             .unwrap_or_else(|| identity.job_id.clone());
         let reply_to = delivery.reply_to.as_deref().filter(|r| !r.is_empty());
+        let body = event.to_json();
+        let routing_key = event.routing_key();
+        let outgoing = Outgoing {
+            id: &event.id,
+            kind: &event.kind,
+            routing_key: &routing_key,
+            body: body.as_bytes(),
+            correlation_id: &correlation_id,
+            reply_to,
+        };
         let published = self
             .infra(Infra::ResultPublish, shutdown, || {
-                self.events.publish(&event, &correlation_id, reply_to)
+                self.events.publish(&outgoing)
             })
             .await;
         match (published, event.data.outcome) {
