@@ -1,6 +1,7 @@
 //! keyturn's integration tests: one binary, real RabbitMQ, the simulator over a socket, a real
 //! SQLite file per test.
 
+mod broker_tls;
 mod edge;
 mod guarantees;
 mod helpers;
