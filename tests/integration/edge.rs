@@ -370,7 +370,7 @@ fn last_line(stderr: &str) -> &str {
 }
 
 #[tokio::test]
-async fn a_bad_log_level_exits_2_naming_log_level() {
+async fn a_bad_log_level_or_ca_file_exits_2_naming_the_key() {
     let app = TestApp::spawn().await;
     for level in ["verbose", "infoo", "debug,,x="] {
         let stderr = refused_at_start(&app, &[("KEYTURN_LOG__LEVEL", level)]).await;
@@ -379,6 +379,11 @@ async fn a_bad_log_level_exits_2_naming_log_level() {
             "{level}: {stderr}"
         );
     }
+    let stderr = refused_at_start(&app, &[("KEYTURN_AMQP__CA_FILE", "/no/such/ca.pem")]).await;
+    assert!(
+        stderr.starts_with("keyturn: config key amqp.ca_file: cannot read /no/such/ca.pem: "),
+        "{stderr}"
+    );
     app.cleanup().await;
 }
 
