@@ -48,6 +48,10 @@ pub struct AmqpSettings {
     pub dead_letter_exchange: String,
     pub dead_queue: String,
     pub results_exchange: String,
+    /// Bounded queue keeping result events no binding routed (published `mandatory`, returned).
+    pub unrouted_queue: String,
+    /// PEM bundle of CAs trusted for `amqps://` URLs; empty = the system roots.
+    pub ca_file: PathBuf,
     pub delivery_limit: u32,
     pub heartbeat_secs: u16,
     #[serde(with = "duration_text")]
@@ -172,6 +176,8 @@ impl Default for AmqpSettings {
             dead_letter_exchange: "keyturn.dlx".into(),
             dead_queue: "keyturn.jobs.dead".into(),
             results_exchange: "keyturn.results".into(),
+            unrouted_queue: "keyturn.results.unrouted".into(),
+            ca_file: PathBuf::new(),
             delivery_limit: 20,
             heartbeat_secs: 10,
             reconnect_max_backoff: Duration::from_secs(30),
@@ -326,6 +332,7 @@ impl Settings {
             ("amqp.dead_letter_exchange", &amqp.dead_letter_exchange),
             ("amqp.dead_queue", &amqp.dead_queue),
             ("amqp.results_exchange", &amqp.results_exchange),
+            ("amqp.unrouted_queue", &amqp.unrouted_queue),
         ] {
             if name.is_empty() || name.len() > 255 || name.starts_with("amq.") {
                 return Err(config_error(
@@ -333,6 +340,9 @@ impl Settings {
                     "must be 1-255 characters and not start with amq.",
                 ));
             }
+        }
+        if !amqp.ca_file.as_os_str().is_empty() {
+            amqp.ca_bundle()?;
         }
         range("amqp.delivery_limit", amqp.delivery_limit.into(), 1, 1000)?;
         range("amqp.heartbeat_secs", amqp.heartbeat_secs.into(), 1, 600)?;
@@ -374,9 +384,7 @@ impl Settings {
             "text" | "json" => {}
             _ => return Err(config_error("log.format", "must be text or json")),
         }
-        tracing_subscriber::EnvFilter::try_new(&self.log.level)
-            .map_err(|error| config_error("log.level", error.to_string()))?;
-        Ok(())
+        validate_log_level(&self.log.level)
     }
 
     fn validate_api(&self) -> Result<(), ConfigError> {
@@ -501,6 +509,66 @@ fn refuse_secrets_in_file(table: &toml::Table) -> Result<(), ConfigError> {
         ));
     }
     Ok(())
+}
+
+impl AmqpSettings {
+    /// The PEM text of `amqp.ca_file`, checked to hold at least one certificate.
+    pub fn ca_bundle(&self) -> Result<String, ConfigError> {
+        let path = std::path::absolute(&self.ca_file).unwrap_or_else(|_| self.ca_file.clone());
+        let text = std::fs::read_to_string(&path).map_err(|error| {
+            config_error(
+                "amqp.ca_file",
+                format!("cannot read {}: {error}", path.display()),
+            )
+        })?;
+        if !text.contains("-----BEGIN CERTIFICATE-----") {
+            return Err(config_error(
+                "amqp.ca_file",
+                format!("{} holds no PEM certificate", path.display()),
+            ));
+        }
+        Ok(text)
+    }
+}
+
+const LOG_LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+
+/// `log.level` is a comma-separated list of level names and `target=level` directives.
+/// Checked here because `EnvFilter` takes any bare word (`verbose`, `infoo`) as a target name
+/// and would silently log nothing.
+fn validate_log_level(level: &str) -> Result<(), ConfigError> {
+    let bad = |problem: String| {
+        config_error(
+            "log.level",
+            format!(
+                "{problem}; use a level ({}) or target=level, comma-separated",
+                LOG_LEVELS.join(", ")
+            ),
+        )
+    };
+    let is_level = |word: &str| LOG_LEVELS.contains(&word.to_ascii_lowercase().as_str());
+    let is_target = |word: &str| {
+        !word.is_empty()
+            && word
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | ':' | '-' | '.'))
+    };
+    if level.trim().is_empty() {
+        return Err(bad("is empty".into()));
+    }
+    for directive in level.split(',') {
+        let directive = directive.trim();
+        let fine = match directive.split_once('=') {
+            None => is_level(directive),
+            Some((target, level)) => is_target(target) && is_level(level),
+        };
+        if !fine {
+            return Err(bad(format!("{directive:?} is not a level or target=level")));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(level)
+        .map(|_| ())
+        .map_err(|error| bad(error.to_string()))
 }
 
 fn range(key: &str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
@@ -700,6 +768,20 @@ mod tests {
             ("KEYTURN_RETRY__DEADLINE", "40m", "retry.deadline"),
             ("KEYTURN_API__AUTH", "password", "api.auth"),
             ("KEYTURN_LOG__FORMAT", "xml", "log.format"),
+            ("KEYTURN_LOG__LEVEL", "verbose", "log.level"),
+            ("KEYTURN_LOG__LEVEL", "infoo", "log.level"),
+            ("KEYTURN_LOG__LEVEL", "debug,,x=", "log.level"),
+            ("KEYTURN_LOG__LEVEL", "keyturn=loud", "log.level"),
+            (
+                "KEYTURN_AMQP__UNROUTED_QUEUE",
+                "amq.x",
+                "amqp.unrouted_queue",
+            ),
+            (
+                "KEYTURN_AMQP__CA_FILE",
+                "/nonexistent/ca.pem",
+                "amqp.ca_file",
+            ),
             (
                 "KEYTURN_WORKER__DEFAULT_REGION",
                 "mars-1",
@@ -713,6 +795,51 @@ mod tests {
             let error = result.expect_err(name);
             assert_eq!(error.key, key, "{name}={value}: {error}");
         }
+    }
+
+    #[test]
+    fn log_levels_and_directives_pass() {
+        for level in [
+            "info",
+            "WARN",
+            "keyturn=debug",
+            "warn,keyturn=trace,lapin=off",
+        ] {
+            Settings::load(None, &env(&[("KEYTURN_LOG__LEVEL", level)]))
+                .unwrap_or_else(|error| panic!("{level}: {error}"));
+        }
+    }
+
+    #[test]
+    fn the_broker_ca_file_must_hold_a_pem_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate").unwrap();
+        let error = Settings::load(
+            None,
+            &env(&[("KEYTURN_AMQP__CA_FILE", empty.to_str().unwrap())]),
+        )
+        .unwrap_err();
+        assert_eq!(error.key, "amqp.ca_file");
+        assert!(error.problem.contains("no PEM certificate"), "{error}");
+        let good = dir.path().join("ca.pem");
+        std::fs::write(
+            &good,
+            "-----BEGIN CERTIFICATE-----\nMII=\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let settings = Settings::load(
+            None,
+            &env(&[("KEYTURN_AMQP__CA_FILE", good.to_str().unwrap())]),
+        )
+        .unwrap();
+        assert!(
+            settings
+                .amqp
+                .ca_bundle()
+                .unwrap()
+                .contains("BEGIN CERTIFICATE")
+        );
     }
 
     #[test]

@@ -6,27 +6,6 @@
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 
-/// One event as it goes out: its bytes are exactly what is stored, so replays are identical.
-pub struct Outgoing<'a> {
-    /// CloudEvents id = AMQP message_id.
-    pub id: &'a str,
-    /// CloudEvents type = AMQP type.
-    pub kind: &'a str,
-    /// On `amqp.results_exchange`.
-    pub routing_key: &'a str,
-    /// The stored JSON bytes.
-    pub body: &'a [u8],
-    pub correlation_id: &'a str,
-    pub reply_to: Option<&'a str>,
-}
-
-/// Where result events go (the AMQP publisher in production).
-#[async_trait::async_trait]
-pub trait EventSink: Send + Sync {
-    /// Returns once the broker confirmed the event (and its reply_to copy).
-    async fn publish(&self, event: &Outgoing<'_>) -> anyhow::Result<()>;
-}
-
 /// AMQP content type of every result event.
 pub const CONTENT_TYPE: &str = "application/cloudevents+json";
 
@@ -82,6 +61,9 @@ pub struct ResultEvent {
     pub source: String,
     #[serde(rename = "type")]
     pub kind: String,
+    /// Optional in CloudEvents: absent, never `null`, when the job names no instance (strict
+    /// readers such as the official SDKs refuse a `null` attribute). `data` keeps its nulls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subject: Option<String>,
     pub time: String,
     pub datacontenttype: String,
@@ -117,6 +99,28 @@ impl ResultEvent {
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("events serialize")
     }
+}
+
+/// One event as it goes out: its bytes are exactly what is stored, so replays are identical.
+#[derive(Debug, Clone, Copy)]
+pub struct Outgoing<'a> {
+    /// CloudEvents `id` = AMQP `message_id`.
+    pub id: &'a str,
+    /// CloudEvents `type` = AMQP `type`.
+    pub kind: &'a str,
+    /// Routing key on `amqp.results_exchange`.
+    pub routing_key: &'a str,
+    /// The stored JSON bytes.
+    pub body: &'a [u8],
+    pub correlation_id: &'a str,
+    pub reply_to: Option<&'a str>,
+}
+
+/// Where result events go (the AMQP publisher in production).
+#[async_trait::async_trait]
+pub trait EventSink: Send + Sync {
+    /// Returns once the broker confirmed the event (and its reply_to copy).
+    async fn publish(&self, event: &Outgoing<'_>) -> anyhow::Result<()>;
 }
 
 #[cfg(test)]
@@ -165,6 +169,47 @@ mod tests {
             7
         );
         assert_eq!(event.routing_key(), "job.succeeded.cn-north-4");
+    }
+
+    /// Parses `json` with the official SDK and checks that the SDK writes it back identically.
+    /// The Rust SDK's reader skips a `null` attribute, but its writer never emits one, so the
+    /// round trip catches what stricter readers (the Python SDK) refuse.
+    fn parse_with_the_sdk(json: &str) -> cloudevents::Event {
+        let event: cloudevents::Event =
+            serde_json::from_str(json).unwrap_or_else(|error| panic!("{error}: {json}"));
+        let ours: serde_json::Value = serde_json::from_str(json).unwrap();
+        assert_eq!(
+            serde_json::to_value(&event).unwrap(),
+            ours,
+            "SDK round trip of {json}"
+        );
+        event
+    }
+
+    #[test]
+    fn events_parse_with_the_cloudevents_sdk() {
+        use cloudevents::AttributesReader;
+        let at = Utc::now();
+        let succeeded = ResultEvent::new("w-1", result(Outcome::Succeeded, Some("cn-north-4")), at);
+        let parsed = parse_with_the_sdk(&succeeded.to_json());
+        assert_eq!(parsed.id(), succeeded.id);
+        assert_eq!(parsed.ty(), "dev.keyturn.job.succeeded");
+        assert_eq!(parsed.subject(), succeeded.subject.as_deref());
+
+        let mut no_instance = result(Outcome::Rejected, None);
+        no_instance.instance_id = None;
+        let rejected = ResultEvent::new("w-1", no_instance, at);
+        let json = rejected.to_json();
+        assert!(
+            json.contains("\"instance_id\":null"),
+            "data keeps its nulls: {json}"
+        );
+        let parsed = parse_with_the_sdk(&json);
+        assert_eq!(parsed.subject(), None);
+        assert_eq!(parsed.ty(), "dev.keyturn.job.rejected");
+        // What the audit stores reads back unchanged.
+        let back: ResultEvent = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, rejected);
     }
 
     #[test]

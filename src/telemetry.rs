@@ -1,20 +1,81 @@
 //! Logging: tracing to stderr, as text or JSON, filtered by `log.level` (RUST_LOG wins).
+//!
+//! Colour only for a person at a terminal: escape codes in a log file or a journal are noise,
+//! so they are off when stderr is not a terminal, when `NO_COLOR` is set, or when `TERM=dumb`.
+//!
+//! lapin's own log lines are off unless `log.level` names `lapin`: every lapin error reaches
+//! keyturn as a result, which keyturn logs once, in one line that says what to do; lapin's
+//! lines repeat it several times over with debug dumps. `RUST_LOG` is taken as given.
+
+use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogSettings;
 
 /// Installs the global subscriber; a second call is a no-op (tests start several workers).
-pub fn init(settings: &LogSettings) {
+pub fn init(settings: &LogSettings, colour: bool) {
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&settings.level))
+        .or_else(|_| EnvFilter::try_new(configured_filter(&settings.level)))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     let _ = if settings.format == "json" {
         builder.json().try_init()
     } else {
         builder.try_init()
     };
+}
+
+/// `log.level`, with lapin silenced unless it names lapin itself.
+fn configured_filter(level: &str) -> String {
+    if level.contains("lapin") {
+        level.to_owned()
+    } else {
+        format!("{level},lapin=off")
+    }
+}
+
+/// Whether log lines may carry ANSI colour, given the process environment.
+pub fn use_colour(env: &[(String, String)]) -> bool {
+    colour_allowed(env, std::io::stderr().is_terminal())
+}
+
+fn colour_allowed(env: &[(String, String)], terminal: bool) -> bool {
+    let var = |name: &str| {
+        env.iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+    };
+    let no_color = var("NO_COLOR").is_some_and(|value| !value.is_empty());
+    terminal && !no_color && var("TERM") != Some("dumb")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{colour_allowed, configured_filter};
+
+    #[test]
+    fn lapin_is_silent_unless_named() {
+        assert_eq!(configured_filter("info"), "info,lapin=off");
+        assert_eq!(configured_filter("warn,lapin=debug"), "warn,lapin=debug");
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color_or_a_dumb_term() {
+        assert!(colour_allowed(&env(&[("TERM", "xterm")]), true));
+        assert!(colour_allowed(&env(&[("NO_COLOR", "")]), true));
+        assert!(!colour_allowed(&env(&[]), false));
+        assert!(!colour_allowed(&env(&[("NO_COLOR", "1")]), true));
+        assert!(!colour_allowed(&env(&[("TERM", "dumb")]), true));
+    }
 }

@@ -9,33 +9,136 @@ pub mod publisher;
 pub mod topology;
 pub mod worker;
 
+use lapin::protocol::{AMQPError, AMQPErrorKind};
+use lapin::tcp::OwnedTLSConfig;
 use lapin::uri::AMQPUri;
-use lapin::{Connection, ConnectionProperties};
+use lapin::{Connection, ConnectionProperties, DefaultConnectionBuilder, ErrorKind};
 
-use crate::config::AmqpSettings;
+use crate::config::{AmqpSettings, ConfigError};
+
+/// Why a connection could not be opened. The broker refusing us (credentials, vhost) or a
+/// listener that does not speak AMQP will not change by retrying: those are settings to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// A setting is wrong; retrying cannot help. One line naming the key and the fix.
+    #[error(transparent)]
+    Settings(#[from] ConfigError),
+    /// The broker may come back (refused connection, timeout, reset, broker shutting down).
+    #[error("cannot connect to RabbitMQ at {url}: {cause}")]
+    Unavailable { url: String, cause: String },
+}
+
+impl ConnectError {
+    /// True when retrying the same settings cannot succeed.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, ConnectError::Settings(_))
+    }
+}
 
 /// Opens a connection named `name` (visible in the management UI and `rabbitmqctl`), with the
-/// configured heartbeat unless the URL sets one.
-pub async fn connect(settings: &AmqpSettings, name: &str) -> anyhow::Result<Connection> {
+/// configured heartbeat unless the URL sets one, trusting `amqp.ca_file` for `amqps://`.
+pub async fn connect(settings: &AmqpSettings, name: &str) -> Result<Connection, ConnectError> {
+    let url_error = |problem: String| ConfigError {
+        key: "amqp.url".into(),
+        problem,
+    };
     let mut uri: AMQPUri = settings
         .url
         .parse()
-        .map_err(|problem: String| anyhow::anyhow!("amqp.url: {problem}"))?;
+        .map_err(|problem: String| url_error(format!("is not an AMQP URL: {problem}")))?;
     if uri.query.heartbeat.is_none() {
         uri.query.heartbeat = Some(settings.heartbeat_secs);
     }
     if uri.query.connection_timeout.is_none() {
         uri.query.connection_timeout = Some(10_000);
     }
+    // lapin bounds the TCP connect only; a listener that accepts and then says nothing would
+    // hold the handshake forever.
+    let limit = std::time::Duration::from_millis(uri.query.connection_timeout.unwrap_or(10_000))
+        + std::time::Duration::from_secs(1);
+    let tls = OwnedTLSConfig {
+        identity: None,
+        cert_chain: if settings.ca_file.as_os_str().is_empty() {
+            None
+        } else {
+            Some(settings.ca_bundle()?)
+        },
+    };
     let properties = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect_uri(uri, properties)
-        .await
-        .map_err(|error| {
-            anyhow::anyhow!(
-                "cannot connect to RabbitMQ at {}: {error}",
-                redacted_url(&settings.url)
-            )
+    let url = redacted_url(&settings.url);
+    let builder = DefaultConnectionBuilder::new().map_err(|error| ConnectError::Unavailable {
+        url: url.clone(),
+        cause: one_line(&error.to_string()),
+    })?;
+    let handshake = builder
+        .with_uri(uri)
+        .with_properties(properties)
+        .with_tls_config(tls);
+    match tokio::time::timeout(limit, handshake.connect()).await {
+        Ok(connected) => connected.map_err(|error| classify(&url, &error)),
+        Err(_) => Err(ConnectError::Unavailable {
+            url,
+            cause: format!("no AMQP handshake within {limit:?}"),
+        }),
+    }
+}
+
+/// Sorts a connect failure into "fix the settings" or "try again", with one line saying which.
+fn classify(url: &str, error: &lapin::Error) -> ConnectError {
+    let refused = |what: String, fix: &str| {
+        ConnectError::Settings(ConfigError {
+            key: "amqp.url".into(),
+            problem: format!("the broker at {url} {what}; {fix}"),
         })
+    };
+    match error.kind() {
+        ErrorKind::ProtocolError(amqp) => match amqp.get_id() {
+            403 => refused(
+                format!("refused the credentials ({})", amqp_reason(amqp)),
+                "check the user and password",
+            ),
+            530 | 402 => refused(
+                format!("refused the virtual host ({})", amqp_reason(amqp)),
+                "check the vhost at the end of the URL (%2f is the default /) and the user's permissions on it",
+            ),
+            _ => ConnectError::Unavailable {
+                url: url.into(),
+                cause: one_line(&amqp.to_string()),
+            },
+        },
+        ErrorKind::ParsingError(_) | ErrorKind::InvalidProtocolVersion(_) => refused(
+            "does not speak AMQP 0-9-1".into(),
+            "check the host and port (RabbitMQ listens on 5672, or 5671 for amqps)",
+        ),
+        ErrorKind::AuthProviderError(problem) => refused(
+            format!("refused the credentials ({})", one_line(problem)),
+            "check the user and password",
+        ),
+        _ => ConnectError::Unavailable {
+            url: url.into(),
+            cause: one_line(&error.to_string()),
+        },
+    }
+}
+
+/// `ACCESS-REFUSED - Login was refused ...`: the code name and the broker's own words.
+fn amqp_reason(error: &AMQPError) -> String {
+    let code = match error.kind() {
+        AMQPErrorKind::Soft(soft) => soft.to_string(),
+        AMQPErrorKind::Hard(hard) => hard.to_string(),
+    };
+    let message = error.get_message().as_str();
+    // RabbitMQ repeats the code name at the start of its message.
+    let message = message
+        .strip_prefix(code.replace('-', "_").as_str())
+        .map(|rest| rest.trim_start_matches([' ', '-']))
+        .unwrap_or(message);
+    one_line(&format!("{code}: {message}"))
+}
+
+/// Library errors can span lines; a log line or an error line must not.
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// The URL with any password replaced, for logs and error messages.

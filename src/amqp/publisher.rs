@@ -1,17 +1,25 @@
 //! Result events out: a dedicated connection with publisher confirms. `publish` returns only
 //! once the broker confirmed the event (and its `reply_to` copy), so the pipeline can ack the job.
 //! A failed publish drops the channel; the next call reconnects.
+//!
+//! Events go out `mandatory`: one that no binding routes comes back with its confirm, and is
+//! then logged and kept in the bounded `amqp.unrouted_queue` instead of vanishing. A `reply_to`
+//! copy whose queue is gone is only logged: the requester went away, the event itself is safe.
 
 use std::sync::Arc;
 
+use lapin::message::BasicReturnMessage;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::ShortString;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use tokio::sync::Mutex;
 
 use crate::config::AmqpSettings;
 use crate::events::{CONTENT_TYPE, EventSink, Outgoing};
 use crate::pipeline::{JobQueue, Requeue};
+
+/// Header on a kept unrouted event: the routing key it was published with.
+pub const ROUTING_KEY_HEADER: &str = "keyturn-routing-key";
 
 /// Longest wait for the broker to confirm one result event.
 const CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -46,6 +54,9 @@ impl Publisher {
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
+        // The worker declares it too; declaring here means unrouted events have somewhere to
+        // go even when this publisher is used without a worker (idempotent, same arguments).
+        super::topology::declare_unrouted(&channel, &self.settings).await?;
         *link = Some((connection, channel.clone()));
         Ok(channel)
     }
@@ -63,7 +74,7 @@ impl Publisher {
         routing_key: &str,
         body: &[u8],
         properties: BasicProperties,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Option<BasicReturnMessage>> {
         // A publish on a channel the broker is closing can wait forever for its confirm; bound
         // it so the pipeline's retry reconnects instead.
         let publish = async {
@@ -71,7 +82,10 @@ impl Publisher {
                 .basic_publish(
                     exchange.into(),
                     routing_key.into(),
-                    BasicPublishOptions::default(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
                     body,
                     properties,
                 )
@@ -82,7 +96,7 @@ impl Publisher {
             .await
             .map_err(|_| anyhow::anyhow!("no publisher confirm within {CONFIRM_TIMEOUT:?}"))??;
         match confirm {
-            Confirmation::Ack(_) => Ok(()),
+            Confirmation::Ack(returned) => Ok(returned),
             Confirmation::Nack(_) => anyhow::bail!("broker refused the result event (nack)"),
             Confirmation::NotRequested => anyhow::bail!("publisher confirms are not enabled"),
         }
@@ -100,25 +114,38 @@ impl EventSink for Publisher {
         let properties = BasicProperties::default()
             .with_content_type(CONTENT_TYPE.into())
             .with_delivery_mode(2)
-            .with_message_id(event.id.into())
+            .with_message_id(short(event.id))
             .with_correlation_id(short(event.correlation_id))
-            .with_type(event.kind.into())
+            .with_type(short(event.kind))
             .with_app_id("keyturn".into())
             .with_timestamp(chrono::Utc::now().timestamp().max(0) as u64);
         let result = async {
             let channel = self.channel().await?;
             let exchange = self.settings.results_exchange.as_str();
-            self.send(
-                &channel,
-                exchange,
-                event.routing_key,
-                event.body,
-                properties.clone(),
-            )
-            .await?;
-            if let Some(queue) = event.reply_to {
-                self.send(&channel, "", queue, event.body, properties)
+            let returned = self
+                .send(
+                    &channel,
+                    exchange,
+                    event.routing_key,
+                    event.body,
+                    properties.clone(),
+                )
+                .await?;
+            if returned.is_some() {
+                self.keep_unrouted(&channel, event, properties.clone())
                     .await?;
+            }
+            if let Some(queue) = event.reply_to
+                && self
+                    .send(&channel, "", queue, event.body, properties)
+                    .await?
+                    .is_some()
+            {
+                tracing::warn!(
+                    event_id = event.id,
+                    reply_to = queue,
+                    "the reply_to queue does not exist; the reply copy of the result event was dropped"
+                );
             }
             anyhow::Ok(())
         }
@@ -149,14 +176,59 @@ impl JobQueue for Publisher {
         }
         let result = async {
             let channel = self.channel().await?;
-            self.send(&channel, "", &self.settings.jobs_queue, job.body, properties)
-                .await
+            let returned = self
+                .send(&channel, "", &self.settings.jobs_queue, job.body, properties)
+                .await?;
+            anyhow::ensure!(
+                returned.is_none(),
+                "the jobs queue {} does not exist",
+                self.settings.jobs_queue
+            );
+            anyhow::Ok(())
         }
         .await;
         if result.is_err() {
             self.forget().await;
         }
         result
+    }
+}
+
+impl Publisher {
+    /// Keeps an event no binding routed in the unrouted queue, confirmed, with its routing key.
+    async fn keep_unrouted(
+        &self,
+        channel: &Channel,
+        event: &Outgoing<'_>,
+        properties: BasicProperties,
+    ) -> anyhow::Result<()> {
+        let queue = self.settings.unrouted_queue.as_str();
+        tracing::warn!(
+            event_id = event.id,
+            routing_key = event.routing_key,
+            exchange = %self.settings.results_exchange,
+            unrouted_queue = queue,
+            "no queue is bound for this result event; kept in the unrouted queue"
+        );
+        let mut headers = FieldTable::default();
+        headers.insert(
+            ROUTING_KEY_HEADER.into(),
+            AMQPValue::LongString(LongString::from(event.routing_key)),
+        );
+        let returned = self
+            .send(
+                channel,
+                "",
+                queue,
+                event.body,
+                properties.with_headers(headers),
+            )
+            .await?;
+        anyhow::ensure!(
+            returned.is_none(),
+            "the unrouted queue {queue} does not exist"
+        );
+        Ok(())
     }
 }
 

@@ -1,6 +1,6 @@
 //! The broker objects keyturn owns, declared idempotently every time a worker (re)connects:
 //! the quorum jobs queue with its dead-letter exchange and delivery limit, the dead queue, and
-//! the results topic exchange.
+//! the results topic exchange, and the bounded queue that keeps result events no binding routed.
 
 use lapin::options::{
     ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
@@ -48,6 +48,7 @@ pub async fn declare(channel: &Channel, settings: &AmqpSettings) -> lapin::Resul
             jobs_arguments(settings),
         )
         .await?;
+    declare_unrouted(channel, settings).await?;
     channel
         .exchange_declare(
             settings.results_exchange.as_str().into(),
@@ -56,6 +57,36 @@ pub async fn declare(channel: &Channel, settings: &AmqpSettings) -> lapin::Resul
             FieldTable::default(),
         )
         .await
+}
+
+/// Declares the bounded queue that keeps result events no binding routed.
+pub async fn declare_unrouted(channel: &Channel, settings: &AmqpSettings) -> lapin::Result<()> {
+    channel
+        .queue_declare(
+            settings.unrouted_queue.as_str().into(),
+            QueueDeclareOptions::durable(),
+            unrouted_arguments(),
+        )
+        .await
+        .map(|_| ())
+}
+
+/// Most result events the unrouted queue keeps; beyond it the oldest go first.
+pub const UNROUTED_MAX_LENGTH: i64 = 10_000;
+
+/// A classic queue bounded by length, dropping its oldest message when full: an operator's
+/// record of recent unrouted events must never block or fail the publishing of new ones.
+fn unrouted_arguments() -> FieldTable {
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        "x-max-length".into(),
+        AMQPValue::LongLongInt(UNROUTED_MAX_LENGTH),
+    );
+    arguments.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString(LongString::from("drop-head")),
+    );
+    arguments
 }
 
 /// Messages ready in `queue` (not counting unacked ones), by a passive declare.
@@ -73,7 +104,11 @@ pub async fn ready_messages(channel: &Channel, queue: &str) -> lapin::Result<u32
 /// Deletes the whole topology, messages included: for throwaway runs (the demo, tests), never
 /// for a production worker.
 pub async fn delete(channel: &Channel, settings: &AmqpSettings) -> lapin::Result<()> {
-    for queue in [&settings.jobs_queue, &settings.dead_queue] {
+    for queue in [
+        &settings.jobs_queue,
+        &settings.dead_queue,
+        &settings.unrouted_queue,
+    ] {
         channel
             .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
             .await?;

@@ -45,7 +45,7 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
     let connection = tokio::time::timeout(Duration::from_secs(10), amqp::connect(&settings.amqp, "keyturn-demo"))
         .await
         .map_err(|_| anyhow::anyhow!("timed out"))
-        .and_then(|connected| connected)
+        .and_then(|connected| connected.map_err(anyhow::Error::from))
         .map_err(|error| {
             anyhow::anyhow!(
                 "no RabbitMQ reachable at {broker} ({error}); start one with `rabbitmq-server -detached` \
@@ -59,6 +59,7 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
     amqp_names.dead_queue = format!("keyturn.demo.{run_id}.jobs.dead");
     amqp_names.dead_letter_exchange = format!("keyturn.demo.{run_id}.dlx");
     amqp_names.results_exchange = format!("keyturn.demo.{run_id}.results");
+    amqp_names.unrouted_queue = format!("keyturn.demo.{run_id}.results.unrouted");
     let dir = std::env::temp_dir().join(format!("keyturn-demo-{run_id}"));
     std::fs::create_dir_all(&dir)?;
     settings.audit.path = dir.join("audit.db");

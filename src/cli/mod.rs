@@ -51,8 +51,8 @@ pub enum Command {
 /// Runs the parsed command; configuration problems exit 2 with one line naming the key.
 pub async fn run(cli: Cli) -> ExitCode {
     let env: Vec<(String, String)> = std::env::vars().collect();
-    let mut settings = match load_settings(cli.config.as_deref(), &env) {
-        Ok(settings) => settings,
+    let (mut settings, source) = match load_settings(cli.config.as_deref(), &env) {
+        Ok(loaded) => loaded,
         Err(error) => return config_failure(&error),
     };
     // The demo's output is its summary table; a line per job would bury it. Warnings (rejected
@@ -64,10 +64,10 @@ pub async fn run(cli: Cli) -> ExitCode {
     {
         settings.log.level = "warn".into();
     }
-    crate::telemetry::init(&settings.log);
+    crate::telemetry::init(&settings.log, crate::telemetry::use_colour(&env));
     let result = match cli.command {
         Command::Worker { exit_when_idle } => match settings.credentials(&env) {
-            Ok(credentials) => run_worker(settings, credentials, exit_when_idle).await,
+            Ok(credentials) => run_worker(settings, &source, credentials, exit_when_idle).await,
             Err(error) => return config_failure(&error),
         },
         Command::Simulator(args) => match simulate::run(args, &env).await {
@@ -79,6 +79,9 @@ pub async fn run(cli: Cli) -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(error) if error.downcast_ref::<ConfigError>().is_some() => {
+            config_failure(error.downcast_ref::<ConfigError>().expect("checked"))
+        }
         Err(error) => {
             eprintln!("keyturn: {error:#}");
             ExitCode::FAILURE
@@ -91,15 +94,55 @@ fn config_failure(error: &ConfigError) -> ExitCode {
     ExitCode::from(2)
 }
 
+/// The settings, and where they came from for the start line: the file used (absolute) or
+/// "built-in defaults".
 fn load_settings(
     path: Option<&std::path::Path>,
     env: &[(String, String)],
-) -> Result<Settings, ConfigError> {
+) -> Result<(Settings, String), ConfigError> {
     let shipped = PathBuf::from("config/default.toml");
     let path = path
         .map(PathBuf::from)
         .or_else(|| shipped.exists().then_some(shipped));
-    Settings::load(path.as_deref(), env)
+    let settings = Settings::load(path.as_deref(), env)?;
+    let source = match &path {
+        Some(path) => absolute(path).display().to_string(),
+        None => "built-in defaults".to_owned(),
+    };
+    Ok((settings, source))
+}
+
+fn absolute(path: &std::path::Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
+}
+
+/// Opens the audit log; failing that, a [`ConfigError`] on `audit.path` with the absolute path
+/// and the cause in words (SQLite alone says only "unable to open database file").
+fn open_audit(settings: &Settings) -> Result<AuditStore, ConfigError> {
+    let path = absolute(&settings.audit.path);
+    let failure = |problem: String| ConfigError {
+        key: "audit.path".into(),
+        problem: format!("cannot open the audit log {}: {problem}", path.display()),
+    };
+    if path.is_dir() {
+        return Err(failure("it is a directory; give a file path".into()));
+    }
+    if let Some(parent) = path.parent()
+        && !parent.is_dir()
+    {
+        return Err(failure(format!(
+            "the directory {} does not exist",
+            parent.display()
+        )));
+    }
+    let options = AuditOptions {
+        busy_timeout: settings.audit.busy_timeout,
+        synchronous_full: settings.audit.synchronous == "full",
+    };
+    AuditStore::open(&path, &options).map_err(|error| match error {
+        crate::audit::AuditError::Open { source, .. } => failure(source.to_string()),
+        other => failure(other.to_string()),
+    })
 }
 
 /// Builds the pipeline the worker and the demo share.
@@ -107,11 +150,7 @@ pub fn build_pipeline(
     settings: Settings,
     credentials: Credentials,
 ) -> anyhow::Result<(Arc<Pipeline>, Arc<Publisher>)> {
-    let audit_options = AuditOptions {
-        busy_timeout: settings.audit.busy_timeout,
-        synchronous_full: settings.audit.synchronous == "full",
-    };
-    let audit = AuditStore::open(&settings.audit.path, &audit_options)?;
+    let audit = open_audit(&settings)?;
     let auth = match credentials {
         Credentials::AkSk { .. } => AuthMode::AkSk,
         Credentials::Token(_) => AuthMode::Token,
@@ -133,22 +172,82 @@ pub fn build_pipeline(
 
 async fn run_worker(
     settings: Settings,
+    source: &str,
     credentials: Credentials,
     exit_when_idle: Option<Duration>,
 ) -> anyhow::Result<()> {
     let (pipeline, publisher) = build_pipeline(settings, credentials)?;
-    tracing::info!(
-        worker_id = %pipeline.worker_id,
-        broker = %crate::amqp::redacted_url(&pipeline.settings.amqp.url),
-        audit = %pipeline.audit.path().display(),
-        "keyturn worker starting"
-    );
+    log_start(&pipeline.settings, source, &pipeline.worker_id);
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
-    worker::run(pipeline, RunOptions { exit_when_idle }, shutdown).await?;
+    if first_connect(&pipeline.settings, &pipeline.worker_id, &shutdown).await? {
+        worker::run(pipeline, RunOptions { exit_when_idle }, shutdown).await?;
+    }
     publisher.close().await;
     tracing::info!("keyturn worker stopped");
     Ok(())
+}
+
+/// One INFO line saying what this worker runs with; no secrets (the URL is redacted).
+fn log_start(settings: &Settings, source: &str, worker_id: &str) {
+    let endpoint = if settings.api.endpoint.is_empty() {
+        "region table"
+    } else {
+        settings.api.endpoint.as_str()
+    };
+    let limits = &settings.rate_limit;
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        config = source,
+        endpoint,
+        auth = %settings.api.auth,
+        concurrency = settings.worker.concurrency,
+        per_second = limits.per_second,
+        per_project_per_second = limits.per_project_per_second,
+        worker_id,
+        broker = %crate::amqp::redacted_url(&settings.amqp.url),
+        audit = %absolute(&settings.audit.path).display(),
+        "keyturn worker starting"
+    );
+}
+
+/// Connects once before consuming, to tell settings the broker refuses (exit 2, one line) from
+/// a broker that is not there yet (one WARN line per attempt, retried with capped backoff).
+/// Returns false when shutdown came first.
+async fn first_connect(
+    settings: &Settings,
+    worker_id: &str,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<bool> {
+    let backoff = crate::retry::Backoff {
+        base: Duration::from_millis(500),
+        cap: settings.amqp.reconnect_max_backoff,
+    };
+    let name = format!("keyturn-check-{worker_id}");
+    for attempt in 1u32.. {
+        let connected = tokio::select! {
+            () = shutdown.cancelled() => return Ok(false),
+            connected = crate::amqp::connect(&settings.amqp, &name) => connected,
+        };
+        match connected {
+            Ok(connection) => {
+                let _ = connection.close(200, "start check done".into()).await;
+                return Ok(true);
+            }
+            Err(crate::amqp::ConnectError::Settings(error)) => return Err(error.into()),
+            Err(error) => {
+                let wait = backoff
+                    .delay(attempt - 1, &mut rand::rng())
+                    .max(Duration::from_millis(200));
+                tracing::warn!(attempt, retry_in_ms = wait.as_millis() as u64, "{error}");
+                tokio::select! {
+                    () = shutdown.cancelled() => return Ok(false),
+                    () = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+    unreachable!("the loop only ends by returning")
 }
 
 /// Cancels `token` on the first SIGINT or SIGTERM.

@@ -2,6 +2,8 @@
 //! SQLite file per test.
 
 mod api_security;
+mod broker_tls;
+mod edge;
 mod guarantees;
 mod helpers;
 mod lifecycle;
