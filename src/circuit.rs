@@ -287,7 +287,10 @@ mod tests {
         else {
             panic!("a 401 is a fault")
         };
-        assert_eq!(fault.cause, "credentials refused by cn-north-4 (APIGW.0301)");
+        assert_eq!(
+            fault.cause,
+            "credentials refused by cn-north-4 (APIGW.0301)"
+        );
         assert!(fault.fix.contains("CLOUD_SDK_AK/CLOUD_SDK_SK"));
     }
 
@@ -312,9 +315,7 @@ mod tests {
     fn the_credentials_circuit_holds_every_region_and_opens_once() {
         let circuits = Circuits::new(5);
         let mut changes = circuits.watch();
-        let fault = || {
-            classify(&api(401, "APIGW.0301"), "r1", AuthMode::AkSk)
-        };
+        let fault = || classify(&api(401, "APIGW.0301"), "r1", AuthMode::AkSk);
         assert!(circuits.report("r1", fault()).is_some());
         assert!(circuits.report("r1", fault()).is_none(), "already open");
         assert!(changes.has_changed().unwrap());

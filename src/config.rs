@@ -352,7 +352,11 @@ impl Settings {
             1,
             2000,
         )?;
-        bounded("amqp.reconnect_max_backoff", amqp.reconnect_max_backoff, HOUR)?;
+        bounded(
+            "amqp.reconnect_max_backoff",
+            amqp.reconnect_max_backoff,
+            HOUR,
+        )?;
         bounded("worker.grace_period", self.worker.grace_period, HOUR)?;
         bounded("worker.max_hold", self.worker.max_hold, 25 * MINUTE)?;
         let circuit = &self.circuit;
@@ -363,7 +367,11 @@ impl Settings {
             1000,
         )?;
         bounded("circuit.probe_interval", circuit.probe_interval, HOUR)?;
-        bounded("circuit.probe_max_interval", circuit.probe_max_interval, HOUR)?;
+        bounded(
+            "circuit.probe_max_interval",
+            circuit.probe_max_interval,
+            HOUR,
+        )?;
         if circuit.probe_max_interval < circuit.probe_interval {
             return Err(config_error(
                 "circuit.probe_max_interval",
@@ -439,7 +447,11 @@ impl Settings {
             1,
             100_000,
         )?;
-        bounded("rate_limit.throttle_pause", limits.throttle_pause, 10 * MINUTE)?;
+        bounded(
+            "rate_limit.throttle_pause",
+            limits.throttle_pause,
+            10 * MINUTE,
+        )?;
         let retry = &self.retry;
         range("retry.max_attempts", retry.max_attempts.into(), 1, 100)?;
         bounded("retry.base_delay", retry.base_delay, 10 * MINUTE)?;

@@ -262,9 +262,20 @@ pub fn parse(body: &[u8], ctx: &ParseContext<'_>) -> Result<Job, Rejection> {
     let instance_id =
         problems.check(required("instance_id", &raw.instance_id).and_then(instance_id));
     let change = problems.check(change(&raw));
-    let requested_by =
-        problems.check(optional(&raw.requested_by, |v| label("requested_by", v, 128)));
-    match (id, rerun, rollout_id, ticket, region, project_id, instance_id, change, requested_by) {
+    let requested_by = problems.check(optional(&raw.requested_by, |v| {
+        label("requested_by", v, 128)
+    }));
+    match (
+        id,
+        rerun,
+        rollout_id,
+        ticket,
+        region,
+        project_id,
+        instance_id,
+        change,
+        requested_by,
+    ) {
         (
             Some(id),
             Some(rerun),
@@ -793,13 +804,23 @@ mod tests {
             .replace("619d3e78", "zzzz")
             .replace("b82fa43f-", "nope-");
         let rejection = parse(body.as_bytes(), &ParseContext::default()).unwrap_err();
-        let fields: Vec<&str> = rejection.problems().iter().map(|p| p.field.as_str()).collect();
+        let fields: Vec<&str> = rejection
+            .problems()
+            .iter()
+            .map(|p| p.field.as_str())
+            .collect();
         assert_eq!(fields, ["region", "project_id", "kms_key_id"]);
         let text = rejection.to_string();
         assert!(text.starts_with("region: ") && text.contains("; kms_key_id: must be a UUID"));
-        let typos = ON.replace("\"ticket\"", "\"tikcet\"").replace("\"region\"", "\"regoin\"");
+        let typos = ON
+            .replace("\"ticket\"", "\"tikcet\"")
+            .replace("\"region\"", "\"regoin\"");
         let rejection = parse(typos.as_bytes(), &ParseContext::default()).unwrap_err();
-        let mut fields: Vec<&str> = rejection.problems().iter().map(|p| p.field.as_str()).collect();
+        let mut fields: Vec<&str> = rejection
+            .problems()
+            .iter()
+            .map(|p| p.field.as_str())
+            .collect();
         fields.sort();
         assert_eq!(fields, ["regoin", "tikcet"]);
     }
@@ -811,8 +832,16 @@ mod tests {
         let rerun = parse(&with("rerun", Value::from(2)), &ParseContext::default()).unwrap();
         assert_eq!(rerun.rerun, 2);
         assert_ne!(job.digest(), rerun.digest());
-        let respelled = parse(&with("encryption_status", "ON".into()), &ParseContext::default()).unwrap();
-        assert_eq!(job.digest(), respelled.digest(), "key order and case are spelling");
+        let respelled = parse(
+            &with("encryption_status", "ON".into()),
+            &ParseContext::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            job.digest(),
+            respelled.digest(),
+            "key order and case are spelling"
+        );
         let other_key = parse(
             &with("kms_key_id", "c82fa43f-f6e8-4ec4-9c31-231bc547c526".into()),
             &ParseContext::default(),

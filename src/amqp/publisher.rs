@@ -177,7 +177,13 @@ impl JobQueue for Publisher {
         let result = async {
             let channel = self.channel().await?;
             let returned = self
-                .send(&channel, "", &self.settings.jobs_queue, job.body, properties)
+                .send(
+                    &channel,
+                    "",
+                    &self.settings.jobs_queue,
+                    job.body,
+                    properties,
+                )
                 .await?;
             anyhow::ensure!(
                 returned.is_none(),

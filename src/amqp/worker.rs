@@ -75,7 +75,10 @@ pub async fn run(
         let wait = backoff
             .delay(failures, &mut rand::rng())
             .max(Duration::from_millis(100));
-        tracing::warn!(retry_in_ms = wait.as_millis() as u64, "{reason}; reconnecting");
+        tracing::warn!(
+            retry_in_ms = wait.as_millis() as u64,
+            "{reason}; reconnecting"
+        );
         failures = failures.saturating_add(1);
         tokio::select! {
             () = stop.cancelled() => break,
@@ -294,10 +297,8 @@ impl Consuming {
 /// back to the queue.
 async fn drain(tasks: &mut JoinSet<()>, grace: Duration) {
     let in_flight = tasks.len();
-    let finished = tokio::time::timeout(grace, async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
+    let finished =
+        tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
     if finished.is_err() {
         tracing::warn!(
             unfinished = tasks.len(),
@@ -321,11 +322,7 @@ async fn handle(
         .await;
     let settled = match processed {
         Ok(Disposition::Ack) => acker.ack(Default::default()).await,
-        Ok(Disposition::DeadLetter) => {
-            acker
-                .reject(BasicRejectOptions { requeue: false })
-                .await
-        }
+        Ok(Disposition::DeadLetter) => acker.reject(BasicRejectOptions { requeue: false }).await,
         Ok(Disposition::Abandon) => return,
         // A bug, not the job's fault: the delivery goes back (counting toward the queue's
         // delivery limit, so a job that always panics ends in the dead queue), and the slot,

@@ -177,7 +177,7 @@ enum Write {
 }
 
 enum Written {
-    Recorded(Recorded),
+    Recorded(Box<Recorded>),
     Claimed(Seen),
     Done,
 }
@@ -229,7 +229,7 @@ impl AuditStore {
     /// Commits `record` durably; if the job already has a final row, returns that one instead.
     pub async fn record(&self, record: FinalRecord) -> Result<Recorded, AuditError> {
         match self.write(Write::Record(Box::new(record))).await? {
-            Written::Recorded(recorded) => Ok(recorded),
+            Written::Recorded(recorded) => Ok(*recorded),
             _ => unreachable!("a record write answers Recorded"),
         }
     }
@@ -386,7 +386,14 @@ mod tests {
             .record(record("J-9", 0, Outcome::Failed, "d"))
             .await
             .unwrap();
-        assert!(audit.lookup("J-9", 1, "d").await.unwrap().final_record.is_none());
+        assert!(
+            audit
+                .lookup("J-9", 1, "d")
+                .await
+                .unwrap()
+                .final_record
+                .is_none()
+        );
         let rerun = audit
             .record(record("J-9", 1, Outcome::Succeeded, "d"))
             .await
@@ -408,8 +415,18 @@ mod tests {
             .record(record("J-2", 0, Outcome::Rejected, "bad"))
             .await
             .unwrap();
-        assert!(audit.lookup("J-2", 0, "bad").await.unwrap().rejection.is_some());
-        assert_eq!(audit.lookup("J-2", 0, "fixed").await.unwrap(), Earlier::default());
+        assert!(
+            audit
+                .lookup("J-2", 0, "bad")
+                .await
+                .unwrap()
+                .rejection
+                .is_some()
+        );
+        assert_eq!(
+            audit.lookup("J-2", 0, "fixed").await.unwrap(),
+            Earlier::default()
+        );
         let fixed = audit
             .record(record("J-2", 0, Outcome::Succeeded, "fixed"))
             .await
@@ -459,7 +476,10 @@ mod tests {
         let audit = store(&dir);
         audit.park(parked_job("P-1", "credentials")).await.unwrap();
         audit.park(parked_job("P-1", "credentials")).await.unwrap();
-        audit.park(parked_job("P-2", "region:cn-north-4")).await.unwrap();
+        audit
+            .park(parked_job("P-2", "region:cn-north-4"))
+            .await
+            .unwrap();
         assert_eq!(
             audit.parked_scopes().await.unwrap(),
             vec![
@@ -473,7 +493,11 @@ mod tests {
         assert!(audit.lookup("P-1", 0, "x").await.unwrap().parked.is_some());
         assert_eq!(parked[0].generation, 1, "parked twice");
         audit.unpark(vec![(parked[0].id, 0)]).await.unwrap();
-        assert_eq!(audit.parked("credentials", 10).await.unwrap().len(), 1, "a stale release keeps a row parked again");
+        assert_eq!(
+            audit.parked("credentials", 10).await.unwrap().len(),
+            1,
+            "a stale release keeps a row parked again"
+        );
         audit.unpark(vec![(parked[0].id, 1)]).await.unwrap();
         assert!(audit.parked("credentials", 10).await.unwrap().is_empty());
     }
@@ -496,7 +520,9 @@ mod tests {
         })];
         for other in others {
             let audit = audit.clone();
-            writes.push(tokio::spawn(async move { audit.record(other).await.is_ok() }));
+            writes.push(tokio::spawn(
+                async move { audit.record(other).await.is_ok() },
+            ));
         }
         let mut ok = Vec::new();
         for write in writes {

@@ -171,7 +171,7 @@ fn commit_all<'w>(
 
 fn apply(tx: &Transaction<'_>, write: &Write) -> Result<Written, AuditError> {
     Ok(match write {
-        Write::Record(record) => Written::Recorded(insert(tx, record)?),
+        Write::Record(record) => Written::Recorded(Box::new(insert(tx, record)?)),
         Write::Claim {
             job_id,
             rerun,

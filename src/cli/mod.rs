@@ -15,9 +15,9 @@ use tokio_util::sync::CancellationToken;
 use crate::amqp::publisher::Publisher;
 use crate::amqp::worker::{self, RunOptions};
 use crate::audit::{AuditOptions, AuditStore};
+use crate::circuit::AuthMode;
 use crate::config::{ConfigError, Credentials, Settings};
 use crate::gaussdb::Client;
-use crate::circuit::AuthMode;
 use crate::pipeline::Pipeline;
 
 #[derive(Parser, Debug)]

@@ -211,7 +211,10 @@ impl Pipeline {
             return fault_scope;
         }
         // Another job's answer may have opened a circuit meanwhile: retry no further there.
-        result.as_ref().err().and_then(|_| self.circuits.holding(region))
+        result
+            .as_ref()
+            .err()
+            .and_then(|_| self.circuits.holding(region))
     }
 
     /// After a successful Modify: optionally read the state back, as the operator asked.

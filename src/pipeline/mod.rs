@@ -238,7 +238,12 @@ impl Pipeline {
         }
     }
 
-    async fn process_job(self: &Arc<Self>, job: &Job, earlier: Earlier, ctx: &Context<'_>) -> Disposition {
+    async fn process_job(
+        self: &Arc<Self>,
+        job: &Job,
+        earlier: Earlier,
+        ctx: &Context<'_>,
+    ) -> Disposition {
         let digest = job.digest();
         if let Some(seen) = conflict(&earlier, &digest) {
             return self.reject(&reused_key(job, &seen), None, ctx).await;

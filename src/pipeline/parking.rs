@@ -55,7 +55,9 @@ impl Pipeline {
             generation: 0,
         };
         let stored = self
-            .infra(Infra::Parking, ctx.shutdown, || self.audit.park(parked.clone()))
+            .infra(Infra::Parking, ctx.shutdown, || {
+                self.audit.park(parked.clone())
+            })
             .await;
         match stored {
             Some(()) => {
@@ -153,7 +155,10 @@ impl Pipeline {
             {
                 return;
             }
-            let ids = batch.iter().map(|job| (job.id, job.generation)).collect::<Vec<_>>();
+            let ids = batch
+                .iter()
+                .map(|job| (job.id, job.generation))
+                .collect::<Vec<_>>();
             let forgotten = self
                 .infra(Infra::Parking, shutdown, || self.audit.unpark(ids.clone()))
                 .await;

@@ -460,13 +460,20 @@ async fn token_auth_works_and_a_wrong_token_parks_the_job_until_a_good_one_runs_
     stop.cancel();
     worker.await.unwrap();
     assert_eq!(app.toggles().len(), 1, "no record for the held job");
-    assert_eq!(app.stats().auth_failures, 1, "one refused call, then nothing");
+    assert_eq!(
+        app.stats().auth_failures,
+        1,
+        "one refused call, then nothing"
+    );
 
     // A worker with a good token releases it at start, under its own job id.
     app.drain_with(Credentials::Token(TOKEN.to_owned().into()))
         .await;
     let events = app.events(2).await;
-    let held = events.iter().find(|e| e.data.job_id == "J-badtoken").unwrap();
+    let held = events
+        .iter()
+        .find(|e| e.data.job_id == "J-badtoken")
+        .unwrap();
     assert_eq!(held.data.outcome, Outcome::Succeeded);
     assert!(rows(&app.audit_path(), "SELECT job_id FROM parked").is_empty());
     assert!(app.dead_letters().await.is_empty());
