@@ -27,7 +27,11 @@ const MAX_BODY: usize = 1 << 20;
 pub(super) async fn handle(State(app): State<App>, request: Request) -> Response {
     let request_id = new_request_id();
     let (parts, body) = request.into_parts();
-    let outcome = match Route::parse(&parts.method, parts.uri.path()) {
+    let route = Route::parse(&parts.method, parts.uri.path());
+    let _in_flight = route
+        .as_ref()
+        .map(|route| app.sim.enter(&route.instance_id));
+    let outcome = match route {
         None => Outcome::unrouted(),
         Some(route) => match axum::body::to_bytes(body, MAX_BODY).await {
             Ok(bytes) => app.sim.answer(&route, &parts, &bytes),
@@ -435,6 +439,7 @@ fn scripted(step: Step, instance: &mut Instance, call: Call, body: &[u8]) -> Dec
         }
         Step::Hang { ms, apply: true } => Decision::injected(serve_call(instance, call, body), ms),
         Step::Hang { ms, apply: false } => Decision::injected(Reply::timeout(), ms),
+        Step::Answer { status } => Decision::injected(Reply::status(status == "on"), 0),
     }
 }
 

@@ -137,6 +137,9 @@ pub enum Step {
         #[serde(default)]
         apply: bool,
     },
+    /// Answer 200 reporting `status` ("on"/"off") without changing anything: the answer that
+    /// disagrees with the request, which a client must settle with Describe.
+    Answer { status: String },
 }
 
 /// A snapshot of what reached the simulator.
@@ -170,6 +173,10 @@ pub struct InstanceStats {
     /// The part of `toggles_applied` that asked for the status the instance already had.
     pub noop_toggles: u64,
     pub describe_calls: u64,
+    /// The most requests (Modify or Describe, authenticated or not) this instance ever had
+    /// in flight at once: 1 when calls never overlapped.
+    #[serde(default)]
+    pub max_in_flight: u64,
 }
 
 /// One API request as the simulator answered it.
@@ -200,6 +207,8 @@ struct World {
     rng: StdRng,
     totals: Totals,
     recent: VecDeque<RequestRecord>,
+    /// Requests per instance being answered now, and the most ever at once.
+    in_flight: HashMap<String, (u64, u64)>,
 }
 
 #[derive(Default)]
@@ -242,6 +251,21 @@ impl Instance {
             toggles_applied: self.toggles_applied,
             noop_toggles: self.noop_toggles,
             describe_calls: self.describe_calls,
+            max_in_flight: 0,
+        }
+    }
+}
+
+/// A request being answered; see [`Simulator::enter`].
+struct InFlight {
+    sim: Arc<Simulator>,
+    instance_id: String,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(entry) = self.sim.world().in_flight.get_mut(&self.instance_id) {
+            entry.0 = entry.0.saturating_sub(1);
         }
     }
 }
@@ -265,6 +289,7 @@ impl Simulator {
             rng: StdRng::seed_from_u64(config.seed),
             totals: Totals::default(),
             recent: VecDeque::new(),
+            in_flight: HashMap::new(),
         };
         let keys = Keys {
             credentials: config.credentials.clone(),
@@ -313,6 +338,18 @@ impl Simulator {
             .extend(steps);
     }
 
+    /// Counts a request for `instance_id` as in flight until the returned guard drops.
+    fn enter(self: &Arc<Self>, instance_id: &str) -> InFlight {
+        let mut world = self.world();
+        let entry = world.in_flight.entry(instance_id.to_owned()).or_default();
+        entry.0 += 1;
+        entry.1 = entry.1.max(entry.0);
+        InFlight {
+            sim: self.clone(),
+            instance_id: instance_id.to_owned(),
+        }
+    }
+
     pub fn stats(&self) -> Stats {
         let world = self.world();
         Stats {
@@ -323,7 +360,11 @@ impl Simulator {
             instances: world
                 .instances
                 .iter()
-                .map(|(id, instance)| (id.clone(), instance.stats()))
+                .map(|(id, instance)| {
+                    let mut stats = instance.stats();
+                    stats.max_in_flight = world.in_flight.get(id).map_or(0, |(_, max)| *max);
+                    (id.clone(), stats)
+                })
                 .collect(),
             recent: world.recent.iter().cloned().collect(),
         }

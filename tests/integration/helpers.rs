@@ -728,3 +728,19 @@ impl TestApp {
         *self.simulator_server() = SimulatorServer::start(listener, &self.simulator);
     }
 }
+
+impl TestApp {
+    /// Waits until a worker process has created and migrated the audit file (it does so before
+    /// it consumes), so the test can read its tables.
+    pub async fn wait_for_audit(&self) {
+        wait_until(Duration::from_secs(30), || async {
+            self.audit_path().exists()
+                && !rows(
+                    &self.audit_path(),
+                    "SELECT name FROM sqlite_master WHERE name = 'parked'",
+                )
+                .is_empty()
+        })
+        .await;
+    }
+}

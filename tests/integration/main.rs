@@ -3,9 +3,11 @@
 
 mod api_security;
 mod broker_tls;
+mod circuits;
 mod edge;
 mod guarantees;
 mod helpers;
+mod identity;
 mod lifecycle;
 mod pipeline;
 mod properties;

@@ -1,0 +1,288 @@
+//! Exact job identity, per-instance order and the retry rules that keep an instance from being
+//! toggled twice: real broker, simulator over a socket, real SQLite.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use keyturn::events::Outcome;
+use keyturn::simulator::{Faults, Step};
+use serde_json::json;
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn a_reused_job_id_with_another_body_is_rejected_naming_when_it_was_first_seen() {
+    let app = TestApp::spawn().await;
+    app.publish_job(&job("J-reuse", 40, "on")).await;
+    app.drain().await;
+    // The same job spelled differently (keys reordered, status in capitals) is the same job.
+    let mut respelled = job("J-reuse", 40, "on");
+    respelled["encryption_status"] = json!("ON");
+    app.publish(
+        respelled.to_string().as_bytes(),
+        lapin::BasicProperties::default().with_content_type("application/json".into()),
+    )
+    .await;
+    // The same key asking for something else is refused, not answered with the old result.
+    app.publish_job(&job("J-reuse", 40, "off")).await;
+    app.drain().await;
+
+    let events = app.events(3).await;
+    assert_eq!(events.len(), 3);
+    assert_eq!(events[0].data.outcome, Outcome::Succeeded);
+    assert_eq!(
+        events[1].id, events[0].id,
+        "a respelled duplicate is a replay"
+    );
+    let conflict = &events[2];
+    assert_eq!(conflict.data.outcome, Outcome::Rejected);
+    assert_eq!(
+        conflict.data.error_code.as_deref(),
+        Some("keyturn.invalid.job_id")
+    );
+    let first_seen = app.toggles()[0]["received_at"].as_str().unwrap().to_owned();
+    let message = conflict.data.error_msg.as_deref().unwrap();
+    assert!(
+        message.starts_with("job_id: J-reuse (rerun 0) was first seen at ")
+            && message.contains(&first_seen)
+            && message.contains("with a different body"),
+        "{message}"
+    );
+    assert_eq!(
+        app.dead_letters().await.len(),
+        1,
+        "the conflicting body is kept"
+    );
+    assert_eq!(
+        app.simulator.status_of(PROJECT, &instance(40)).as_deref(),
+        Some("on"),
+        "the off request never reached the API"
+    );
+    assert_eq!(app.stats().instances[&instance(40)].modify_calls, 1);
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_failed_job_runs_again_only_under_a_higher_rerun() {
+    let app = TestApp::spawn().await;
+    app.simulator.script(
+        &instance(41),
+        vec![Step::Error {
+            status: 403,
+            code: "DBS.200010".into(),
+            msg: Some("not authorised".into()),
+            retry_after_secs: None,
+            apply: false,
+        }],
+    );
+    app.publish_job(&job("J-rerun", 41, "on")).await;
+    app.drain().await;
+    app.publish_job(&job("J-rerun", 41, "on")).await;
+    let mut rerun = job("J-rerun", 41, "on");
+    rerun["rerun"] = json!(1);
+    app.publish_job(&rerun).await;
+    app.drain().await;
+
+    let events = app.events(3).await;
+    assert_eq!(events.len(), 3);
+    assert_eq!(events[0].data.outcome, Outcome::Failed);
+    assert_eq!(
+        events[1].id, events[0].id,
+        "the same key replays its failure"
+    );
+    assert_eq!(events[2].data.outcome, Outcome::Succeeded);
+    assert_eq!(events[2].data.rerun, 1);
+    let runs = rows(
+        &app.audit_path(),
+        "SELECT rerun, outcome FROM toggles WHERE job_id = 'J-rerun' ORDER BY rerun",
+    );
+    assert_eq!(
+        runs,
+        vec![
+            json!({"rerun": 0, "outcome": "failed"}),
+            json!({"rerun": 1, "outcome": "succeeded"})
+        ],
+        "the audit keeps every run"
+    );
+    assert_eq!(app.stats().instances[&instance(41)].modify_calls, 2);
+    app.cleanup().await;
+}
+
+/// `on` then `off` for one instance: the `on` meets a 504 that in fact landed. Without
+/// per-instance order the `off` would run beside it and the `on` could land last.
+#[tokio::test]
+async fn jobs_of_one_instance_never_overlap_and_run_in_delivery_order() {
+    let app = TestApp::spawn_with(Options {
+        faults: Faults {
+            latency_ms: 150,
+            ..Faults::default()
+        },
+        tweak: Box::new(|settings| settings.worker.concurrency = 8),
+        ..Options::default()
+    })
+    .await;
+    app.simulator.script(
+        &instance(42),
+        vec![Step::Error {
+            status: 504,
+            code: "APIGW.0201".into(),
+            msg: None,
+            retry_after_secs: None,
+            apply: true,
+        }],
+    );
+    app.publish_job(&job("J-order-on", 42, "on")).await;
+    app.publish_job(&job("J-order-off", 42, "off")).await;
+    for n in 0..6 {
+        app.publish_job(&job(&format!("J-order-other-{n}"), 43 + n, "on"))
+            .await;
+    }
+    app.drain().await;
+
+    let stats = app.stats();
+    let instance_stats = &stats.instances[&instance(42)];
+    assert_eq!(instance_stats.max_in_flight, 1, "never two calls at once");
+    assert_eq!(instance_stats.status, "off", "the later job landed last");
+    assert!(
+        stats.instances.values().any(|i| i.max_in_flight == 1),
+        "other instances ran beside it"
+    );
+    let events = app.events(8).await;
+    let on = events
+        .iter()
+        .find(|e| e.data.job_id == "J-order-on")
+        .unwrap();
+    let off = events
+        .iter()
+        .find(|e| e.data.job_id == "J-order-off")
+        .unwrap();
+    assert_eq!(on.data.outcome, Outcome::Succeeded);
+    assert_eq!(off.data.outcome, Outcome::Succeeded);
+    assert!(on.time < off.time, "finished in delivery order");
+    assert_eq!(
+        instance_stats.modify_calls, 2,
+        "the landed 504 was not sent again"
+    );
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_500_that_landed_is_settled_by_describe_not_sent_twice() {
+    let app = TestApp::spawn().await;
+    app.simulator.script(
+        &instance(50),
+        vec![Step::Error {
+            status: 500,
+            code: "DBS.05000000".into(),
+            msg: None,
+            retry_after_secs: None,
+            apply: true,
+        }],
+    );
+    app.publish_job(&job("J-landed", 50, "on")).await;
+    app.drain().await;
+
+    let event = &app.events(1).await[0];
+    assert_eq!(event.data.outcome, Outcome::Succeeded);
+    let calls: Vec<_> = app
+        .attempts("J-landed")
+        .iter()
+        .map(|a| (a["call"].clone(), a["http_status"].clone()))
+        .collect();
+    assert_eq!(
+        calls,
+        vec![
+            (json!("modify"), json!(500)),
+            (json!("describe"), json!(200))
+        ]
+    );
+    let stats = &app.stats().instances[&instance(50)];
+    assert_eq!((stats.modify_calls, stats.toggles_applied), (1, 1));
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_200_reporting_another_state_is_settled_by_describe() {
+    let app = TestApp::spawn().await;
+    app.simulator.script(
+        &instance(51),
+        vec![Step::Answer {
+            status: "off".into(),
+        }],
+    );
+    app.publish_job(&job("J-lie", 51, "on")).await;
+    app.drain().await;
+
+    let event = &app.events(1).await[0];
+    assert_eq!(event.data.outcome, Outcome::Succeeded);
+    assert_eq!(event.data.resulting_status.as_deref(), Some("on"));
+    let calls: Vec<_> = app
+        .attempts("J-lie")
+        .iter()
+        .map(|a| a["call"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        calls,
+        ["modify", "describe", "modify"],
+        "the disagreeing 200 was checked, then the change sent"
+    );
+    assert_eq!(
+        app.simulator.status_of(PROJECT, &instance(51)).as_deref(),
+        Some("on")
+    );
+    app.cleanup().await;
+}
+
+/// A bug that panics while a job is processed returns its delivery to the queue (so the
+/// delivery limit ends a job that always panics) and frees its slot: the worker goes on.
+#[tokio::test]
+async fn a_panicking_job_neither_leaks_its_slot_nor_stalls_the_worker() {
+    let app = TestApp::spawn_with(Options {
+        tweak: Box::new(|settings| settings.amqp.delivery_limit = 2),
+        ..Options::default()
+    })
+    .await;
+    let mut worker = app
+        .worker_process(&[
+            ("KEYTURN_DEBUG_PANIC_JOB", "J-panic"),
+            ("KEYTURN_WORKER__CONCURRENCY", "1"),
+            ("KEYTURN_AMQP__DELIVERY_LIMIT", "2"),
+        ])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    app.wait_for_audit().await;
+    app.publish_job(&job("J-panic", 60, "on")).await;
+    let jobs: Vec<(String, u32, &str)> = (0..5)
+        .map(|i| (format!("J-after-panic-{i}"), 61 + i, "on"))
+        .collect();
+    for (job_id, n, status) in &jobs {
+        app.publish_job(&job(job_id, *n, status)).await;
+    }
+    // One slot: had the panic leaked it, nothing after the first panic would run.
+    wait_until(Duration::from_secs(60), || async {
+        app.toggles().len() == jobs.len()
+    })
+    .await;
+    let dead_queue = app.settings.amqp.dead_queue.clone();
+    wait_until(Duration::from_secs(30), || async {
+        app.queue_len(&dead_queue).await > 0
+    })
+    .await;
+    let dead = app.dead_letters().await;
+    assert_eq!(dead.len(), 1);
+    let body: serde_json::Value = serde_json::from_slice(&dead[0]).unwrap();
+    assert_eq!(body["job_id"], "J-panic");
+    assert_eq!(
+        app.stats()
+            .instances
+            .get(&instance(60))
+            .map(|i| i.modify_calls),
+        None
+    );
+    assert_eq!(
+        terminate(&mut worker, Duration::from_secs(30)).await,
+        Some(0)
+    );
+    app.cleanup().await;
+}
