@@ -111,6 +111,8 @@ async fn bench_end_to_end(jobs: usize) {
     settings.amqp.dead_queue = format!("kt-bench-{run}.dead");
     settings.amqp.dead_letter_exchange = format!("kt-bench-{run}.dlx");
     settings.amqp.results_exchange = format!("kt-bench-{run}.results");
+    settings.amqp.unrouted_queue = format!("kt-bench-{run}.unrouted");
+    settings.amqp.control_queue = format!("kt-bench-{run}.control");
     settings.worker.concurrency = 64;
     settings.api.endpoint = endpoint;
     settings.rate_limit.per_second = 100_000;

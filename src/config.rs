@@ -50,6 +50,8 @@ pub struct AmqpSettings {
     pub results_exchange: String,
     /// Bounded queue keeping result events no binding routed (published `mandatory`, returned).
     pub unrouted_queue: String,
+    /// Quorum queue of rollout declarations and commands (contract §6).
+    pub control_queue: String,
     /// PEM bundle of CAs trusted for `amqps://` URLs; empty = the system roots.
     pub ca_file: PathBuf,
     pub delivery_limit: u32,
@@ -177,6 +179,7 @@ impl Default for AmqpSettings {
             dead_queue: "keyturn.jobs.dead".into(),
             results_exchange: "keyturn.results".into(),
             unrouted_queue: "keyturn.results.unrouted".into(),
+            control_queue: "keyturn.control".into(),
             ca_file: PathBuf::new(),
             delivery_limit: 20,
             heartbeat_secs: 10,
@@ -333,6 +336,7 @@ impl Settings {
             ("amqp.dead_queue", &amqp.dead_queue),
             ("amqp.results_exchange", &amqp.results_exchange),
             ("amqp.unrouted_queue", &amqp.unrouted_queue),
+            ("amqp.control_queue", &amqp.control_queue),
         ] {
             if name.is_empty() || name.len() > 255 || name.starts_with("amq.") {
                 return Err(config_error(

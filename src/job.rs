@@ -19,7 +19,7 @@ macro_rules! newtype {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
         #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-        pub struct $name(String);
+        pub struct $name(pub(crate) String);
 
         impl $name {
             pub fn as_str(&self) -> &str {
@@ -141,6 +141,11 @@ pub struct Rejection {
 }
 
 impl Rejection {
+    /// A rejection listing `problems` (at least one).
+    pub(crate) fn of(problems: Vec<Problem>) -> Rejection {
+        Rejection { problems }
+    }
+
     /// A rejection with one problem.
     pub fn single(field: &str, reason: impl Into<String>) -> Rejection {
         reject(field, reason)
@@ -168,7 +173,7 @@ impl fmt::Display for Rejection {
 
 impl std::error::Error for Rejection {}
 
-fn reject(field: &str, reason: impl Into<String>) -> Rejection {
+pub(crate) fn reject(field: &str, reason: impl Into<String>) -> Rejection {
     Rejection {
         problems: vec![Problem {
             field: field.to_owned(),
@@ -179,10 +184,10 @@ fn reject(field: &str, reason: impl Into<String>) -> Rejection {
 
 /// Collects the problems of every field, so one rejection names them all.
 #[derive(Default)]
-struct Problems(Vec<Problem>);
+pub(crate) struct Problems(pub(crate) Vec<Problem>);
 
 impl Problems {
-    fn check<T>(&mut self, result: Result<T, Rejection>) -> Option<T> {
+    pub(crate) fn check<T>(&mut self, result: Result<T, Rejection>) -> Option<T> {
         result.map_err(|r| self.0.extend(r.problems)).ok()
     }
 }
@@ -364,7 +369,7 @@ pub fn identify(body: &[u8], message_id: Option<&str>) -> Identity {
     }
 }
 
-fn sanitize(text: &str) -> String {
+pub(crate) fn sanitize(text: &str) -> String {
     text.chars().filter(|c| !c.is_control()).take(256).collect()
 }
 
@@ -437,24 +442,24 @@ fn backticked(message: &str) -> Option<&str> {
     Some(&message[start..start + len])
 }
 
-fn required<'v>(field: &str, value: &'v Option<Value>) -> Result<&'v Value, Rejection> {
+pub(crate) fn required<'v>(field: &str, value: &'v Option<Value>) -> Result<&'v Value, Rejection> {
     value.as_ref().ok_or_else(|| reject(field, "is required"))
 }
 
-fn optional<T>(
+pub(crate) fn optional<T>(
     value: &Option<Value>,
     parse: impl FnOnce(&Value) -> Result<T, Rejection>,
 ) -> Result<Option<T>, Rejection> {
     value.as_ref().map(parse).transpose()
 }
 
-fn string<'v>(field: &str, value: &'v Value) -> Result<&'v str, Rejection> {
+pub(crate) fn string<'v>(field: &str, value: &'v Value) -> Result<&'v str, Rejection> {
     value
         .as_str()
         .ok_or_else(|| reject(field, "must be a string"))
 }
 
-fn token(field: &str, value: &Value) -> Result<String, Rejection> {
+pub(crate) fn token(field: &str, value: &Value) -> Result<String, Rejection> {
     let text = string(field, value)?;
     let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-');
     if text.is_empty() || text.len() > 128 || !text.chars().all(allowed) {
@@ -466,7 +471,7 @@ fn token(field: &str, value: &Value) -> Result<String, Rejection> {
     Ok(text.to_owned())
 }
 
-fn label(field: &str, value: &Value, max_chars: usize) -> Result<Label, Rejection> {
+pub(crate) fn label(field: &str, value: &Value, max_chars: usize) -> Result<Label, Rejection> {
     let text = string(field, value)?;
     if text.chars().count() > max_chars {
         return Err(reject(

@@ -30,5 +30,6 @@ pub mod job;
 pub mod limits;
 pub mod pipeline;
 pub mod retry;
+pub mod rollout;
 pub mod simulator;
 pub mod telemetry;

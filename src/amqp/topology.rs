@@ -1,6 +1,7 @@
 //! The broker objects keyturn owns, declared idempotently every time a worker (re)connects:
 //! the quorum jobs queue with its dead-letter exchange and delivery limit, the dead queue, and
-//! the results topic exchange, and the bounded queue that keeps result events no binding routed.
+//! the results topic exchange, the quorum control queue of rollout commands, and the bounded queue
+//! that keeps result events no binding routed.
 
 use lapin::options::{
     ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
@@ -44,6 +45,15 @@ pub async fn declare(channel: &Channel, settings: &AmqpSettings) -> lapin::Resul
     channel
         .queue_declare(
             settings.jobs_queue.as_str().into(),
+            QueueDeclareOptions::durable(),
+            jobs_arguments(settings),
+        )
+        .await?;
+    // The control queue (rollout declarations and commands) is shaped like the jobs queue: a
+    // malformed command is dead-lettered beside malformed jobs.
+    channel
+        .queue_declare(
+            settings.control_queue.as_str().into(),
             QueueDeclareOptions::durable(),
             jobs_arguments(settings),
         )
@@ -106,6 +116,7 @@ pub async fn ready_messages(channel: &Channel, queue: &str) -> lapin::Result<u32
 pub async fn delete(channel: &Channel, settings: &AmqpSettings) -> lapin::Result<()> {
     for queue in [
         &settings.jobs_queue,
+        &settings.control_queue,
         &settings.dead_queue,
         &settings.unrouted_queue,
     ] {

@@ -60,6 +60,7 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
     amqp_names.dead_letter_exchange = format!("keyturn.demo.{run_id}.dlx");
     amqp_names.results_exchange = format!("keyturn.demo.{run_id}.results");
     amqp_names.unrouted_queue = format!("keyturn.demo.{run_id}.results.unrouted");
+    amqp_names.control_queue = format!("keyturn.demo.{run_id}.control");
     let dir = std::env::temp_dir().join(format!("keyturn-demo-{run_id}"));
     std::fs::create_dir_all(&dir)?;
     settings.audit.path = dir.join("audit.db");

@@ -161,6 +161,7 @@ impl TestApp {
         settings.amqp.dead_letter_exchange = format!("{name}.dlx");
         settings.amqp.results_exchange = format!("{name}.results");
         settings.amqp.unrouted_queue = format!("{name}.results.unrouted");
+        settings.amqp.control_queue = format!("{name}.control");
         settings.amqp.reconnect_max_backoff = Duration::from_secs(2);
         settings.worker.id = name.clone();
         settings.worker.concurrency = 4;
@@ -455,6 +456,7 @@ impl TestApp {
             )
             .env("KEYTURN_AMQP__RESULTS_EXCHANGE", &names.results_exchange)
             .env("KEYTURN_AMQP__UNROUTED_QUEUE", &names.unrouted_queue)
+            .env("KEYTURN_AMQP__CONTROL_QUEUE", &names.control_queue)
             .env("KEYTURN_WORKER__ID", &self.settings.worker.id)
             .env("KEYTURN_API__ENDPOINT", &self.simulator_url)
             .env("KEYTURN_AUDIT__PATH", self.audit_path())
