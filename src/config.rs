@@ -36,6 +36,7 @@ pub struct Settings {
     pub rate_limit: RateLimitSettings,
     pub retry: RetrySettings,
     pub circuit: CircuitSettings,
+    pub rollouts: RolloutSettings,
     pub audit: AuditSettings,
     pub log: LogSettings,
 }
@@ -74,6 +75,15 @@ pub struct WorkerSettings {
     /// handed back to the queue's tail: below RabbitMQ's 30-minute consumer timeout.
     #[serde(with = "duration_text")]
     pub max_hold: Duration,
+}
+
+/// Rollouts (contract §6).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RolloutSettings {
+    /// Park jobs of a rollout nobody declared until its declaration arrives (else they run as an
+    /// ad-hoc rollout: counted, no budget).
+    pub require_declaration: bool,
 }
 
 /// Circuits for faults of the deployment (refused credentials, unreachable endpoints).
@@ -363,6 +373,18 @@ impl Settings {
         )?;
         bounded("worker.grace_period", self.worker.grace_period, HOUR)?;
         bounded("worker.max_hold", self.worker.max_hold, 25 * MINUTE)?;
+        // A delivery is held for its waits (max_hold), its own API time (deadline) and one last
+        // call (request_timeout): together under RabbitMQ's 30-minute consumer timeout.
+        let held = self.worker.max_hold + self.retry.deadline + self.api.request_timeout;
+        if held >= 30 * MINUTE {
+            return Err(config_error(
+                "worker.max_hold",
+                format!(
+                    "with retry.deadline and api.request_timeout it holds a delivery up to {}; keep the sum under RabbitMQ's 30-minute consumer timeout",
+                    humantime::format_duration(held)
+                ),
+            ));
+        }
         let circuit = &self.circuit;
         range(
             "circuit.strikes_to_open",

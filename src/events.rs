@@ -16,7 +16,8 @@ pub enum Outcome {
     Succeeded,
     Failed,
     Rejected,
-    Halted,
+    /// Its rollout was cancelled before it ran.
+    Cancelled,
 }
 
 impl Outcome {
@@ -25,7 +26,7 @@ impl Outcome {
             Outcome::Succeeded => "succeeded",
             Outcome::Failed => "failed",
             Outcome::Rejected => "rejected",
-            Outcome::Halted => "halted",
+            Outcome::Cancelled => "cancelled",
         }
     }
 }
@@ -101,6 +102,33 @@ impl ResultEvent {
     }
 }
 
+/// A rollout event (contract §6): type `dev.keyturn.rollout.<kind>`, subject the rollout id,
+/// data the rollout's snapshot. Returns the event id and the JSON to store and publish.
+pub fn rollout_event(
+    worker_id: &str,
+    kind: &str,
+    snapshot: &crate::rollout::Snapshot,
+    at: DateTime<Utc>,
+) -> (String, String) {
+    let id = uuid::Uuid::now_v7().to_string();
+    let event = serde_json::json!({
+        "specversion": "1.0",
+        "id": id,
+        "source": format!("/keyturn/worker/{worker_id}"),
+        "type": rollout_event_type(kind),
+        "subject": snapshot.rollout_id,
+        "time": at.to_rfc3339_opts(SecondsFormat::Millis, true),
+        "datacontenttype": "application/json",
+        "data": snapshot,
+    });
+    (id, event.to_string())
+}
+
+/// `dev.keyturn.rollout.<kind>`.
+pub fn rollout_event_type(kind: &str) -> String {
+    format!("dev.keyturn.rollout.{kind}")
+}
+
 /// One event as it goes out: its bytes are exactly what is stored, so replays are identical.
 #[derive(Debug, Clone, Copy)]
 pub struct Outgoing<'a> {
@@ -121,6 +149,12 @@ pub struct Outgoing<'a> {
 pub trait EventSink: Send + Sync {
     /// Returns once the broker confirmed the event (and its reply_to copy).
     async fn publish(&self, event: &Outgoing<'_>) -> anyhow::Result<()>;
+
+    /// Succeeds when events could be published now (the connection is up and the results
+    /// exchange exists); the health gate asks this while publishing fails.
+    async fn probe(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -459,10 +459,15 @@ pub(crate) fn string<'v>(field: &str, value: &'v Value) -> Result<&'v str, Rejec
         .ok_or_else(|| reject(field, "must be a string"))
 }
 
+/// 1–128 of `A-Za-z0-9._:-`: the alphabet of job and rollout ids.
+pub fn is_token(text: &str) -> bool {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-');
+    !text.is_empty() && text.len() <= 128 && text.chars().all(allowed)
+}
+
 pub(crate) fn token(field: &str, value: &Value) -> Result<String, Rejection> {
     let text = string(field, value)?;
-    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-');
-    if text.is_empty() || text.len() > 128 || !text.chars().all(allowed) {
+    if !is_token(text) {
         return Err(reject(
             field,
             "must be 1-128 characters of A-Z a-z 0-9 . _ : -",

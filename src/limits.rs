@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
@@ -26,6 +26,8 @@ pub type LimitKey = (String, String);
 
 pub struct Limits {
     global: DefaultDirectRateLimiter,
+    /// One limiter per rollout with a `max_per_second`, made when first needed.
+    per_rollout: Mutex<HashMap<String, (u32, Arc<DefaultDirectRateLimiter>)>>,
     per_key: DefaultKeyedRateLimiter<LimitKey>,
     paused_until: Mutex<HashMap<LimitKey, Instant>>,
     default_pause: Duration,
@@ -41,6 +43,7 @@ impl Limits {
     pub fn new(settings: &RateLimitSettings) -> Limits {
         Limits {
             global: RateLimiter::direct(quota(settings.per_second, settings.burst)),
+            per_rollout: Mutex::new(HashMap::new()),
             per_key: RateLimiter::keyed(quota(
                 settings.per_project_per_second,
                 settings.per_project_burst,
@@ -57,6 +60,27 @@ impl Limits {
         }
         self.per_key.until_key_ready(key).await;
         self.global.until_ready().await;
+    }
+
+    /// Waits for a token of `rollout_id`'s own cap of `per_second` calls (burst 1).
+    pub async fn acquire_rollout(&self, rollout_id: &str, per_second: u32) {
+        let limiter = {
+            let mut limiters = self.per_rollout.lock().expect("limits lock");
+            let entry = limiters.entry(rollout_id.to_owned()).or_insert_with(|| {
+                (
+                    per_second,
+                    Arc::new(RateLimiter::direct(quota(per_second, 1))),
+                )
+            });
+            if entry.0 != per_second {
+                *entry = (
+                    per_second,
+                    Arc::new(RateLimiter::direct(quota(per_second, 1))),
+                );
+            }
+            entry.1.clone()
+        };
+        limiter.until_ready().await;
     }
 
     /// Pauses calls for `key` after a 429: `retry_after` when the API sent one, else the default.
@@ -77,6 +101,10 @@ impl Limits {
         let mut paused = self.paused_until.lock().expect("limits lock");
         paused.retain(|_, until| *until > now);
         paused.shrink_to_fit();
+        drop(paused);
+        // A rollout limiter nobody waits on holds nothing a new one would not.
+        let mut limiters = self.per_rollout.lock().expect("limits lock");
+        limiters.retain(|_, (_, limiter)| Arc::strong_count(limiter) > 1);
     }
 
     /// Keys held: (per-key limiters, pauses).

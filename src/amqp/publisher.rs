@@ -110,6 +110,30 @@ impl Publisher {
 
 #[async_trait::async_trait]
 impl EventSink for Publisher {
+    async fn probe(&self) -> anyhow::Result<()> {
+        let result = async {
+            let channel = self.channel().await?;
+            let passive = lapin::options::ExchangeDeclareOptions {
+                passive: true,
+                ..Default::default()
+            };
+            channel
+                .exchange_declare(
+                    self.settings.results_exchange.as_str().into(),
+                    lapin::ExchangeKind::Topic,
+                    passive,
+                    FieldTable::default(),
+                )
+                .await?;
+            anyhow::Ok(())
+        }
+        .await;
+        if result.is_err() {
+            self.forget().await;
+        }
+        result
+    }
+
     async fn publish(&self, event: &Outgoing<'_>) -> anyhow::Result<()> {
         let properties = BasicProperties::default()
             .with_content_type(CONTENT_TYPE.into())
@@ -160,36 +184,84 @@ impl EventSink for Publisher {
 #[async_trait::async_trait]
 impl JobQueue for Publisher {
     async fn requeue(&self, job: &Requeue<'_>) -> anyhow::Result<()> {
-        let text = |value: Option<&str>| value.map(short);
-        let mut properties = BasicProperties::default().with_delivery_mode(2);
-        if let Some(value) = text(job.message_id) {
-            properties = properties.with_message_id(value);
+        let queue = self.settings.jobs_queue.clone();
+        self.publish_to("", &queue, job.body, properties_of(job), "the jobs queue")
+            .await
+    }
+
+    async fn dead_letter(&self, message: &Requeue<'_>, reason: &str) -> anyhow::Result<()> {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            DEAD_LETTER_REASON_HEADER.into(),
+            AMQPValue::LongString(LongString::from(reason)),
+        );
+        let exchange = self.settings.dead_letter_exchange.clone();
+        let properties = properties_of(message).with_headers(headers);
+        self.publish_to(&exchange, "", message.body, properties, "the dead queue")
+            .await
+    }
+
+    async fn reply(
+        &self,
+        reply_to: &str,
+        correlation_id: Option<&str>,
+        body: &[u8],
+    ) -> anyhow::Result<()> {
+        let mut properties = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_app_id("keyturn".into());
+        if let Some(id) = correlation_id {
+            properties = properties.with_correlation_id(short(id));
         }
-        if let Some(value) = text(job.correlation_id) {
-            properties = properties.with_correlation_id(value);
+        let sent = self
+            .publish_to("", reply_to, body, properties, "the reply_to queue")
+            .await;
+        if let Err(error) = &sent {
+            // The asker went away: nothing to retry.
+            tracing::warn!(reply_to, %error, "control reply not delivered");
         }
-        if let Some(value) = text(job.reply_to) {
-            properties = properties.with_reply_to(value);
-        }
-        if let Some(value) = text(job.content_type) {
-            properties = properties.with_content_type(value);
-        }
+        Ok(())
+    }
+}
+
+/// Header on a dead-lettered control command: why it was refused.
+pub const DEAD_LETTER_REASON_HEADER: &str = "keyturn-error";
+
+/// A job's original properties, persistent.
+fn properties_of(job: &Requeue<'_>) -> BasicProperties {
+    let text = |value: Option<&str>| value.map(short);
+    let mut properties = BasicProperties::default().with_delivery_mode(2);
+    if let Some(value) = text(job.message_id) {
+        properties = properties.with_message_id(value);
+    }
+    if let Some(value) = text(job.correlation_id) {
+        properties = properties.with_correlation_id(value);
+    }
+    if let Some(value) = text(job.reply_to) {
+        properties = properties.with_reply_to(value);
+    }
+    if let Some(value) = text(job.content_type) {
+        properties = properties.with_content_type(value);
+    }
+    properties
+}
+
+impl Publisher {
+    /// Publishes mandatory and confirmed; a message no queue took is an error naming `what`.
+    async fn publish_to(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+        what: &str,
+    ) -> anyhow::Result<()> {
         let result = async {
             let channel = self.channel().await?;
             let returned = self
-                .send(
-                    &channel,
-                    "",
-                    &self.settings.jobs_queue,
-                    job.body,
-                    properties,
-                )
+                .send(&channel, exchange, routing_key, body, properties)
                 .await?;
-            anyhow::ensure!(
-                returned.is_none(),
-                "the jobs queue {} does not exist",
-                self.settings.jobs_queue
-            );
+            anyhow::ensure!(returned.is_none(), "{what} ({routing_key}) does not exist");
             anyhow::Ok(())
         }
         .await;

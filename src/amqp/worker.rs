@@ -42,6 +42,8 @@ enum SessionEnd {
 
 /// How often parked jobs of closed circuits are looked for, and limiter maps pruned.
 const HOUSEKEEPING: Duration = Duration::from_secs(60);
+/// Control commands taken at once.
+const CONTROL_PREFETCH: u16 = 8;
 /// A session that lived this long resets the reconnect backoff.
 const STABLE_SESSION: Duration = Duration::from_secs(30);
 
@@ -106,6 +108,8 @@ fn housekeeping(pipeline: &Arc<Pipeline>) -> tokio::task::JoinHandle<()> {
         };
         tokio::select! {
             () = pipeline.keep_releasing(HOUSEKEEPING, stopping.clone()) => {}
+            () = pipeline.keep_publishing_rollout_events() => {}
+            () = pipeline.keep_health() => {}
             () = pruning => {}
             () = stopping.cancelled() => {}
         }
@@ -138,6 +142,22 @@ async fn session(
     }
     let mut consuming = Consuming::start(pipeline, &channel).await?;
     tracing::info!(queue = %settings.amqp.jobs_queue, prefetch = concurrency, "consuming");
+    // Commands have a channel and a consumer of their own: they are taken even while the
+    // credentials circuit stops the jobs.
+    let control_channel = connection.create_channel().await?;
+    control_channel
+        .basic_qos(CONTROL_PREFETCH, BasicQosOptions::default())
+        .await?;
+    let mut control = control_channel
+        .basic_consume(
+            settings.amqp.control_queue.as_str().into(),
+            format!("keyturn-control-{}", uuid::Uuid::new_v4().simple())
+                .as_str()
+                .into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
 
     let mut tasks = JoinSet::new();
     let slots = Arc::new(Semaphore::new(concurrency.into()));
@@ -170,6 +190,15 @@ async fn session(
                     Some(next) => break next,
                     // The stream of a consumer we cancelled ended: wait for the circuit.
                     None => continue,
+                },
+                command = control.next() => match command {
+                    Some(Ok(command)) => {
+                        let pipeline = pipeline.clone();
+                        let stop = stop.clone();
+                        tasks.spawn(async move { handle_control(&pipeline, command, &stop).await });
+                    }
+                    Some(Err(error)) => break 'consume SessionEnd::Lost(error.to_string()),
+                    None => break 'consume SessionEnd::Lost("control consumer ended".into()),
                 },
             }
         };
@@ -343,6 +372,33 @@ async fn handle(
             "channel closed before the job could be settled; the broker redelivers it and the stored result is replayed"
         ),
     }
+}
+
+/// Applies one control command and settles its delivery.
+async fn handle_control(
+    pipeline: &Arc<Pipeline>,
+    mut delivery: AmqpDelivery,
+    stop: &CancellationToken,
+) {
+    let incoming = to_domain(&mut delivery);
+    let processed = AssertUnwindSafe(pipeline.control(incoming, stop))
+        .catch_unwind()
+        .await;
+    let acker = delivery.acker;
+    let _ = match processed {
+        Ok(Disposition::Ack) => acker.ack(Default::default()).await,
+        Ok(Disposition::DeadLetter) => acker.reject(BasicRejectOptions { requeue: false }).await,
+        Ok(Disposition::Abandon) => return,
+        Err(_) => {
+            tracing::error!("control command panicked; returning it to the queue");
+            acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await
+        }
+    };
 }
 
 /// The pipeline's view of a delivery; the body moves over (only the acker stays behind).

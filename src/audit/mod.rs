@@ -7,6 +7,7 @@
 //! `synchronous=FULL` costs one fsync per batch rather than per job. The schema comes from
 //! `migrations/`.
 
+mod rollouts;
 mod sqlite;
 
 use std::path::{Path, PathBuf};
@@ -17,7 +18,9 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use tokio::sync::oneshot;
 
 use crate::events::ResultEvent;
+use crate::rollout::{Command as RolloutCommand, Reply, Rollout, Snapshot};
 
+pub use rollouts::Effect;
 pub use sqlite::outcome_counts;
 
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +65,9 @@ pub struct FinalRecord {
     pub job_digest: Option<String>,
     pub worker_id: String,
     pub attempts: Vec<AttemptRecord>,
+    /// Whether the outcome counts toward the job's rollout (not for the rejection of a reused
+    /// key: the job's own outcome stands).
+    pub counts_for_rollout: bool,
 }
 
 /// An event as stored: the exact JSON bytes (published as they are on every replay) and the
@@ -104,6 +110,48 @@ pub struct Earlier {
     pub marker: Option<Seen>,
     /// The key is parked.
     pub parked: Option<Seen>,
+    /// The job's rollout, when it names one that the store knows.
+    pub rollout: Option<RolloutView>,
+}
+
+/// What a job's admission needs of its rollout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolloutView {
+    pub rollout: Rollout,
+    pub declared: bool,
+    pub max_per_second: Option<u32>,
+}
+
+/// A failed job of a rollout, as its final row describes it (for `retry_failed`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailedJob {
+    pub job_id: String,
+    pub rerun: u32,
+    pub rollout_id: Option<String>,
+    pub ticket: Option<String>,
+    pub region: Option<String>,
+    pub project_id: Option<String>,
+    pub instance_id: Option<String>,
+    pub requested_status: Option<String>,
+    pub kms_key_id: Option<String>,
+    pub requested_by: Option<String>,
+}
+
+/// A rollout event waiting in the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingEvent {
+    pub id: i64,
+    pub kind: String,
+    pub event_id: String,
+    pub json: String,
+}
+
+/// What committing a final record did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Committed {
+    pub recorded: Recorded,
+    /// A rollout whose parked jobs may run now (its canary passed).
+    pub release: Option<String>,
 }
 
 /// What recording did: a new row, or the row an earlier delivery of the same job left.
@@ -148,7 +196,16 @@ enum Command {
         job_id: String,
         rerun: u32,
         body_sha256: String,
+        rollout_id: Option<String>,
         reply: oneshot::Sender<Result<Earlier, AuditError>>,
+    },
+    Snapshots {
+        rollout_id: Option<String>,
+        reply: oneshot::Sender<Result<Vec<Snapshot>, AuditError>>,
+    },
+    FailedJobs {
+        rollout_id: String,
+        reply: oneshot::Sender<Result<Vec<FailedJob>, AuditError>>,
     },
     ParkedScopes {
         reply: oneshot::Sender<Result<Vec<(String, u64)>, AuditError>>,
@@ -171,14 +228,39 @@ enum Write {
         rerun: u32,
         digest: String,
         worker_id: String,
+        rollout_id: Option<String>,
     },
     Park(Box<ParkedJob>),
     Unpark(Vec<(i64, i64)>),
+    AdmitCanary {
+        rollout_id: String,
+        job_id: String,
+        rerun: u32,
+    },
+    Apply {
+        command_id: String,
+        command: Box<RolloutCommand>,
+        worker_id: String,
+    },
+    CommandDone {
+        command_id: String,
+        command: Box<RolloutCommand>,
+    },
+    ClaimEvents {
+        worker_id: String,
+        limit: u32,
+    },
+    Published(Vec<i64>),
+    /// A write transaction that changes nothing: can the store take writes?
+    Ping,
 }
 
 enum Written {
-    Recorded(Box<Recorded>),
+    Recorded(Box<Committed>),
     Claimed(Seen),
+    Admitted(bool),
+    Applied(Box<(Reply, Effect)>),
+    Events(Vec<PendingEvent>),
     Done,
 }
 
@@ -210,28 +292,125 @@ impl AuditStore {
         &self.path
     }
 
-    /// What the store holds about (`job_id`, `rerun`) and about these body bytes.
+    /// What the store holds about (`job_id`, `rerun`), about these body bytes, and about the
+    /// job's rollout.
     pub async fn lookup(
         &self,
         job_id: &str,
         rerun: u32,
         body_sha256: &str,
+        rollout_id: Option<&str>,
     ) -> Result<Earlier, AuditError> {
         self.ask(|reply| Command::Lookup {
             job_id: job_id.to_owned(),
             rerun,
             body_sha256: body_sha256.to_owned(),
+            rollout_id: rollout_id.map(str::to_owned),
             reply,
         })
         .await
     }
 
-    /// Commits `record` durably; if the job already has a final row, returns that one instead.
-    pub async fn record(&self, record: FinalRecord) -> Result<Recorded, AuditError> {
+    /// Commits `record` durably, counting it toward its rollout in the same transaction; if the
+    /// job already has a final row, returns that one instead.
+    pub async fn record(&self, record: FinalRecord) -> Result<Committed, AuditError> {
         match self.write(Write::Record(Box::new(record))).await? {
-            Written::Recorded(recorded) => Ok(*recorded),
+            Written::Recorded(committed) => Ok(*committed),
             _ => unreachable!("a record write answers Recorded"),
         }
+    }
+
+    /// Takes one of the rollout's canary places for the key; false when none is left.
+    pub async fn admit_canary(
+        &self,
+        rollout_id: &str,
+        job_id: &str,
+        rerun: u32,
+    ) -> Result<bool, AuditError> {
+        let write = Write::AdmitCanary {
+            rollout_id: rollout_id.to_owned(),
+            job_id: job_id.to_owned(),
+            rerun,
+        };
+        match self.write(write).await? {
+            Written::Admitted(admitted) => Ok(admitted),
+            _ => unreachable!("an admission answers Admitted"),
+        }
+    }
+
+    /// Applies a control command once per `command_id` (a retry_failed is only recorded by
+    /// [`AuditStore::command_done`], once its jobs are republished).
+    pub async fn apply(
+        &self,
+        command_id: &str,
+        command: &RolloutCommand,
+        worker_id: &str,
+    ) -> Result<(Reply, Effect), AuditError> {
+        let write = Write::Apply {
+            command_id: command_id.to_owned(),
+            command: Box::new(command.clone()),
+            worker_id: worker_id.to_owned(),
+        };
+        match self.write(write).await? {
+            Written::Applied(applied) => Ok(*applied),
+            _ => unreachable!("a command answers Applied"),
+        }
+    }
+
+    pub async fn command_done(
+        &self,
+        command_id: &str,
+        command: &RolloutCommand,
+    ) -> Result<(), AuditError> {
+        let write = Write::CommandDone {
+            command_id: command_id.to_owned(),
+            command: Box::new(command.clone()),
+        };
+        self.write(write).await.map(|_| ())
+    }
+
+    /// Snapshots of one rollout, or of every rollout.
+    pub async fn snapshots(&self, rollout_id: Option<&str>) -> Result<Vec<Snapshot>, AuditError> {
+        self.ask(|reply| Command::Snapshots {
+            rollout_id: rollout_id.map(str::to_owned),
+            reply,
+        })
+        .await
+    }
+
+    /// The jobs of a rollout whose latest run failed.
+    pub async fn failed_jobs(&self, rollout_id: &str) -> Result<Vec<FailedJob>, AuditError> {
+        self.ask(|reply| Command::FailedJobs {
+            rollout_id: rollout_id.to_owned(),
+            reply,
+        })
+        .await
+    }
+
+    /// Claims rollout events to publish.
+    pub async fn claim_events(
+        &self,
+        worker_id: &str,
+        limit: u32,
+    ) -> Result<Vec<PendingEvent>, AuditError> {
+        let write = Write::ClaimEvents {
+            worker_id: worker_id.to_owned(),
+            limit,
+        };
+        match self.write(write).await? {
+            Written::Events(events) => Ok(events),
+            _ => unreachable!("a claim of events answers Events"),
+        }
+    }
+
+    /// Opens and commits an empty write transaction: succeeds once the store takes writes.
+    pub async fn ping(&self) -> Result<(), AuditError> {
+        self.write(Write::Ping).await.map(|_| ())
+    }
+
+    /// Marks rollout events published.
+    pub async fn events_published(&self, ids: Vec<i64>) -> Result<(), AuditError> {
+        self.write(Write::Published(ids)).await.map(|_| ())
     }
 
     /// Durably notes that a Modify of (`job_id`, `rerun`) is about to go out, unless an earlier
@@ -242,12 +421,14 @@ impl AuditStore {
         rerun: u32,
         digest: &str,
         worker_id: &str,
+        rollout_id: Option<&str>,
     ) -> Result<Seen, AuditError> {
         let write = Write::Claim {
             job_id: job_id.to_owned(),
             rerun,
             digest: digest.to_owned(),
             worker_id: worker_id.to_owned(),
+            rollout_id: rollout_id.map(str::to_owned),
         };
         match self.write(write).await? {
             Written::Claimed(seen) => Ok(seen),

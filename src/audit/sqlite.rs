@@ -10,8 +10,8 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use tokio::sync::oneshot;
 
 use super::{
-    AuditError, AuditOptions, Command, Earlier, FinalRecord, ParkedJob, Recorded, Seen,
-    StoredEvent, Write, Written, timestamp,
+    AuditError, AuditOptions, Command, Committed, Earlier, FinalRecord, ParkedJob, Recorded, Seen,
+    StoredEvent, Write, Written, rollouts, timestamp,
 };
 
 /// Versioned schema files, applied in order, each once.
@@ -24,6 +24,10 @@ pub(super) const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0003_job_keys_and_parking",
         include_str!("../../migrations/0003_job_keys_and_parking.sql"),
+    ),
+    (
+        "0004_rollouts",
+        include_str!("../../migrations/0004_rollouts.sql"),
     ),
 ];
 
@@ -63,7 +67,28 @@ fn configure(connection: &Connection, options: &AuditOptions) -> rusqlite::Resul
     connection.pragma_update(None, "foreign_keys", "ON")
 }
 
+/// Applies pending migrations. Foreign keys are off meanwhile (a migration may rebuild a table
+/// others refer to, as SQLite's own procedure for changing a table asks) and checked after.
 fn migrate(connection: &mut Connection) -> rusqlite::Result<()> {
+    connection.pragma_update(None, "foreign_keys", "OFF")?;
+    apply_migrations(connection)?;
+    let broken: Option<String> = connection
+        .query_row(
+            "SELECT \"table\" FROM pragma_foreign_key_check LIMIT 1",
+            [],
+            |row| row.get(0),
+        )
+        .optional()?;
+    if let Some(table) = broken {
+        return Err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CONSTRAINT),
+            Some(format!("a migration left a broken foreign key in {table}")),
+        ));
+    }
+    connection.pragma_update(None, "foreign_keys", "ON")
+}
+
+fn apply_migrations(connection: &mut Connection) -> rusqlite::Result<()> {
     connection.execute_batch(
         "CREATE TABLE IF NOT EXISTS schema_migrations (version TEXT PRIMARY KEY, applied_at TEXT NOT NULL)",
     )?;
@@ -115,9 +140,22 @@ fn answer(connection: &Connection, command: Command) {
             job_id,
             rerun,
             body_sha256,
+            rollout_id,
             reply,
         } => {
-            let _ = reply.send(lookup(connection, &job_id, rerun, &body_sha256));
+            let _ = reply.send(lookup(
+                connection,
+                &job_id,
+                rerun,
+                &body_sha256,
+                rollout_id.as_deref(),
+            ));
+        }
+        Command::Snapshots { rollout_id, reply } => {
+            let _ = reply.send(rollouts::snapshots(connection, rollout_id.as_deref()));
+        }
+        Command::FailedJobs { rollout_id, reply } => {
+            let _ = reply.send(rollouts::failed_jobs(connection, &rollout_id));
         }
         Command::ParkedScopes { reply } => {
             let _ = reply.send(parked_scopes(connection));
@@ -177,7 +215,42 @@ fn apply(tx: &Transaction<'_>, write: &Write) -> Result<Written, AuditError> {
             rerun,
             digest,
             worker_id,
-        } => Written::Claimed(claim(tx, job_id, *rerun, digest, worker_id)?),
+            rollout_id,
+        } => Written::Claimed(claim(
+            tx,
+            job_id,
+            *rerun,
+            digest,
+            worker_id,
+            rollout_id.as_deref(),
+        )?),
+        Write::AdmitCanary {
+            rollout_id,
+            job_id,
+            rerun,
+        } => Written::Admitted(rollouts::admit_canary(tx, rollout_id, job_id, *rerun)?),
+        Write::Apply {
+            command_id,
+            command,
+            worker_id,
+        } => Written::Applied(Box::new(rollouts::apply(
+            tx, command_id, command, worker_id,
+        )?)),
+        Write::CommandDone {
+            command_id,
+            command,
+        } => {
+            rollouts::done(tx, command_id, command, &Ok(()))?;
+            Written::Done
+        }
+        Write::ClaimEvents { worker_id, limit } => {
+            Written::Events(rollouts::claim_events(tx, worker_id, *limit)?)
+        }
+        Write::Published(ids) => {
+            rollouts::published(tx, ids)?;
+            Written::Done
+        }
+        Write::Ping => Written::Done,
         Write::Park(job) => {
             park(tx, job)?;
             Written::Done
@@ -204,6 +277,7 @@ fn lookup(
     job_id: &str,
     rerun: u32,
     body_sha256: &str,
+    rollout_id: Option<&str>,
 ) -> Result<Earlier, AuditError> {
     let final_record = connection
         .prepare_cached(FIND_FINAL)?
@@ -232,6 +306,10 @@ fn lookup(
             "SELECT job_digest, first_sent_at FROM in_flight WHERE job_id = ?1 AND rerun = ?2",
         )?,
         parked: seen("SELECT job_digest, parked_at FROM parked WHERE job_id = ?1 AND rerun = ?2")?,
+        rollout: rollout_id
+            .map(|id| rollouts::view(connection, id))
+            .transpose()?
+            .flatten(),
     })
 }
 
@@ -254,18 +332,26 @@ fn claim(
     rerun: u32,
     digest: &str,
     worker_id: &str,
+    rollout_id: Option<&str>,
 ) -> Result<Seen, AuditError> {
-    tx.prepare_cached(
-        "INSERT INTO in_flight (job_id, rerun, job_digest, first_sent_at, worker_id)
-         VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
-    )?
-    .execute(params![
-        job_id,
-        rerun,
-        digest,
-        timestamp(Utc::now()),
-        worker_id
-    ])?;
+    let inserted = tx
+        .prepare_cached(
+            "INSERT INTO in_flight (job_id, rerun, job_digest, first_sent_at, worker_id, rollout_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
+        )?
+        .execute(params![
+            job_id,
+            rerun,
+            digest,
+            timestamp(Utc::now()),
+            worker_id,
+            rollout_id
+        ])?;
+    if let Some(rollout_id) = rollout_id
+        && inserted == 1
+    {
+        rollouts::started(tx, rollout_id, worker_id)?;
+    }
     Ok(tx
         .prepare_cached(
             "SELECT job_digest, first_sent_at FROM in_flight WHERE job_id = ?1 AND rerun = ?2",
@@ -340,7 +426,7 @@ fn parked(connection: &Connection, scope: &str, limit: u32) -> Result<Vec<Parked
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
-fn insert(tx: &Transaction<'_>, record: &FinalRecord) -> Result<Recorded, AuditError> {
+fn insert(tx: &Transaction<'_>, record: &FinalRecord) -> Result<Committed, AuditError> {
     let stored = StoredEvent::new(record.event.clone());
     let event = &stored.event;
     let data = &event.data;
@@ -382,7 +468,13 @@ fn insert(tx: &Transaction<'_>, record: &FinalRecord) -> Result<Recorded, AuditE
             record.job_digest,
         ])?;
     if inserted == 0 {
-        return existing(tx, record).map(Recorded::Existing);
+        // Another delivery finished the job first: this one's marker is stale.
+        tx.prepare_cached("DELETE FROM in_flight WHERE job_id = ?1 AND rerun = ?2")?
+            .execute(params![data.job_id, data.rerun])?;
+        return Ok(Committed {
+            recorded: Recorded::Existing(existing(tx, record)?),
+            release: None,
+        });
     }
     tx.prepare_cached("DELETE FROM in_flight WHERE job_id = ?1 AND rerun = ?2")?
         .execute(params![data.job_id, data.rerun])?;
@@ -405,7 +497,11 @@ fn insert(tx: &Transaction<'_>, record: &FinalRecord) -> Result<Recorded, AuditE
             attempt.request_id,
         ])?;
     }
-    Ok(Recorded::New(stored))
+    let release = rollouts::count_final(tx, record)?;
+    Ok(Committed {
+        recorded: Recorded::New(stored),
+        release,
+    })
 }
 
 /// The row that made an insert of `record` a no-op: the key's final record, or the rejection

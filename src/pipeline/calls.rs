@@ -65,6 +65,7 @@ impl Pipeline {
         job: &Job,
         digest: &str,
         uncertain: bool,
+        rate: Option<(String, u32)>,
         ctx: &Context<'_>,
     ) -> Ended {
         let retry = &self.settings.retry;
@@ -90,7 +91,7 @@ impl Pipeline {
             if progress.spent >= retry.deadline {
                 return progress.failed("keyturn.deadline_exceeded");
             }
-            if let Err(ended) = self.wait_to_call(region, &key, ctx).await {
+            if let Err(ended) = self.wait_to_call(region, &key, rate.as_ref(), ctx).await {
                 return ended;
             }
             let call = if uncertain {
@@ -101,8 +102,13 @@ impl Pipeline {
             if call == Call::Modify && !progress.claimed {
                 let claimed = self
                     .infra(Infra::InFlightMarker, ctx.shutdown, || {
-                        self.audit
-                            .claim(job.id.as_str(), job.rerun, digest, &self.worker_id)
+                        self.audit.claim(
+                            job.id.as_str(),
+                            job.rerun,
+                            digest,
+                            &self.worker_id,
+                            job.rollout_id.as_ref().map(|id| id.as_str()),
+                        )
                     })
                     .await;
                 match claimed {
@@ -168,12 +174,13 @@ impl Pipeline {
         }
     }
 
-    /// Waits until a call may go out: the health gate, then the rate limits; a circuit that is
+    /// Waits until a call may go out: the health gate, the rollout's cap, then the rate limits; a circuit that is
     /// open (or opens meanwhile) parks the job instead.
     async fn wait_to_call(
         &self,
         region: &str,
         key: &LimitKey,
+        rate: Option<&(String, u32)>,
         ctx: &Context<'_>,
     ) -> Result<(), Ended> {
         let holding = |pipeline: &Pipeline| pipeline.circuits.holding(region).map(Ended::Parked);
@@ -183,6 +190,11 @@ impl Pipeline {
         self.hold(ctx, self.health.wait_healthy())
             .await
             .map_err(Ended::Held)?;
+        if let Some((rollout_id, per_second)) = rate {
+            self.hold(ctx, self.limits.acquire_rollout(rollout_id, *per_second))
+                .await
+                .map_err(Ended::Held)?;
+        }
         self.hold(ctx, self.limits.acquire(key))
             .await
             .map_err(Ended::Held)?;

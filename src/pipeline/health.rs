@@ -95,6 +95,28 @@ impl Health {
 }
 
 impl Pipeline {
+    /// While a dependency fails, tests it every second and reopens the gate when it works:
+    /// the jobs that saw it fail may have been aborted or handed back, so nobody else would.
+    pub async fn keep_health(&self) {
+        let stopping = self.stopping.clone();
+        loop {
+            tokio::select! {
+                () = stopping.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            let failing = *self.health.failing.borrow();
+            if failing & Dependency::AuditWrites as u8 != 0 && self.audit.ping().await.is_ok() {
+                tracing::info!("audit store takes writes again");
+                self.health.set(Dependency::AuditWrites, true);
+            }
+            if failing & Dependency::EventPublishing as u8 != 0 && self.events.probe().await.is_ok()
+            {
+                tracing::info!("result events can be published again");
+                self.health.set(Dependency::EventPublishing, true);
+            }
+        }
+    }
+
     /// Retries an infrastructure operation until it succeeds; `None` only when shutting down.
     pub(super) async fn infra<T, E, F, Fut>(
         &self,

@@ -72,7 +72,20 @@ struct Queue {
     serving: u64,
     /// Tickets done out of turn (dropped before being served).
     done: BTreeSet<u64>,
+    /// A ticket whose job went back to the queue: every later ticket follows it back, in
+    /// order, until the line is empty.
+    handed_back: Option<u64>,
     notify: Arc<Notify>,
+}
+
+/// What a ticket holder does when its turn comes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TurnReady {
+    /// Work on the job.
+    Go,
+    /// An earlier job of this instance was handed back to the queue: hand this one back too,
+    /// so it stays behind that one.
+    FollowHandBack,
 }
 
 /// A place in an instance's line; dropping it ends the turn (or gives up the place).
@@ -108,29 +121,47 @@ impl InstanceTurns {
 
 impl Turn {
     /// Waits until every earlier ticket of this instance is done.
-    pub async fn ready(&self) {
+    pub async fn ready(&self) -> TurnReady {
         loop {
             let notify = {
                 let queues = self.queues.lock().expect("instance turns");
                 let queue = &queues[&self.instance];
                 if queue.serving == self.number {
-                    return;
+                    return self.what_now(queue);
                 }
                 queue.notify.clone()
             };
             let notified = notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.is_served() {
-                return;
+            {
+                let queues = self.queues.lock().expect("instance turns");
+                let queue = &queues[&self.instance];
+                if queue.serving == self.number {
+                    return self.what_now(queue);
+                }
             }
             notified.await;
         }
     }
 
-    fn is_served(&self) -> bool {
-        let queues = self.queues.lock().expect("instance turns");
-        queues[&self.instance].serving == self.number
+    fn what_now(&self, queue: &Queue) -> TurnReady {
+        match queue.handed_back {
+            Some(first) if first < self.number => TurnReady::FollowHandBack,
+            _ => TurnReady::Go,
+        }
+    }
+
+    /// This ticket's job goes back to the queue: every later ticket of the instance follows.
+    pub fn hand_back(&self) {
+        let mut queues = self.queues.lock().expect("instance turns");
+        if let Some(queue) = queues.get_mut(&self.instance) {
+            queue.handed_back = Some(
+                queue
+                    .handed_back
+                    .map_or(self.number, |n| n.min(self.number)),
+            );
+        }
     }
 }
 
@@ -166,7 +197,7 @@ mod tests {
         for (n, turn) in tickets.into_iter().enumerate().rev() {
             let order = order.clone();
             tasks.push(tokio::spawn(async move {
-                turn.ready().await;
+                assert_eq!(turn.ready().await, TurnReady::Go);
                 order.lock().unwrap().push(n);
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 drop(turn);
@@ -204,8 +235,31 @@ mod tests {
         let turns = InstanceTurns::default();
         for n in 0..100_000 {
             let turn = turns.take(&format!("i-{n}"));
-            turn.ready().await;
+            assert_eq!(turn.ready().await, TurnReady::Go);
         }
         assert!(turns.is_empty());
+    }
+
+    #[tokio::test]
+    async fn after_a_hand_back_the_rest_of_the_line_follows_until_it_is_empty() {
+        let turns = InstanceTurns::default();
+        let first = turns.take("i-1");
+        let second = turns.take("i-1");
+        let third = turns.take("i-1");
+        assert_eq!(first.ready().await, TurnReady::Go);
+        first.hand_back();
+        drop(first);
+        assert_eq!(second.ready().await, TurnReady::FollowHandBack);
+        second.hand_back();
+        drop(second);
+        assert_eq!(third.ready().await, TurnReady::FollowHandBack);
+        drop(third);
+        assert!(turns.is_empty());
+        let later = turns.take("i-1");
+        assert_eq!(
+            later.ready().await,
+            TurnReady::Go,
+            "an empty line forgets the hand-back"
+        );
     }
 }

@@ -15,6 +15,7 @@
 //! - [`results`]: what a finished job's record and event say.
 
 mod calls;
+mod control;
 mod health;
 mod locks;
 mod parking;
@@ -28,15 +29,16 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub use health::{Dependency, Health};
-pub use locks::{InstanceTurns, JobLocks, Turn};
+pub use locks::{InstanceTurns, JobLocks, Turn, TurnReady};
 
-use crate::audit::{AuditStore, Earlier, FinalRecord, Seen, StoredEvent};
+use crate::audit::{AuditStore, Earlier, FinalRecord, RolloutView, Seen, StoredEvent};
 use crate::circuit::{AuthMode, Circuits};
 use crate::config::Settings;
 use crate::events::{EventSink, Outcome, Outgoing, ResultEvent};
 use crate::gaussdb::Client;
 use crate::job::{self, Identity, Job, ParseContext, Rejection};
 use crate::limits::Limits;
+use crate::rollout::Admission;
 use calls::Ended;
 use health::Infra;
 
@@ -73,11 +75,21 @@ pub struct Requeue<'a> {
     pub content_type: Option<&'a str>,
 }
 
-/// Where jobs go back to the queue (the AMQP publisher in production).
+/// What the pipeline asks of the broker besides result events (the AMQP publisher in
+/// production). Every call returns once the broker confirmed the message.
 #[async_trait::async_trait]
 pub trait JobQueue: Send + Sync {
-    /// Publishes `job` to the jobs queue and returns once the broker confirmed it.
+    /// Publishes `job` to the jobs queue.
     async fn requeue(&self, job: &Requeue<'_>) -> anyhow::Result<()>;
+    /// Sends a message to the dead queue with `reason` in the `keyturn-error` header.
+    async fn dead_letter(&self, message: &Requeue<'_>, reason: &str) -> anyhow::Result<()>;
+    /// Answers a control command on its `reply_to` queue.
+    async fn reply(
+        &self,
+        reply_to: &str,
+        correlation_id: Option<&str>,
+        body: &[u8],
+    ) -> anyhow::Result<()>;
 }
 
 /// Everything one worker needs to process deliveries; shared by all in-flight jobs.
@@ -96,6 +108,8 @@ pub struct Pipeline {
     pub turns: InstanceTurns,
     /// Cancelled when the worker stops: ends probes and releases.
     pub stopping: CancellationToken,
+    /// Poked when rollout events may be waiting in the store's outbox.
+    pub outbox: tokio::sync::Notify,
     releasing: tokio::sync::Mutex<()>,
 }
 
@@ -116,6 +130,27 @@ struct Context<'a> {
     /// delivery meets RabbitMQ's consumer timeout.
     hold_until: Instant,
     shutdown: &'a CancellationToken,
+}
+
+/// Whether a rejection counts toward its rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Counted {
+    Yes,
+    /// The rejection of a reused key: the job's own outcome stands.
+    No,
+}
+
+/// What a job's rollout lets it do.
+enum Admit {
+    /// Call the API, under this rollout's rate cap (`(rollout_id, per second)`).
+    Run {
+        rate: Option<(String, u32)>,
+    },
+    Park {
+        scope: String,
+        reason: String,
+    },
+    Cancel,
 }
 
 /// Why a job stopped waiting before its work was done.
@@ -149,6 +184,7 @@ impl Pipeline {
             locks: JobLocks::default(),
             turns: InstanceTurns::default(),
             stopping: CancellationToken::new(),
+            outbox: tokio::sync::Notify::new(),
             releasing: tokio::sync::Mutex::new(()),
         }
     }
@@ -209,21 +245,30 @@ impl Pipeline {
             hold_until: received + hold_for,
             shutdown,
         };
+        // The instance's turn first, then the job key's lock: a task holding a lock never waits
+        // for a turn, so two copies of one job cannot wait for each other.
+        if let Some(turn) = &turn {
+            match self.hold(&ctx, turn.ready()).await {
+                Ok(TurnReady::Go) => {}
+                // An earlier job of this instance went back to the queue: follow it, in order.
+                Ok(TurnReady::FollowHandBack) => return self.hand_back(Some(turn), &ctx).await,
+                Err(held) => return self.held(held, Some(turn), &ctx).await,
+            }
+        }
         let lock_key = format!("{}#{}", ctx.identity.job_id, ctx.identity.rerun);
         let _one_at_a_time = match self.hold(&ctx, self.locks.lock(&lock_key)).await {
             Ok(guard) => guard,
-            Err(held) => return self.held(held, &ctx).await,
+            Err(held) => return self.held(held, turn.as_ref(), &ctx).await,
         };
-        if let Some(turn) = &turn
-            && let Err(held) = self.hold(&ctx, turn.ready()).await
-        {
-            return self.held(held, &ctx).await;
-        }
         let rerun = parsed.as_ref().map_or(0, |job| job.rerun);
+        let rollout_id = parsed
+            .as_ref()
+            .ok()
+            .and_then(|job| job.rollout_id.as_ref().map(|id| id.as_str()));
         let earlier = self
             .infra(Infra::AuditLookup, shutdown, || {
                 self.audit
-                    .lookup(&ctx.identity.job_id, rerun, &ctx.body_digest)
+                    .lookup(&ctx.identity.job_id, rerun, &ctx.body_digest, rollout_id)
             })
             .await;
         let Some(earlier) = earlier else {
@@ -232,9 +277,9 @@ impl Pipeline {
         match parsed {
             Err(rejection) => match earlier.rejection {
                 Some(stored) => self.replay(stored, &ctx).await,
-                None => self.reject(&rejection, None, &ctx).await,
+                None => self.reject(&rejection, Counted::Yes, &ctx).await,
             },
-            Ok(job) => self.process_job(&job, earlier, &ctx).await,
+            Ok(job) => self.process_job(&job, earlier, turn.as_ref(), &ctx).await,
         }
     }
 
@@ -242,25 +287,83 @@ impl Pipeline {
         self: &Arc<Self>,
         job: &Job,
         earlier: Earlier,
+        turn: Option<&Turn>,
         ctx: &Context<'_>,
     ) -> Disposition {
         let digest = job.digest();
         if let Some(seen) = conflict(&earlier, &digest) {
-            return self.reject(&reused_key(job, &seen), None, ctx).await;
+            return self.reject(&reused_key(job, &seen), Counted::No, ctx).await;
         }
         if let Some((stored, _)) = earlier.final_record {
             return self.replay(stored, ctx).await;
         }
+        let rate = match self.admission(job, earlier.rollout.as_ref(), ctx).await {
+            Some(Admit::Run { rate }) => rate,
+            Some(Admit::Park { scope, reason }) => {
+                return self.park(job, &digest, &scope, &reason, ctx).await;
+            }
+            Some(Admit::Cancel) => {
+                let record = self.cancelled_record(job, &digest, ctx);
+                return self.commit(record, ctx).await;
+            }
+            None => return Disposition::Abandon,
+        };
         let uncertain = earlier.marker.is_some();
-        match self.call(job, &digest, uncertain, ctx).await {
+        match self.call(job, &digest, uncertain, rate, ctx).await {
             Ended::Finished(run) => {
                 let record = self.record_of(job, &digest, run, ctx);
                 self.commit(record, ctx).await
             }
-            Ended::Conflict(seen) => self.reject(&reused_key(job, &seen), None, ctx).await,
-            Ended::Parked(scope) => self.park(job, &digest, &scope, ctx).await,
-            Ended::Held(held) => self.held(held, ctx).await,
+            Ended::Conflict(seen) => self.reject(&reused_key(job, &seen), Counted::No, ctx).await,
+            Ended::Parked(scope) => {
+                self.park(job, &digest, &scope.key(), "circuit open", ctx)
+                    .await
+            }
+            Ended::Held(held) => self.held(held, turn, ctx).await,
         }
+    }
+
+    /// What the job's rollout lets it do now; `None` only when shutting down.
+    async fn admission(
+        &self,
+        job: &Job,
+        view: Option<&RolloutView>,
+        ctx: &Context<'_>,
+    ) -> Option<Admit> {
+        let Some(rollout_id) = job.rollout_id.as_ref().map(|id| id.as_str()) else {
+            return Some(Admit::Run { rate: None });
+        };
+        let scope = format!("rollout:{rollout_id}");
+        let park = |reason: &str| Admit::Park {
+            scope: scope.clone(),
+            reason: reason.to_owned(),
+        };
+        let declared = view.is_some_and(|view| view.declared);
+        if self.settings.rollouts.require_declaration && !declared {
+            return Some(park("waiting for the rollout's declaration"));
+        }
+        let Some(view) = view else {
+            return Some(Admit::Run { rate: None });
+        };
+        let rate = view.max_per_second.map(|n| (rollout_id.to_owned(), n));
+        Some(match view.rollout.admits() {
+            Admission::Run => Admit::Run { rate },
+            Admission::Park(reason) => park(&reason),
+            Admission::Cancel => Admit::Cancel,
+            Admission::Canary => {
+                let admitted = self
+                    .infra(Infra::Parking, ctx.shutdown, || {
+                        self.audit
+                            .admit_canary(rollout_id, job.id.as_str(), job.rerun)
+                    })
+                    .await?;
+                if admitted {
+                    Admit::Run { rate }
+                } else {
+                    park("waiting for the canary jobs to finish")
+                }
+            }
+        })
     }
 
     fn parse_context<'a>(&'a self, delivery: &'a Delivery) -> ParseContext<'a> {
@@ -279,35 +382,44 @@ impl Pipeline {
         ctx: &Context<'_>,
         wait: impl std::future::Future<Output = T>,
     ) -> Result<T, Held> {
+        // Biased: a wait that is ready wins over a hold that ran out at the same moment.
         tokio::select! {
+            biased;
+            value = wait => Ok(value),
             () = ctx.shutdown.cancelled() => Err(Held::Shutdown),
             () = tokio::time::sleep_until(ctx.hold_until) => Err(Held::TooLong),
-            value = wait => Ok(value),
         }
     }
 
     /// Records a rejection (the API is never called) and dead-letters the original.
     async fn reject(
-        &self,
+        self: &Arc<Self>,
         rejection: &Rejection,
-        job: Option<&Job>,
+        counted: Counted,
         ctx: &Context<'_>,
     ) -> Disposition {
         tracing::warn!(field = rejection.field(), reason = %rejection, "job rejected");
-        let record = self.rejection_record(rejection, job, ctx);
+        let record = self.rejection_record(rejection, counted == Counted::Yes, ctx);
         self.commit(record, ctx).await
     }
 
-    async fn commit(&self, record: FinalRecord, ctx: &Context<'_>) -> Disposition {
-        let stored = self
+    /// Commits the record (and its rollout's counts), then publishes its event.
+    async fn commit(self: &Arc<Self>, record: FinalRecord, ctx: &Context<'_>) -> Disposition {
+        let committed = self
             .infra(Infra::AuditCommit, ctx.shutdown, || {
                 self.audit.record(record.clone())
             })
             .await;
-        match stored {
-            Some(recorded) => self.finish(recorded.into_stored(), ctx).await,
-            None => Disposition::Abandon,
+        let Some(committed) = committed else {
+            return Disposition::Abandon;
+        };
+        if record.event.data.rollout_id.is_some() {
+            self.outbox.notify_one();
         }
+        if let Some(rollout_id) = committed.release {
+            self.spawn_release(format!("rollout:{rollout_id}"));
+        }
+        self.finish(committed.recorded.into_stored(), ctx).await
     }
 
     async fn replay(&self, stored: StoredEvent, ctx: &Context<'_>) -> Disposition {

@@ -18,23 +18,25 @@ use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
 use super::health::Infra;
-use super::{Context, Disposition, Held, Pipeline, Requeue};
+use super::{Context, Disposition, Held, Pipeline, Requeue, Turn};
 use crate::audit::ParkedJob;
 use crate::circuit::{self, Scope, Signal};
 use crate::job::Job;
 use crate::limits::LimitKey;
 use crate::retry::Backoff;
+use crate::rollout::{Admission, Rollout, Snapshot};
 
 /// Parked jobs published per batch when a scope is released.
 const RELEASE_BATCH: u32 = 200;
 
 impl Pipeline {
-    /// Stores the delivery until `scope` opens again, then acks it.
+    /// Stores the delivery until `scope` (a circuit's or `rollout:<id>`) lets it run, then acks.
     pub(super) async fn park(
         &self,
         job: &Job,
         digest: &str,
-        scope: &Scope,
+        scope: &str,
+        reason: &str,
         ctx: &Context<'_>,
     ) -> Disposition {
         let delivery = ctx.delivery;
@@ -44,8 +46,8 @@ impl Pipeline {
             rerun: job.rerun,
             job_digest: digest.to_owned(),
             rollout_id: job.rollout_id.as_ref().map(ToString::to_string),
-            scope: scope.key(),
-            reason: "circuit open".into(),
+            scope: scope.to_owned(),
+            reason: reason.to_owned(),
             body: delivery.body.clone(),
             message_id: delivery.message_id.clone(),
             correlation_id: delivery.correlation_id.clone(),
@@ -61,7 +63,7 @@ impl Pipeline {
             .await;
         match stored {
             Some(()) => {
-                tracing::info!(scope = %scope.key(), "job parked until its circuit closes");
+                tracing::info!(scope, reason, "job parked");
                 Disposition::Ack
             }
             None => Disposition::Abandon,
@@ -69,10 +71,30 @@ impl Pipeline {
     }
 
     /// A job that stopped waiting: on shutdown it goes back with the channel; held too long, it
-    /// is published again to the queue's tail and this delivery acked.
-    pub(super) async fn held(&self, held: Held, ctx: &Context<'_>) -> Disposition {
-        if let Held::Shutdown = held {
-            return Disposition::Abandon;
+    /// is handed back.
+    pub(super) async fn held(
+        &self,
+        held: Held,
+        turn: Option<&Turn>,
+        ctx: &Context<'_>,
+    ) -> Disposition {
+        match held {
+            Held::Shutdown => Disposition::Abandon,
+            Held::TooLong => {
+                tracing::warn!(
+                    held_for_s = self.settings.worker.max_hold.as_secs(),
+                    "job waited longer than worker.max_hold; handing it back to the queue"
+                );
+                self.hand_back(turn, ctx).await
+            }
+        }
+    }
+
+    /// Publishes the delivery again to the queue's tail and lets it be acked. Every later job of
+    /// its instance already in line follows it back, so their order survives.
+    pub(super) async fn hand_back(&self, turn: Option<&Turn>, ctx: &Context<'_>) -> Disposition {
+        if let Some(turn) = turn {
+            turn.hand_back();
         }
         let delivery = ctx.delivery;
         let copy = Requeue {
@@ -82,10 +104,6 @@ impl Pipeline {
             reply_to: delivery.reply_to.as_deref(),
             content_type: delivery.content_type.as_deref(),
         };
-        tracing::warn!(
-            held_for_s = self.settings.worker.max_hold.as_secs(),
-            "job waited longer than worker.max_hold; handing it back to the queue"
-        );
         let requeued = self
             .infra(Infra::JobRequeue, ctx.shutdown, || self.jobs.requeue(&copy))
             .await;
@@ -117,7 +135,10 @@ impl Pipeline {
             if !self.circuits.is_open(&scope) {
                 return;
             }
-            self.limits.acquire(&key).await;
+            tokio::select! {
+                () = self.stopping.cancelled() => return,
+                () = self.limits.acquire(&key) => {}
+            }
             let exchange = self.client.describe(&job).await;
             let signal = circuit::classify(
                 &exchange.result.clone().map(|_| ()),
@@ -129,20 +150,60 @@ impl Pipeline {
                 continue;
             }
             self.circuits.close(&scope);
-            self.release(&scope, &self.stopping.clone()).await;
+            self.release(&scope.key(), &self.stopping.clone()).await;
             return;
         }
     }
 
-    /// Publishes every parked job of `scope` back to the queue, unless its circuit is open.
-    pub async fn release(&self, scope: &Scope, shutdown: &CancellationToken) {
+    /// Releases `scope` in the background (a rollout's canary passed, or it was resumed).
+    pub(super) fn spawn_release(self: &Arc<Self>, scope: String) {
+        let pipeline = self.clone();
+        tokio::spawn(async move {
+            let stopping = pipeline.stopping.clone();
+            pipeline.release(&scope, &stopping).await;
+        });
+    }
+
+    /// Whether the jobs parked under `scope` may run now.
+    async fn may_run(&self, scope: &str, shutdown: &CancellationToken) -> Option<bool> {
+        if let Some(circuit) = Scope::from_key(scope) {
+            return Some(!self.circuits.is_open(&circuit));
+        }
+        let rollout_id = scope.strip_prefix("rollout:")?;
+        let snapshot = self.rollout_snapshot(rollout_id, shutdown).await?;
+        Some(snapshot.is_some_and(|snapshot| {
+            let view = Rollout {
+                state: snapshot.state,
+                canary: snapshot.canary,
+                canary_admitted: 0,
+                canary_done: snapshot.canary_done,
+            };
+            let declared = snapshot.declared || !self.settings.rollouts.require_declaration;
+            declared && matches!(view.admits(), Admission::Run | Admission::Canary)
+        }))
+    }
+
+    pub(super) async fn rollout_snapshot(
+        &self,
+        rollout_id: &str,
+        shutdown: &CancellationToken,
+    ) -> Option<Option<Snapshot>> {
+        let snapshots = self
+            .infra(Infra::AuditLookup, shutdown, || {
+                self.audit.snapshots(Some(rollout_id))
+            })
+            .await?;
+        Some(snapshots.into_iter().next())
+    }
+
+    /// Publishes every parked job of `scope` back to the queue, while the scope lets them run.
+    pub async fn release(&self, scope: &str, shutdown: &CancellationToken) {
         let _one_release_at_a_time = self.releasing.lock().await;
         let mut released = 0usize;
-        let key = scope.key();
-        while !self.circuits.is_open(scope) {
+        while self.may_run(scope, shutdown).await == Some(true) {
             let batch = self
                 .infra(Infra::AuditLookup, shutdown, || {
-                    self.audit.parked(&key, RELEASE_BATCH)
+                    self.audit.parked(scope, RELEASE_BATCH)
                 })
                 .await;
             let Some(batch) = batch.filter(|batch| !batch.is_empty()) else {
@@ -168,7 +229,7 @@ impl Pipeline {
             released += batch.len();
         }
         if released > 0 {
-            tracing::info!(scope = %scope.key(), released, "parked jobs published back to the queue");
+            tracing::info!(scope, released, "parked jobs published back to the queue");
         }
     }
 
@@ -184,24 +245,28 @@ impl Pipeline {
             .await
     }
 
-    /// Releases the parked jobs of every circuit scope that is not open here: at start (jobs
-    /// parked before a restart) and now and then (a release cut short).
-    pub async fn release_closed(&self, shutdown: &CancellationToken) {
+    /// Releases the parked jobs of every scope that lets them run (a circuit not open here, a
+    /// rollout running), and ends those of a cancelled rollout: at start (jobs parked before a
+    /// restart) and now and then (a release or a cancel cut short by a crash).
+    pub async fn release_closed(self: &Arc<Self>, shutdown: &CancellationToken) {
         let scopes = self
             .infra(Infra::AuditLookup, shutdown, || self.audit.parked_scopes())
             .await
             .unwrap_or_default();
-        for (key, _) in scopes {
-            if let Some(scope) = Scope::from_key(&key)
-                && !self.circuits.is_open(&scope)
-            {
-                self.release(&scope, shutdown).await;
+        for (scope, _) in scopes {
+            if let Some(rollout_id) = scope.strip_prefix("rollout:") {
+                let snapshot = self.rollout_snapshot(rollout_id, shutdown).await.flatten();
+                if snapshot.is_some_and(|s| s.state == crate::rollout::State::Cancelled) {
+                    self.cancel_parked(rollout_id, shutdown).await;
+                    continue;
+                }
             }
+            self.release(&scope, shutdown).await;
         }
     }
 
     /// Runs [`Pipeline::release_closed`] every `every` until `shutdown`.
-    pub async fn keep_releasing(&self, every: Duration, shutdown: CancellationToken) {
+    pub async fn keep_releasing(self: &Arc<Self>, every: Duration, shutdown: CancellationToken) {
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,

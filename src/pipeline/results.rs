@@ -44,7 +44,7 @@ impl Pipeline {
     pub(super) fn rejection_record(
         &self,
         rejection: &Rejection,
-        job: Option<&Job>,
+        counts_for_rollout: bool,
         ctx: &Context<'_>,
     ) -> FinalRecord {
         let result = JobResult {
@@ -53,7 +53,29 @@ impl Pipeline {
             ..result_of(&ctx.identity, Outcome::Rejected, ctx)
         };
         FinalRecord {
-            kms_key_id: job.and_then(|j| j.change.kms_key_id().map(|k| k.to_string())),
+            counts_for_rollout,
+            ..self.record(result, ctx)
+        }
+    }
+
+    /// The record of a job whose rollout was cancelled before it ran: no API call.
+    pub(super) fn cancelled_record(
+        &self,
+        job: &Job,
+        digest: &str,
+        ctx: &Context<'_>,
+    ) -> FinalRecord {
+        let rollout = job.rollout_id.as_ref().map_or("-", |id| id.as_str());
+        let result = JobResult {
+            error_code: Some("keyturn.cancelled".into()),
+            error_msg: Some(format!(
+                "rollout {rollout} was cancelled before the job ran"
+            )),
+            ..result_of(&ctx.identity, Outcome::Cancelled, ctx)
+        };
+        FinalRecord {
+            kms_key_id: job.change.kms_key_id().map(|k| k.to_string()),
+            job_digest: Some(digest.to_owned()),
             ..self.record(result, ctx)
         }
     }
@@ -69,6 +91,7 @@ impl Pipeline {
             job_digest: None,
             worker_id: self.worker_id.clone(),
             attempts: Vec::new(),
+            counts_for_rollout: true,
         }
     }
 }

@@ -338,6 +338,11 @@ impl Simulator {
             .extend(steps);
     }
 
+    /// Drops whatever is left of `instance_id`'s script: it behaves normally again.
+    pub fn clear_script(&self, instance_id: &str) {
+        self.world().scripts.remove(instance_id);
+    }
+
     /// Counts a request for `instance_id` as in flight until the returned guard drops.
     fn enter(self: &Arc<Self>, instance_id: &str) -> InFlight {
         let mut world = self.world();

@@ -1,0 +1,724 @@
+//! Rollouts as first-class objects (contract §6): declarations and commands over the real control
+//! queue, budgets, canaries, parking, cancel, reruns and rollout events, against the real broker,
+//! the simulator over a socket and a real SQLite store.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use keyturn::events::Outcome;
+use keyturn::rollout::{Reply, Snapshot, State};
+use keyturn::simulator::{Faults, Step};
+use lapin::BasicProperties;
+use lapin::options::{BasicConsumeOptions, BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+
+/// A rollout event as taken from the broker.
+#[derive(Debug, Clone)]
+struct RolloutEvent {
+    kind: String,
+    id: String,
+    data: Snapshot,
+    time: String,
+}
+
+impl TestApp {
+    /// Sends a control command and returns the worker's answer (within 30 s).
+    async fn command(&self, command: Value) -> Reply {
+        let reply_queue = self
+            .channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let mut replies = self
+            .channel
+            .basic_consume(
+                reply_queue.name().clone(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let id = uuid::Uuid::new_v4().to_string();
+        self.send_command(&command, &id, Some(reply_queue.name().as_str()))
+            .await;
+        let reply = tokio::time::timeout(Duration::from_secs(30), replies.next())
+            .await
+            .expect("the worker answered within 30 s")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            reply
+                .properties
+                .correlation_id()
+                .as_ref()
+                .map(|c| c.as_str()),
+            Some(id.as_str())
+        );
+        serde_json::from_slice(&reply.data).unwrap()
+    }
+
+    /// Publishes a control command with `message_id` (and optionally `reply_to`).
+    async fn send_command(&self, command: &Value, message_id: &str, reply_to: Option<&str>) {
+        let mut properties = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_message_id(message_id.into())
+            .with_correlation_id(message_id.into());
+        if let Some(reply_to) = reply_to {
+            properties = properties.with_reply_to(reply_to.into());
+        }
+        let confirm = self
+            .channel
+            .basic_publish(
+                "".into(),
+                self.settings.amqp.control_queue.as_str().into(),
+                Default::default(),
+                command.to_string().as_bytes(),
+                properties,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirm.is_ack());
+    }
+
+    async fn status(&self, rollout_id: &str) -> Snapshot {
+        let reply = self
+            .command(json!({"kind": "status", "rollout_id": rollout_id}))
+            .await;
+        assert!(reply.ok, "{reply:?}");
+        reply.rollouts.into_iter().next().unwrap()
+    }
+
+    async fn wait_for_state(&self, rollout_id: &str, state: State) -> Snapshot {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+        loop {
+            let snapshot = self.status(rollout_id).await;
+            if snapshot.state == state {
+                return snapshot;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{rollout_id} never reached {state}: {snapshot:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// A queue of this app's rollout events (`rollout.#`).
+    async fn follow_rollout_events(&self) -> String {
+        let queue = format!("{}.rollout-events", self.settings.amqp.jobs_queue);
+        self.channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        self.channel
+            .queue_bind(
+                queue.as_str().into(),
+                self.settings.amqp.results_exchange.as_str().into(),
+                "rollout.#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        queue
+    }
+
+    async fn rollout_events(&self, queue: &str) -> Vec<RolloutEvent> {
+        let mut events = Vec::new();
+        while let Some(message) = self
+            .channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
+            let routing_key = message.delivery.routing_key.to_string();
+            let value: Value = serde_json::from_slice(&message.delivery.data).unwrap();
+            let kind = routing_key.strip_prefix("rollout.").unwrap().to_owned();
+            assert_eq!(value["type"], format!("dev.keyturn.rollout.{kind}"));
+            assert_eq!(value["specversion"], "1.0");
+            assert_eq!(value["subject"], value["data"]["rollout_id"]);
+            events.push(RolloutEvent {
+                kind,
+                id: value["id"].as_str().unwrap().to_owned(),
+                data: serde_json::from_value(value["data"].clone()).unwrap(),
+                time: value["time"].as_str().unwrap().to_owned(),
+            });
+        }
+        events
+    }
+}
+
+fn declare(rollout_id: &str, expected: u32, extra: Value) -> Value {
+    let mut command = json!({"kind": "rollout", "rollout_id": rollout_id, "ticket": "CHG-7",
+        "expected_jobs": expected, "requested_by": "ops"});
+    for (key, value) in extra.as_object().unwrap() {
+        command[key] = value.clone();
+    }
+    command
+}
+
+fn rollout_job(rollout_id: &str, n: u32) -> Value {
+    let mut body = job(&format!("{rollout_id}:{}", instance(n)), n, "on");
+    body["rollout_id"] = json!(rollout_id);
+    body
+}
+
+fn doom(app: &TestApp, n: u32) {
+    let forbidden = Step::Error {
+        status: 403,
+        code: "DBS.200010".into(),
+        msg: Some("not authorised for this instance".into()),
+        retry_after_secs: None,
+        apply: false,
+    };
+    app.simulator.script(&instance(n), vec![forbidden; 5]);
+}
+
+fn outcomes(app: &TestApp, rollout_id: &str) -> Vec<Value> {
+    rows(
+        &app.audit_path(),
+        &format!(
+            "SELECT job_id, rerun, outcome FROM toggles WHERE rollout_id = '{rollout_id}' ORDER BY id"
+        ),
+    )
+}
+
+fn kinds(events: &[RolloutEvent], kind: &str) -> usize {
+    events.iter().filter(|e| e.kind == kind).count()
+}
+
+#[tokio::test]
+async fn the_failure_budget_halts_once_parks_the_rest_and_resume_finishes_every_job() {
+    let app = TestApp::spawn_with(Options {
+        faults: Faults {
+            latency_ms: 10,
+            ..Faults::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    let events_queue = app.follow_rollout_events().await;
+    let (stop, worker) = app.start_worker();
+    let reply = app
+        .command(declare("R-budget", 200, json!({"failure_budget": 5})))
+        .await;
+    assert!(reply.ok, "{reply:?}");
+    assert_eq!(reply.rollouts[0].budget.allowed, Some(5));
+    let doomed: Vec<u32> = (0..12).map(|i| 1000 + i * 10).collect();
+    for n in &doomed {
+        doom(&app, *n);
+    }
+    for n in 1000..1200 {
+        app.publish_job(&rollout_job("R-budget", n)).await;
+    }
+
+    let halted = app.wait_for_state("R-budget", State::Halted).await;
+    assert_eq!(
+        halted.reason.as_deref(),
+        Some("failure budget exceeded: 6 failures, 5 allowed")
+    );
+    // Let the jobs in flight at the halt finish and the rest park.
+    wait_until(Duration::from_secs(30), || async {
+        let s = app.status("R-budget").await;
+        s.counts.in_flight == 0 && s.counts.finished() + s.counts.parked == 200
+    })
+    .await;
+    let at_halt = app.status("R-budget").await;
+    let concurrency = u64::from(app.settings.worker.concurrency);
+    assert!(
+        (6..=6 + concurrency).contains(&at_halt.counts.failed),
+        "the 6th failure halts, plus at most the jobs in flight: {:?}",
+        at_halt.counts
+    );
+    assert!(at_halt.counts.parked > 0);
+    let stats = app.stats();
+    let called = stats
+        .instances
+        .values()
+        .filter(|i| i.modify_calls > 0)
+        .count() as u64;
+    assert_eq!(
+        called,
+        at_halt.counts.finished(),
+        "parked jobs never reached the API"
+    );
+
+    // The operator fixes the grants and resumes.
+    for n in &doomed {
+        app.simulator.clear_script(&instance(*n));
+    }
+    let resumed = app
+        .command(json!({"kind": "resume", "rollout_id": "R-budget", "reason": "grants fixed", "requested_by": "ops"}))
+        .await;
+    assert!(resumed.ok);
+    let completed = app.wait_for_state("R-budget", State::Completed).await;
+    assert_eq!(completed.counts.finished(), 200);
+    assert_eq!(completed.counts.parked, 0);
+    let rows = outcomes(&app, "R-budget");
+    let job_ids: HashSet<&str> = rows.iter().map(|r| r["job_id"].as_str().unwrap()).collect();
+    assert_eq!(
+        (rows.len(), job_ids.len()),
+        (200, 200),
+        "one final row per job"
+    );
+    assert_eq!(
+        completed.counts.failed, at_halt.counts.failed,
+        "after the fix nothing else failed"
+    );
+
+    wait_until(Duration::from_secs(10), || async {
+        app.queue_len(&events_queue).await > 0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await; // the outbox drains every second
+    let events = app.rollout_events(&events_queue).await;
+    assert_eq!(kinds(&events, "declared"), 1);
+    assert_eq!(kinds(&events, "started"), 1);
+    assert_eq!(kinds(&events, "halted"), 1, "halted happens once");
+    assert_eq!(kinds(&events, "resumed"), 1);
+    assert_eq!(kinds(&events, "completed"), 1, "completed is sent once");
+    let halted_event = events.iter().find(|e| e.kind == "halted").unwrap();
+    assert_eq!(halted_event.data.state, State::Halted);
+    assert_eq!(halted_event.data.budget.allowed, Some(5));
+    let progress: Vec<&RolloutEvent> = events.iter().filter(|e| e.kind == "progress").collect();
+    for pair in progress.windows(2) {
+        let (a, b) = (
+            chrono::DateTime::parse_from_rfc3339(&pair[0].time).unwrap(),
+            chrono::DateTime::parse_from_rfc3339(&pair[1].time).unwrap(),
+        );
+        assert!(
+            b - a >= chrono::Duration::milliseconds(990),
+            "progress at most 1/s"
+        );
+    }
+    let ids: HashSet<&str> = events.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(ids.len(), events.len());
+    stop.cancel();
+    worker.await.unwrap();
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_auto_canary_runs_alone_first_then_the_rest_follows() {
+    let app = TestApp::spawn().await;
+    let (stop, worker) = app.start_worker();
+    assert!(
+        app.command(declare("R-canary", 20, json!({"canary": 5})))
+            .await
+            .ok
+    );
+    for n in 1300..1320 {
+        app.publish_job(&rollout_job("R-canary", n)).await;
+    }
+    let done = app.wait_for_state("R-canary", State::Completed).await;
+    assert_eq!(done.counts.succeeded, 20);
+    let canary: HashSet<String> = rows(
+        &app.audit_path(),
+        "SELECT job_id FROM rollout_canary WHERE rollout_id = 'R-canary'",
+    )
+    .iter()
+    .map(|r| {
+        r["job_id"]
+            .as_str()
+            .unwrap()
+            .split(':')
+            .nth(1)
+            .unwrap()
+            .to_owned()
+    })
+    .collect();
+    assert_eq!(canary.len(), 5);
+    let first_modifies: HashSet<String> = app
+        .stats()
+        .recent
+        .iter()
+        .filter(|r| r.method == "POST")
+        .take(5)
+        .map(|r| r.instance_id.clone().unwrap())
+        .collect();
+    assert_eq!(first_modifies, canary, "the canary's calls came first");
+    stop.cancel();
+    worker.await.unwrap();
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_manual_canary_waits_for_resume_and_a_failing_canary_halts() {
+    let app = TestApp::spawn().await;
+    let (stop, worker) = app.start_worker();
+    assert!(
+        app.command(declare(
+            "R-manual",
+            10,
+            json!({"canary": 3, "canary_gate": "manual"})
+        ))
+        .await
+        .ok
+    );
+    for n in 1400..1410 {
+        app.publish_job(&rollout_job("R-manual", n)).await;
+    }
+    let gated = app.wait_for_state("R-manual", State::Paused).await;
+    assert_eq!(
+        gated.reason.as_deref(),
+        Some("the canary of 3 passed; resume to continue")
+    );
+    wait_until(Duration::from_secs(20), || async {
+        app.status("R-manual").await.counts.parked == 7
+    })
+    .await;
+    assert_eq!(
+        app.stats()
+            .instances
+            .values()
+            .filter(|i| i.modify_calls > 0)
+            .count(),
+        3
+    );
+    assert!(
+        app.command(json!({"kind": "resume", "rollout_id": "R-manual"}))
+            .await
+            .ok
+    );
+    assert_eq!(
+        app.wait_for_state("R-manual", State::Completed)
+            .await
+            .counts
+            .succeeded,
+        10
+    );
+
+    doom(&app, 1500);
+    assert!(
+        app.command(declare("R-bad-canary", 10, json!({"canary": 2})))
+            .await
+            .ok
+    );
+    app.publish_job(&rollout_job("R-bad-canary", 1500)).await;
+    for n in 1501..1510 {
+        app.publish_job(&rollout_job("R-bad-canary", n)).await;
+    }
+    let halted = app.wait_for_state("R-bad-canary", State::Halted).await;
+    assert!(
+        halted
+            .reason
+            .as_deref()
+            .unwrap()
+            .starts_with("canary job R-bad-canary:"),
+        "{halted:?}"
+    );
+    wait_until(Duration::from_secs(20), || async {
+        let s = app.status("R-bad-canary").await;
+        s.counts.finished() + s.counts.parked == 10 && s.counts.in_flight == 0
+    })
+    .await;
+    assert!(app.status("R-bad-canary").await.counts.finished() <= 2);
+    stop.cancel();
+    worker.await.unwrap();
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn cancel_ends_parked_and_later_jobs_cancelled_without_calling_the_api() {
+    let app = TestApp::spawn().await;
+    let events_queue = app.follow_rollout_events().await;
+    let (stop, worker) = app.start_worker();
+    assert!(app.command(declare("R-cancel", 13, json!({}))).await.ok);
+    assert!(
+        app.command(json!({"kind": "pause", "rollout_id": "R-cancel", "reason": "change freeze"}))
+            .await
+            .ok
+    );
+    for n in 1600..1610 {
+        app.publish_job(&rollout_job("R-cancel", n)).await;
+    }
+    wait_until(Duration::from_secs(20), || async {
+        app.status("R-cancel").await.counts.parked == 10
+    })
+    .await;
+    let cancelled = app
+        .command(json!({"kind": "cancel", "rollout_id": "R-cancel", "requested_by": "ops"}))
+        .await;
+    assert!(cancelled.ok);
+    assert_eq!(cancelled.rollouts[0].state, State::Cancelled);
+    for n in 1610..1613 {
+        app.publish_job(&rollout_job("R-cancel", n)).await;
+    }
+    wait_until(Duration::from_secs(30), || async {
+        outcomes(&app, "R-cancel").len() == 13
+    })
+    .await;
+    assert!(
+        outcomes(&app, "R-cancel")
+            .iter()
+            .all(|r| r["outcome"] == "cancelled")
+    );
+    let events = app.events(13).await;
+    assert!(events.iter().all(|e| e.data.outcome == Outcome::Cancelled
+        && e.routing_key().starts_with("job.cancelled.")
+        && e.data.error_code.as_deref() == Some("keyturn.cancelled")));
+    assert_eq!(app.stats().requests, 0, "no job reached the API");
+    let snapshot = app.status("R-cancel").await;
+    assert_eq!((snapshot.counts.cancelled, snapshot.counts.parked), (13, 0));
+    let refused = app
+        .command(json!({"kind": "resume", "rollout_id": "R-cancel"}))
+        .await;
+    assert!(!refused.ok);
+    assert_eq!(
+        refused.error.as_deref(),
+        Some("rollout R-cancel is cancelled")
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let events = app.rollout_events(&events_queue).await;
+    assert_eq!(kinds(&events, "paused"), 1);
+    assert_eq!(kinds(&events, "cancelled"), 1);
+    stop.cancel();
+    worker.await.unwrap();
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn retry_failed_reruns_only_the_failed_jobs_under_the_next_rerun() {
+    let app = TestApp::spawn().await;
+    let (stop, worker) = app.start_worker();
+    assert!(app.command(declare("R-rerun", 10, json!({}))).await.ok);
+    for n in [1700, 1703, 1706] {
+        doom(&app, n);
+    }
+    for n in 1700..1710 {
+        app.publish_job(&rollout_job("R-rerun", n)).await;
+    }
+    let done = app.wait_for_state("R-rerun", State::Completed).await;
+    assert_eq!((done.counts.succeeded, done.counts.failed), (7, 3));
+    for n in [1700, 1703, 1706] {
+        app.simulator.clear_script(&instance(n));
+    }
+    let retried = app
+        .command(json!({"kind": "retry_failed", "rollout_id": "R-rerun"}))
+        .await;
+    assert!(retried.ok, "{retried:?}");
+    wait_until(Duration::from_secs(30), || async {
+        app.status("R-rerun").await.counts.succeeded == 10
+    })
+    .await;
+    let rows = outcomes(&app, "R-rerun");
+    assert_eq!(rows.len(), 13, "the audit keeps every run");
+    let reruns: Vec<&Value> = rows.iter().filter(|r| r["rerun"] == 1).collect();
+    assert_eq!(reruns.len(), 3);
+    assert!(reruns.iter().all(|r| r["outcome"] == "succeeded"));
+    let snapshot = app.status("R-rerun").await;
+    assert_eq!(
+        (snapshot.counts.failed, snapshot.counts.finished()),
+        (0, 10)
+    );
+    stop.cancel();
+    worker.await.unwrap();
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn commands_are_applied_once_and_bad_ones_are_dead_lettered_with_a_reason() {
+    let app = TestApp::spawn().await;
+    let (stop, worker) = app.start_worker();
+    let plan = declare("R-plan", 5, json!({"failure_budget": "20%"}));
+    assert!(app.command(plan.clone()).await.ok);
+    let again = app.command(plan).await;
+    assert!(again.ok, "re-declaring the same plan is idempotent");
+    let changed = app.command(declare("R-plan", 6, json!({}))).await;
+    assert!(!changed.ok);
+    assert!(
+        changed
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("was declared with another plan"),
+        "{changed:?}"
+    );
+    let malformed = app
+        .command(json!({"kind": "pause", "rollout_id": "R plan", "colour": "red"}))
+        .await;
+    assert!(!malformed.ok);
+    assert_eq!(
+        malformed.error.as_deref(),
+        Some("colour: is not a field of a control command")
+    );
+    // A pause delivered twice (same message id) is applied once: one paused event.
+    let events_queue = app.follow_rollout_events().await;
+    let pause = json!({"kind": "pause", "rollout_id": "R-plan"});
+    app.send_command(&pause, "pause-1", None).await;
+    app.send_command(&pause, "pause-1", None).await;
+    assert!(
+        app.command(json!({"kind": "resume", "rollout_id": "R-plan"}))
+            .await
+            .ok
+    );
+    app.send_command(&pause, "pause-1", None).await;
+    let status = app.status("R-plan").await;
+    assert_eq!(
+        status.state,
+        State::Running,
+        "the replayed pause was not applied again"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(kinds(&app.rollout_events(&events_queue).await, "paused"), 1);
+
+    let dead_queue = app.settings.amqp.dead_queue.clone();
+    wait_until(Duration::from_secs(10), || async {
+        app.queue_len(&dead_queue).await == 2
+    })
+    .await;
+    let mut reasons = Vec::new();
+    while let Some(message) = app
+        .channel
+        .basic_get(dead_queue.as_str().into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+    {
+        let headers = message.delivery.properties.headers().clone().unwrap();
+        match headers.inner().get("keyturn-error") {
+            Some(lapin::types::AMQPValue::LongString(text)) => {
+                reasons.push(String::from_utf8_lossy(text.as_bytes()).into_owned());
+            }
+            other => panic!("no keyturn-error header: {other:?}"),
+        }
+    }
+    assert!(
+        reasons.iter().any(|r| r.contains("another plan")),
+        "{reasons:?}"
+    );
+    assert!(reasons.iter().any(|r| r.contains("colour")), "{reasons:?}");
+    stop.cancel();
+    worker.await.unwrap();
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn two_workers_on_one_store_see_the_same_pause() {
+    let app = TestApp::spawn().await;
+    let (stop_a, worker_a) = app.start_worker();
+    let (stop_b, worker_b) = app.start_worker();
+    assert!(app.command(declare("R-two", 20, json!({}))).await.ok);
+    assert!(
+        app.command(json!({"kind": "pause", "rollout_id": "R-two"}))
+            .await
+            .ok
+    );
+    for n in 1800..1820 {
+        app.publish_job(&rollout_job("R-two", n)).await;
+    }
+    wait_until(Duration::from_secs(20), || async {
+        app.status("R-two").await.counts.parked == 20
+    })
+    .await;
+    assert_eq!(app.stats().requests, 0, "neither worker called the API");
+    let parkers = rows(&app.audit_path(), "SELECT DISTINCT reason FROM parked");
+    assert_eq!(parkers, vec![json!({"reason": "rollout paused"})]);
+    assert!(
+        app.command(json!({"kind": "resume", "rollout_id": "R-two"}))
+            .await
+            .ok
+    );
+    assert_eq!(
+        app.wait_for_state("R-two", State::Completed)
+            .await
+            .counts
+            .succeeded,
+        20
+    );
+    stop_a.cancel();
+    stop_b.cancel();
+    worker_a.await.unwrap();
+    worker_b.await.unwrap();
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn undeclared_rollouts_run_ad_hoc_or_wait_for_their_declaration() {
+    let app = TestApp::spawn().await;
+    let (stop, worker) = app.start_worker();
+    app.publish_job(&rollout_job("R-adhoc", 1900)).await;
+    wait_until(Duration::from_secs(20), || async {
+        outcomes(&app, "R-adhoc").len() == 1
+    })
+    .await;
+    let adhoc = app.status("R-adhoc").await;
+    assert!(!adhoc.declared);
+    assert_eq!((adhoc.state, adhoc.counts.succeeded), (State::Running, 1));
+    stop.cancel();
+    worker.await.unwrap();
+
+    let mut strict = app.settings.clone();
+    strict.rollouts.require_declaration = true;
+    let (stop, worker) = app.start_worker_on(strict, app.credentials(), Default::default());
+    for n in 1901..1904 {
+        app.publish_job(&rollout_job("R-strict", n)).await;
+    }
+    wait_until(Duration::from_secs(20), || async {
+        rows(
+            &app.audit_path(),
+            "SELECT job_id FROM parked WHERE scope = 'rollout:R-strict'",
+        )
+        .len()
+            == 3
+    })
+    .await;
+    assert_eq!(app.stats().instances.get(&instance(1901)), None);
+    assert!(app.command(declare("R-strict", 3, json!({}))).await.ok);
+    assert_eq!(
+        app.wait_for_state("R-strict", State::Completed)
+            .await
+            .counts
+            .succeeded,
+        3
+    );
+    stop.cancel();
+    worker.await.unwrap();
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn max_per_second_caps_a_rollouts_calls() {
+    let app = TestApp::spawn().await;
+    let (stop, worker) = app.start_worker();
+    assert!(
+        app.command(declare("R-slow", 12, json!({"max_per_second": 4})))
+            .await
+            .ok
+    );
+    let started = tokio::time::Instant::now();
+    for n in 2000..2012 {
+        app.publish_job(&rollout_job("R-slow", n)).await;
+    }
+    app.wait_for_state("R-slow", State::Completed).await;
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(2700),
+        "12 calls at 4/s take at least 2.75 s: {took:?}"
+    );
+    stop.cancel();
+    worker.await.unwrap();
+    app.cleanup().await;
+}
