@@ -552,8 +552,10 @@ mod tests {
 
     #[test]
     fn the_estimate_is_the_slowest_limit() {
-        let mut counts = Counts::default();
-        counts.total = 100;
+        let mut counts = Counts {
+            total: 100,
+            ..Counts::default()
+        };
         counts.per_project.insert(("r".into(), "p".into()), 60);
         counts.per_project.insert(("r".into(), "q".into()), 40);
         let rates = RateLimitSettings {

@@ -263,11 +263,14 @@ fn dry_run(settings: &Settings, plan: &Plan, jobs: &[FileJob], file: &Path) -> S
 
 fn budget_text(plan: &Plan) -> String {
     match (plan.failure_budget, plan.allowed_failures()) {
-        (Some(budget), Some(allowed)) => format!(
-            "{} = {allowed} failed jobs allowed; failure {} halts the rollout",
-            budget.to_value(),
-            allowed + 1
-        ),
+        (Some(budget), Some(allowed)) => {
+            let written = budget.to_value();
+            format!(
+                "{} = {allowed} failed jobs allowed; failure {} halts the rollout",
+                written.as_str().map_or(written.to_string(), str::to_owned),
+                allowed + 1
+            )
+        }
         _ => "none (every failure is tolerated)".into(),
     }
 }

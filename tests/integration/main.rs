@@ -11,3 +11,4 @@ mod identity;
 mod lifecycle;
 mod pipeline;
 mod properties;
+mod submit;
