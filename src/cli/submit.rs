@@ -296,14 +296,23 @@ fn estimate_text(settings: &Settings, plan: &Plan, counts: &Counts) -> String {
         format!(", all at max_per_second={cap}")
     });
     format!(
-        "estimated duration: at least {} (the slowest of {} jobs at rate_limit.per_second={}, \
+        "estimated duration: about {} (the slowest of {} jobs at rate_limit.per_second={}, \
          the largest project's {largest} at rate_limit.per_project_per_second={}{cap}; \
          bursts, retries and API latency not counted)",
-        humantime::format_duration(Duration::from_secs(estimate.as_secs_f64().ceil() as u64)),
+        humantime::format_duration(rounded(estimate)),
         counts.total,
         rates.per_second,
         rates.per_project_per_second,
     )
+}
+
+/// Whole seconds from 10 s on, tenths below: precise enough for a plan, short to read.
+fn rounded(estimate: Duration) -> Duration {
+    if estimate >= Duration::from_secs(10) {
+        Duration::from_secs(estimate.as_secs_f64().round() as u64)
+    } else {
+        Duration::from_millis((estimate.as_secs_f64() * 10.0).round() as u64 * 100)
+    }
 }
 
 /// Declares, waits for the worker to apply the declaration, then publishes the jobs.

@@ -334,7 +334,7 @@ async fn a_dry_run_prints_the_plan_and_publishes_nothing() {
         "10% = 4 failed jobs allowed; failure 5 halts",
         "the first 5 jobs run alone",
         // 40 jobs at max_per_second=2 is the slowest limit of the shipped defaults.
-        "estimated duration: at least 20s",
+        "estimated duration: about 20s",
     ] {
         assert!(stdout.contains(part), "{part:?} in\n{stdout}");
     }
@@ -463,8 +463,12 @@ async fn submit_without_a_worker_exits_3_within_the_timeout_and_publishes_no_job
     // The unanswered declaration expires from the control queue instead of being applied later.
     crate::helpers::wait_until(Duration::from_secs(10), || async {
         app.queue_len(&app.settings.amqp.control_queue).await == 0
+            && app.queue_len(&app.settings.amqp.dead_queue).await == 1
     })
     .await;
+    let dead: Value = serde_json::from_slice(&app.dead_letters().await[0]).unwrap();
+    assert_eq!(dead["kind"], "rollout");
+    assert_eq!(dead["rollout_id"], "R-none");
     app.cleanup().await;
 }
 
