@@ -16,14 +16,15 @@ use anyhow::Context;
 use clap::Args;
 use futures_util::StreamExt;
 use lapin::options::BasicPublishOptions;
-use lapin::{BasicProperties, Channel};
+use lapin::{BasicProperties, Channel, Confirmation};
 use serde_json::{Value, json};
 
 use super::rollout::{NO_ANSWER, REFUSED, control_failure, verdict};
 use crate::amqp::control::ControlClient;
 use crate::config::Settings;
 use crate::gaussdb::Client;
-use crate::job::{ParseContext, Status};
+use crate::gaussdb::client::CallError;
+use crate::job::{Job, ParseContext, Status};
 use crate::limits::Limits;
 use crate::plan_file::{self, Counts, Defaults, FileJob, Format};
 use crate::rollout::{self, Command, Plan};
@@ -190,9 +191,7 @@ async fn preflight(
         .map(|job| {
             let (client, limits) = (&client, &limits);
             async move {
-                let key = (job.job.region.to_string(), job.job.project_id.to_string());
-                limits.acquire(&key).await;
-                let found = client.describe(&job.job).await.result;
+                let found = describe(client, limits, &job.job).await;
                 (job, found.map_err(|error| error.to_string()))
             }
         })
@@ -220,6 +219,28 @@ async fn preflight(
         }
     }
     Ok(keep)
+}
+
+/// Describe under the worker's rate limits; a 429 pauses that region and project as in the
+/// worker, and is tried again a few times.
+async fn describe(client: &Client, limits: &Limits, job: &Job) -> Result<Status, CallError> {
+    const ATTEMPTS: u32 = 5;
+    let key = (job.region.to_string(), job.project_id.to_string());
+    let mut attempt = 1;
+    loop {
+        limits.acquire(&key).await;
+        match client.describe(job).await.result {
+            Err(CallError::Api {
+                status: 429,
+                retry_after,
+                ..
+            }) if attempt < ATTEMPTS => {
+                limits.throttled(&key, retry_after);
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// What the rollout would do, for a person to check before running it.
@@ -372,7 +393,12 @@ async fn publish_jobs(channel: &Channel, queue: &str, jobs: &[FileJob]) -> anyho
                 .basic_publish(
                     "".into(),
                     queue.into(),
-                    BasicPublishOptions::default(),
+                    // Returned, not dropped, when no queue has that name (a jobs_queue setting
+                    // that differs from the worker's).
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
                     &job.body,
                     properties,
                 )
@@ -384,10 +410,16 @@ async fn publish_jobs(channel: &Channel, queue: &str, jobs: &[FileJob]) -> anyho
             .await
             .context("waiting for the broker's confirms")?
         {
-            anyhow::ensure!(
-                confirmation.is_ack(),
-                "the broker refused a job (nack); submit the file again: the job ids are the same"
-            );
+            match confirmation {
+                Confirmation::Ack(None) => {}
+                Confirmation::Ack(Some(_)) => anyhow::bail!(
+                    "no queue named {queue} took the jobs; set amqp.jobs_queue to the worker's \
+                     and submit again (the declaration is idempotent, the job ids are the same)"
+                ),
+                _ => anyhow::bail!(
+                    "the broker refused a job (nack); submit the file again: the job ids are the same"
+                ),
+            }
         }
         progress.advance(window.len() as u64);
     }

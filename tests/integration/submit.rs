@@ -156,6 +156,10 @@ fn refuse(command: &Value) -> Reply {
 
 /// The binary wired to this app's queues and simulator, as an operator's shell would be.
 async fn keyturn(app: &TestApp, args: &[&str]) -> Output {
+    keyturn_with(app, args, &[]).await
+}
+
+async fn keyturn_with(app: &TestApp, args: &[&str], extra: &[(&str, &str)]) -> Output {
     let names = &app.settings.amqp;
     let mut command = keyturn_binary();
     command
@@ -174,6 +178,9 @@ async fn keyturn(app: &TestApp, args: &[&str]) -> Output {
         .env("CLOUD_SDK_AK", AK)
         .env("CLOUD_SDK_SK", SK)
         .stdin(Stdio::null());
+    for (name, value) in extra {
+        command.env(name, value);
+    }
     let mut command = tokio::process::Command::from(command);
     command.kill_on_drop(true);
     tokio::time::timeout(Duration::from_secs(60), command.output())
@@ -573,5 +580,27 @@ async fn preflight_leaves_out_instances_already_in_their_target_state() {
     let jobs = take_jobs(&app).await;
     assert_eq!(jobs.len(), 1);
     assert_eq!(jobs[0].0, format!("R-pre:{}", instance(2)));
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_for_a_queue_that_does_not_exist_are_an_error_not_a_silent_loss() {
+    let app = TestApp::spawn().await;
+    let _received = fake_worker(&app, accept).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = fleet_file(&dir, &[good_line(1, "off")]);
+    let missing = format!("{}.typo", app.settings.amqp.jobs_queue);
+    let output = keyturn_with(
+        &app,
+        &["submit", &file, "--rollout", "R-typo"],
+        &[("KEYTURN_AMQP__JOBS_QUEUE", &missing)],
+    )
+    .await;
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("no queue named {missing} took the jobs")),
+        "{stderr}"
+    );
     app.cleanup().await;
 }
