@@ -16,6 +16,7 @@
 //! - [`audit`]: the SQLite log and the in-flight markers that make redeliveries safe.
 //! - [`events`]: the CloudEvents result documents.
 //! - [`simulator`]: a local stand-in for the cloud API, for the demo, tests and benchmarks.
+//! - [`rollout`] and [`plan_file`]: rollout plans and commands, and the files `submit` reads.
 //! - [`config`] and [`cli`]: settings and the `keyturn` subcommands.
 #![forbid(unsafe_code)]
 
@@ -29,6 +30,7 @@ pub mod gaussdb;
 pub mod job;
 pub mod limits;
 pub mod pipeline;
+pub mod plan_file;
 pub mod retry;
 pub mod rollout;
 pub mod simulator;

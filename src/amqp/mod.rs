@@ -5,6 +5,7 @@
 //! an ack. lapin's own auto-recovery is not used: the worker's supervisor loop reconnects, declares
 //! the topology, applies its prefetch and consumes again (see `broker-and-storage-notes`).
 
+pub mod control;
 pub mod publisher;
 pub mod topology;
 pub mod worker;

@@ -534,6 +534,7 @@ mod tests {
                 error_msg: None,
                 request_id: Some("req-1".into()),
             }],
+            counts_for_rollout: true,
         }
     }
 
@@ -544,16 +545,18 @@ mod tests {
         let first = audit
             .record(record("J-1", 0, Outcome::Succeeded, "d1"))
             .await
-            .unwrap();
+            .unwrap()
+            .recorded;
         let second = audit
             .record(record("J-1", 0, Outcome::Succeeded, "d1"))
             .await
-            .unwrap();
+            .unwrap()
+            .recorded;
         let Recorded::New(first) = first else {
             panic!("first write is new")
         };
         assert_eq!(second, Recorded::Existing(first.clone()));
-        let earlier = audit.lookup("J-1", 0, "other").await.unwrap();
+        let earlier = audit.lookup("J-1", 0, "other", None).await.unwrap();
         let (stored, seen) = earlier.final_record.unwrap();
         assert_eq!(stored, first);
         assert_eq!(seen.digest.as_deref(), Some("job-d1"));
@@ -569,7 +572,7 @@ mod tests {
             .unwrap();
         assert!(
             audit
-                .lookup("J-9", 1, "d")
+                .lookup("J-9", 1, "d", None)
                 .await
                 .unwrap()
                 .final_record
@@ -579,7 +582,7 @@ mod tests {
             .record(record("J-9", 1, Outcome::Succeeded, "d"))
             .await
             .unwrap();
-        assert!(matches!(rerun, Recorded::New(_)));
+        assert!(matches!(rerun.recorded, Recorded::New(_)));
         let counts = outcome_counts(audit.path()).unwrap();
         assert_eq!(
             counts,
@@ -598,38 +601,59 @@ mod tests {
             .unwrap();
         assert!(
             audit
-                .lookup("J-2", 0, "bad")
+                .lookup("J-2", 0, "bad", None)
                 .await
                 .unwrap()
                 .rejection
                 .is_some()
         );
         assert_eq!(
-            audit.lookup("J-2", 0, "fixed").await.unwrap(),
+            audit.lookup("J-2", 0, "fixed", None).await.unwrap(),
             Earlier::default()
         );
         let fixed = audit
             .record(record("J-2", 0, Outcome::Succeeded, "fixed"))
             .await
             .unwrap();
-        assert!(matches!(fixed, Recorded::New(_)));
+        assert!(matches!(fixed.recorded, Recorded::New(_)));
     }
 
     #[tokio::test]
     async fn a_claim_keeps_the_first_digest_and_lives_until_the_final_record() {
         let dir = tempfile::tempdir().unwrap();
         let audit = store(&dir);
-        assert!(audit.lookup("J-3", 0, "d").await.unwrap().marker.is_none());
-        let first = audit.claim("J-3", 0, "job-d", "w-1").await.unwrap();
-        let again = audit.claim("J-3", 0, "other", "w-2").await.unwrap();
+        assert!(
+            audit
+                .lookup("J-3", 0, "d", None)
+                .await
+                .unwrap()
+                .marker
+                .is_none()
+        );
+        let first = audit.claim("J-3", 0, "job-d", "w-1", None).await.unwrap();
+        let again = audit.claim("J-3", 0, "other", "w-2", None).await.unwrap();
         assert_eq!(first, again, "the first claim stands");
         assert_eq!(first.digest.as_deref(), Some("job-d"));
-        assert!(audit.lookup("J-3", 0, "d").await.unwrap().marker.is_some());
+        assert!(
+            audit
+                .lookup("J-3", 0, "d", None)
+                .await
+                .unwrap()
+                .marker
+                .is_some()
+        );
         audit
             .record(record("J-3", 0, Outcome::Succeeded, "d"))
             .await
             .unwrap();
-        assert!(audit.lookup("J-3", 0, "d").await.unwrap().marker.is_none());
+        assert!(
+            audit
+                .lookup("J-3", 0, "d", None)
+                .await
+                .unwrap()
+                .marker
+                .is_none()
+        );
     }
 
     fn parked_job(job_id: &str, scope: &str) -> ParkedJob {
@@ -671,7 +695,14 @@ mod tests {
         let parked = audit.parked("credentials", 10).await.unwrap();
         assert_eq!(parked.len(), 1);
         assert_eq!(parked[0].correlation_id.as_deref(), Some("c-1"));
-        assert!(audit.lookup("P-1", 0, "x").await.unwrap().parked.is_some());
+        assert!(
+            audit
+                .lookup("P-1", 0, "x", None)
+                .await
+                .unwrap()
+                .parked
+                .is_some()
+        );
         assert_eq!(parked[0].generation, 1, "parked twice");
         audit.unpark(vec![(parked[0].id, 0)]).await.unwrap();
         assert_eq!(

@@ -1,7 +1,9 @@
 //! The `keyturn` subcommands and the glue they share: settings, credentials, signals.
 
 pub mod demo;
+pub mod rollout;
 pub mod simulate;
+pub mod submit;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -46,6 +48,10 @@ pub enum Command {
     Simulator(simulate::SimulatorArgs),
     /// Run everything at once: simulator, sample fleet, worker, summary.
     Demo(demo::DemoArgs),
+    /// Publish a rollout from a CSV or JSON-lines file: declaration first, then its jobs.
+    Submit(submit::SubmitArgs),
+    /// Ask about or steer rollouts over the control queue (exit 1 refused, 3 no answer).
+    Rollout(rollout::RolloutArgs),
 }
 
 /// Runs the parsed command; configuration problems exit 2 with one line naming the key.
@@ -58,8 +64,10 @@ pub async fn run(cli: Cli) -> ExitCode {
     // The demo's output is its summary table; a line per job would bury it. Warnings (rejected
     // jobs, retries) still show, and RUST_LOG or KEYTURN_LOG__LEVEL bring back the rest.
     let chosen = |name: &str| env.iter().any(|(key, _)| key == name);
-    if matches!(cli.command, Command::Demo(_))
-        && !chosen("RUST_LOG")
+    if matches!(
+        cli.command,
+        Command::Demo(_) | Command::Submit(_) | Command::Rollout(_)
+    ) && !chosen("RUST_LOG")
         && !chosen("KEYTURN_LOG__LEVEL")
     {
         settings.log.level = "warn".into();
@@ -76,9 +84,15 @@ pub async fn run(cli: Cli) -> ExitCode {
             Ok(()) => Ok(()),
         },
         Command::Demo(args) => demo::run(settings, args).await,
+        // These exit 0, 1 (refused) or 3 (no answer) on their own; errors take the usual path.
+        Command::Submit(args) => exit_code(submit::run(&settings, &env, args).await),
+        Command::Rollout(args) => exit_code(rollout::run(&settings, args).await),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(error) if error.downcast_ref::<Exit>().is_some() => {
+            error.downcast_ref::<Exit>().expect("checked").0
+        }
         Err(error) if error.downcast_ref::<ConfigError>().is_some() => {
             config_failure(error.downcast_ref::<ConfigError>().expect("checked"))
         }
@@ -88,6 +102,27 @@ pub async fn run(cli: Cli) -> ExitCode {
         }
     }
 }
+
+/// Returns early from `run` with a command's own exit code, or passes its error on.
+fn exit_code(result: anyhow::Result<ExitCode>) -> anyhow::Result<()> {
+    match result {
+        Ok(code) if code == ExitCode::SUCCESS => Ok(()),
+        Ok(code) => Err(anyhow::Error::new(Exit(code))),
+        Err(error) => Err(error),
+    }
+}
+
+/// A command's chosen exit code, carried through `run`'s error path (it has printed already).
+#[derive(Debug)]
+struct Exit(ExitCode);
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit {:?}", self.0)
+    }
+}
+
+impl std::error::Error for Exit {}
 
 fn config_failure(error: &ConfigError) -> ExitCode {
     eprintln!("keyturn: {error}");

@@ -12,3 +12,4 @@ mod lifecycle;
 mod pipeline;
 mod properties;
 mod rollouts;
+mod submit;
