@@ -373,18 +373,6 @@ impl Settings {
         )?;
         bounded("worker.grace_period", self.worker.grace_period, HOUR)?;
         bounded("worker.max_hold", self.worker.max_hold, 25 * MINUTE)?;
-        // A delivery is held for its waits (max_hold), its own API time (deadline) and one last
-        // call (request_timeout): together under RabbitMQ's 30-minute consumer timeout.
-        let held = self.worker.max_hold + self.retry.deadline + self.api.request_timeout;
-        if held >= 30 * MINUTE {
-            return Err(config_error(
-                "worker.max_hold",
-                format!(
-                    "with retry.deadline and api.request_timeout it holds a delivery up to {}; keep the sum under RabbitMQ's 30-minute consumer timeout",
-                    humantime::format_duration(held)
-                ),
-            ));
-        }
         let circuit = &self.circuit;
         range(
             "circuit.strikes_to_open",
@@ -406,6 +394,19 @@ impl Settings {
         }
         self.validate_api()?;
         self.validate_limits()?;
+        // A delivery is held for its waits (max_hold), its own API time (deadline) and one last
+        // call (request_timeout): together under RabbitMQ's 30-minute consumer timeout.
+        let held = self.worker.max_hold + self.retry.deadline + self.api.request_timeout;
+        if held >= 30 * MINUTE {
+            return Err(config_error(
+                "worker.max_hold",
+                format!(
+                    "with retry.deadline and api.request_timeout it holds a delivery up to {}; keep the sum under RabbitMQ's 30-minute consumer timeout",
+                    humantime::format_duration(held)
+                ),
+            ));
+        }
+
         match self.audit.synchronous.as_str() {
             "full" | "normal" => {}
             _ => return Err(config_error("audit.synchronous", "must be full or normal")),
@@ -804,6 +805,25 @@ mod tests {
             ("KEYTURN_API__ENDPOINT", "not a url", "api.endpoint"),
             ("KEYTURN_RETRY__BASE_DELAY", "soon", "retry.base_delay"),
             ("KEYTURN_RETRY__DEADLINE", "40m", "retry.deadline"),
+            ("KEYTURN_WORKER__MAX_HOLD", "26m", "worker.max_hold"),
+            ("KEYTURN_WORKER__MAX_HOLD", "25m", "worker.max_hold"),
+            ("KEYTURN_WORKER__MAX_HOLD", "0s", "worker.max_hold"),
+            ("KEYTURN_API__REQUEST_TIMEOUT", "11m", "api.request_timeout"),
+            (
+                "KEYTURN_CIRCUIT__PROBE_MAX_INTERVAL",
+                "100ms",
+                "circuit.probe_max_interval",
+            ),
+            (
+                "KEYTURN_CIRCUIT__STRIKES_TO_OPEN",
+                "0",
+                "circuit.strikes_to_open",
+            ),
+            (
+                "KEYTURN_AMQP__CONTROL_QUEUE",
+                "amq.control",
+                "amqp.control_queue",
+            ),
             ("KEYTURN_API__AUTH", "password", "api.auth"),
             ("KEYTURN_LOG__FORMAT", "xml", "log.format"),
             ("KEYTURN_LOG__LEVEL", "verbose", "log.level"),

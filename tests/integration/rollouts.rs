@@ -722,3 +722,93 @@ async fn max_per_second_caps_a_rollouts_calls() {
     worker.await.unwrap();
     app.cleanup().await;
 }
+
+/// SIGKILL while jobs are being parked, then while the resume publishes them back: every job
+/// ends in exactly one final row, no instance gets a second Modify, replays keep their ids.
+#[tokio::test]
+async fn sigkill_while_parking_and_while_resuming_loses_nothing_and_sends_nothing_twice() {
+    let app = TestApp::spawn_with(Options {
+        faults: Faults {
+            latency_ms: 20,
+            ..Faults::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    let spawn = || {
+        app.worker_process(&[("KEYTURN_WORKER__CONCURRENCY", "8")])
+            .spawn()
+            .unwrap()
+    };
+    let parked = || rows(&app.audit_path(), "SELECT job_id FROM parked").len();
+    let mut worker = spawn();
+    app.wait_for_audit().await;
+    assert!(app.command(declare("R-kill", 150, json!({}))).await.ok);
+    assert!(
+        app.command(json!({"kind": "pause", "rollout_id": "R-kill"}))
+            .await
+            .ok
+    );
+    for n in 2100..2250 {
+        app.publish_job(&rollout_job("R-kill", n)).await;
+    }
+    wait_until(Duration::from_secs(30), || async { parked() >= 20 }).await;
+    worker.kill().await.unwrap();
+    let killed_at = parked();
+    assert!(
+        killed_at < 150,
+        "killed while parking: {killed_at} of 150 parked"
+    );
+
+    worker = spawn();
+    wait_until(Duration::from_secs(60), || async { parked() == 150 }).await;
+    assert_eq!(app.stats().requests, 0, "nothing parked reached the API");
+    assert!(
+        app.command(json!({"kind": "resume", "rollout_id": "R-kill"}))
+            .await
+            .ok
+    );
+    wait_until(Duration::from_secs(60), || async {
+        outcomes(&app, "R-kill").len() >= 20
+    })
+    .await;
+    worker.kill().await.unwrap();
+    let done_at_kill = outcomes(&app, "R-kill").len();
+    assert!(
+        done_at_kill < 150,
+        "killed while resuming: {done_at_kill} done"
+    );
+
+    worker = spawn();
+    let completed = app.wait_for_state("R-kill", State::Completed).await;
+    assert_eq!(completed.counts.succeeded, 150);
+    let rows = outcomes(&app, "R-kill");
+    let job_ids: HashSet<&str> = rows.iter().map(|r| r["job_id"].as_str().unwrap()).collect();
+    assert_eq!(
+        (rows.len(), job_ids.len()),
+        (150, 150),
+        "one final row per job"
+    );
+    let stats = app.stats();
+    for n in 2100..2250 {
+        let instance_stats = &stats.instances[&instance(n)];
+        assert_eq!(
+            instance_stats.toggles_applied, 1,
+            "instance {n} toggled once"
+        );
+        assert!(instance_stats.modify_calls <= 1, "instance {n} sent twice");
+    }
+    let events = app.events_until(|events| by_job(events).len() >= 150).await;
+    for (job_id, copies) in by_job(&events) {
+        assert!(
+            copies.iter().all(|e| e.id == copies[0].id),
+            "replays of {job_id} keep the event id"
+        );
+    }
+    assert_eq!(parked(), 0);
+    assert_eq!(
+        terminate(&mut worker, Duration::from_secs(30)).await,
+        Some(0)
+    );
+    app.cleanup().await;
+}

@@ -604,3 +604,67 @@ async fn jobs_for_a_queue_that_does_not_exist_are_an_error_not_a_silent_loss() {
     );
     app.cleanup().await;
 }
+
+/// End to end against the real worker: submit a file, watch the rollout complete through
+/// `keyturn rollout status`, submit it again and see no second API call.
+#[tokio::test]
+async fn a_submitted_rollout_runs_on_the_real_worker_and_a_second_submit_calls_nothing() {
+    let app = TestApp::spawn().await;
+    let mut worker = app.worker_process(&[]).spawn().unwrap();
+    app.wait_for_audit().await;
+    let dir = tempfile::tempdir().unwrap();
+    let lines: Vec<String> = (3000..3020).map(|n| good_line(n, "on")).collect();
+    let file = fleet_file(&dir, &lines);
+    let args = [
+        "submit",
+        &file,
+        "--rollout",
+        "R-e2e",
+        "--kms-key",
+        KEY,
+        "--failure-budget",
+        "2",
+        "--ticket",
+        "CHG-9",
+        "--timeout",
+        "20s",
+    ];
+    let first = keyturn(&app, &args).await;
+    assert_eq!(first.status.code(), Some(0), "{}", text(&first.stderr));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let snapshot = loop {
+        let status = keyturn(&app, &["rollout", "status", "R-e2e", "--json"]).await;
+        assert_eq!(status.status.code(), Some(0), "{}", text(&status.stderr));
+        let reply: Reply = serde_json::from_slice(&status.stdout).unwrap();
+        let snapshot = reply.rollouts.into_iter().next().unwrap();
+        if snapshot.state == State::Completed {
+            break snapshot;
+        }
+        assert!(Instant::now() < deadline, "never completed: {snapshot:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(snapshot.counts.succeeded, 20);
+    assert_eq!(snapshot.budget.allowed, Some(2));
+
+    let again = keyturn(&app, &args).await;
+    assert_eq!(again.status.code(), Some(0), "{}", text(&again.stderr));
+    let events = app.events(40).await;
+    assert_eq!(events.len(), 40, "every job answered twice");
+    let stats = app.stats();
+    for n in 3000..3020 {
+        assert_eq!(
+            stats.instances[&instance(n)].modify_calls,
+            1,
+            "one call per instance"
+        );
+    }
+    assert_eq!(
+        crate::helpers::rows(&app.audit_path(), "SELECT job_id FROM toggles").len(),
+        20
+    );
+    assert_eq!(
+        crate::helpers::terminate(&mut worker, Duration::from_secs(30)).await,
+        Some(0)
+    );
+    app.cleanup().await;
+}
