@@ -206,6 +206,18 @@ fn outcomes(app: &TestApp, rollout_id: &str) -> Vec<Value> {
     )
 }
 
+/// Polls `condition` every 5 ms (60 s at most): for catching a worker in the middle of a step.
+async fn poll_until(condition: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 fn kinds(events: &[RolloutEvent], kind: &str) -> usize {
     events.iter().filter(|e| e.kind == kind).count()
 }
@@ -436,6 +448,15 @@ async fn a_manual_canary_waits_for_resume_and_a_failing_canary_halts() {
     })
     .await;
     assert!(app.status("R-bad-canary").await.counts.finished() <= 2);
+    // Resuming a halted canary accepts it: the rest runs.
+    app.simulator.clear_script(&instance(1500));
+    assert!(
+        app.command(json!({"kind": "resume", "rollout_id": "R-bad-canary"}))
+            .await
+            .ok
+    );
+    let done = app.wait_for_state("R-bad-canary", State::Completed).await;
+    assert_eq!((done.counts.succeeded, done.counts.failed), (9, 1));
     stop.cancel();
     worker.await.unwrap();
     app.cleanup().await;
@@ -667,6 +688,24 @@ async fn undeclared_rollouts_run_ad_hoc_or_wait_for_their_declaration() {
     let adhoc = app.status("R-adhoc").await;
     assert!(!adhoc.declared);
     assert_eq!((adhoc.state, adhoc.counts.succeeded), (State::Running, 1));
+    // A rejection of a reused key does not count toward the rollout.
+    let mut reused = rollout_job("R-adhoc", 1900);
+    reused["encryption_status"] = json!("off");
+    reused.as_object_mut().unwrap().remove("type");
+    reused.as_object_mut().unwrap().remove("kms_key_id");
+    app.publish_job(&reused).await;
+    wait_until(Duration::from_secs(20), || async {
+        outcomes(&app, "R-adhoc").len() == 2
+    })
+    .await;
+    assert_eq!(outcomes(&app, "R-adhoc")[1]["outcome"], "rejected");
+    let counts = app.status("R-adhoc").await.counts;
+    assert_eq!((counts.succeeded, counts.rejected), (1, 0));
+    // Declaring it later keeps what it counted.
+    assert!(app.command(declare("R-adhoc", 2, json!({}))).await.ok);
+    let declared = app.status("R-adhoc").await;
+    assert!(declared.declared);
+    assert_eq!(declared.counts.succeeded, 1);
     stop.cancel();
     worker.await.unwrap();
 
@@ -727,6 +766,9 @@ async fn max_per_second_caps_a_rollouts_calls() {
 /// ends in exactly one final row, no instance gets a second Modify, replays keep their ids.
 #[tokio::test]
 async fn sigkill_while_parking_and_while_resuming_loses_nothing_and_sends_nothing_twice() {
+    // Enough jobs that parking and releasing them take longer than noticing 20 of them.
+    const FIRST: u32 = 2100;
+    const TOTAL: u32 = 600;
     let app = TestApp::spawn_with(Options {
         faults: Faults {
             latency_ms: 20,
@@ -743,54 +785,58 @@ async fn sigkill_while_parking_and_while_resuming_loses_nothing_and_sends_nothin
     let parked = || rows(&app.audit_path(), "SELECT job_id FROM parked").len();
     let mut worker = spawn();
     app.wait_for_audit().await;
-    assert!(app.command(declare("R-kill", 150, json!({}))).await.ok);
+    assert!(app.command(declare("R-kill", TOTAL, json!({}))).await.ok);
     assert!(
         app.command(json!({"kind": "pause", "rollout_id": "R-kill"}))
             .await
             .ok
     );
-    for n in 2100..2250 {
+    // A full queue for the next worker, so the kill lands while it parks.
+    assert_eq!(
+        terminate(&mut worker, Duration::from_secs(30)).await,
+        Some(0)
+    );
+    for n in FIRST..FIRST + TOTAL {
         app.publish_job(&rollout_job("R-kill", n)).await;
     }
-    wait_until(Duration::from_secs(30), || async { parked() >= 20 }).await;
+    worker = spawn();
+    poll_until(|| parked() >= 20).await;
     worker.kill().await.unwrap();
     let killed_at = parked();
     assert!(
-        killed_at < 150,
-        "killed while parking: {killed_at} of 150 parked"
+        killed_at < TOTAL as usize,
+        "killed while parking: {killed_at} of {TOTAL} parked"
     );
 
     worker = spawn();
-    wait_until(Duration::from_secs(60), || async { parked() == 150 }).await;
+    wait_until(Duration::from_secs(60), || async {
+        parked() == TOTAL as usize
+    })
+    .await;
     assert_eq!(app.stats().requests, 0, "nothing parked reached the API");
     assert!(
         app.command(json!({"kind": "resume", "rollout_id": "R-kill"}))
             .await
             .ok
     );
-    wait_until(Duration::from_secs(60), || async {
-        outcomes(&app, "R-kill").len() >= 20
-    })
-    .await;
+    // The release publishes and forgets in batches: kill between two.
+    poll_until(|| parked() < TOTAL as usize).await;
     worker.kill().await.unwrap();
-    let done_at_kill = outcomes(&app, "R-kill").len();
-    assert!(
-        done_at_kill < 150,
-        "killed while resuming: {done_at_kill} done"
-    );
+    let left = parked();
+    assert!(left > 0, "killed while releasing: {left} still parked");
 
     worker = spawn();
     let completed = app.wait_for_state("R-kill", State::Completed).await;
-    assert_eq!(completed.counts.succeeded, 150);
+    assert_eq!(completed.counts.succeeded, u64::from(TOTAL));
     let rows = outcomes(&app, "R-kill");
     let job_ids: HashSet<&str> = rows.iter().map(|r| r["job_id"].as_str().unwrap()).collect();
     assert_eq!(
         (rows.len(), job_ids.len()),
-        (150, 150),
+        (TOTAL as usize, TOTAL as usize),
         "one final row per job"
     );
     let stats = app.stats();
-    for n in 2100..2250 {
+    for n in FIRST..FIRST + TOTAL {
         let instance_stats = &stats.instances[&instance(n)];
         assert_eq!(
             instance_stats.toggles_applied, 1,
@@ -798,7 +844,9 @@ async fn sigkill_while_parking_and_while_resuming_loses_nothing_and_sends_nothin
         );
         assert!(instance_stats.modify_calls <= 1, "instance {n} sent twice");
     }
-    let events = app.events_until(|events| by_job(events).len() >= 150).await;
+    let events = app
+        .events_until(|events| by_job(events).len() >= TOTAL as usize)
+        .await;
     for (job_id, copies) in by_job(&events) {
         assert!(
             copies.iter().all(|e| e.id == copies[0].id),
