@@ -22,6 +22,7 @@ fn main() {
     bench_signing();
     bench_parsing();
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(bench_limits_memory());
     let jobs: usize = std::env::var("KEYTURN_BENCH_JOBS")
         .ok()
         .and_then(|n| n.parse().ok())
@@ -186,6 +187,49 @@ async fn bench_end_to_end(jobs: usize) {
         peak_rss().unwrap_or_else(|| "unknown".into())
     );
     stop.cancel();
+}
+
+/// Memory of the per-project limiter and 429-pause maps with 100,000 distinct projects, before
+/// and after the pruning the worker runs every minute.
+async fn bench_limits_memory() {
+    use keyturn::limits::Limits;
+    let limits = Limits::new(&keyturn::config::RateLimitSettings {
+        per_second: 1_000_000,
+        burst: 1_000_000,
+        per_project_per_second: 1_000,
+        per_project_burst: 1,
+        throttle_pause: std::time::Duration::from_millis(1),
+    });
+    let before = current_rss_kib();
+    for n in 0..100_000u32 {
+        let key = ("cn-north-4".to_owned(), format!("{n:032x}"));
+        limits.acquire(&key).await;
+        limits.throttled(&key, None);
+    }
+    let filled = current_rss_kib();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    limits.prune();
+    let pruned = current_rss_kib();
+    println!(
+        "limits       100,000 projects: RSS {} -> {} KiB; after prune {:?} keys (limiters, pauses), RSS {} KiB",
+        before,
+        filled,
+        limits.len(),
+        pruned
+    );
+}
+
+fn current_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|line| line.starts_with("VmRSS:"))
+                .and_then(|line| line.split_whitespace().nth(1).map(str::to_owned))
+        })
+        .and_then(|kib| kib.parse().ok())
+        .unwrap_or(0)
 }
 
 /// The process's peak resident set size, as Linux reports it (`VmHWM`).

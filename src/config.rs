@@ -53,6 +53,9 @@ pub struct AmqpSettings {
     pub unrouted_queue: String,
     /// Quorum queue of rollout declarations and commands (contract §6).
     pub control_queue: String,
+    /// When set, a job's or command's `reply_to` must start with it; empty = any queue but
+    /// keyturn's own.
+    pub reply_to_prefix: String,
     /// PEM bundle of CAs trusted for `amqps://` URLs; empty = the system roots.
     pub ca_file: PathBuf,
     pub delivery_limit: u32,
@@ -190,6 +193,7 @@ impl Default for AmqpSettings {
             results_exchange: "keyturn.results".into(),
             unrouted_queue: "keyturn.results.unrouted".into(),
             control_queue: "keyturn.control".into(),
+            reply_to_prefix: String::new(),
             ca_file: PathBuf::new(),
             delivery_limit: 20,
             heartbeat_secs: 10,

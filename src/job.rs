@@ -308,6 +308,28 @@ pub fn parse(body: &[u8], ctx: &ParseContext<'_>) -> Result<Job, Rejection> {
     }
 }
 
+/// What is wrong with a message's AMQP `reply_to`, if anything: it may not name one of
+/// keyturn's own queues (`reserved`: a reply there would inject into jobs or commands), and
+/// must start with `prefix` when one is configured.
+pub fn reply_to_problem(
+    reply_to: Option<&str>,
+    reserved: &[&str],
+    prefix: &str,
+) -> Option<Problem> {
+    let reply_to = reply_to.filter(|r| !r.is_empty())?;
+    let reason = if reserved.contains(&reply_to) {
+        format!("names keyturn's own queue {}", sanitize(reply_to))
+    } else if !reply_to.starts_with(prefix) {
+        format!("must start with {prefix:?} (amqp.reply_to_prefix)")
+    } else {
+        return None;
+    };
+    Some(Problem {
+        field: "reply_to".into(),
+        reason,
+    })
+}
+
 impl Job {
     /// A digest of what the job asks for, independent of JSON spelling (key order, spaces,
     /// case of `on`/`kms`): two deliveries of one key with different digests are a conflict.

@@ -60,28 +60,26 @@ pub async fn run(
         cap: settings.reconnect_max_backoff,
     };
     let mut housekeeping = None;
-    let mut failures = 0u32;
+    let mut reconnects = Reconnects::new(backoff);
     while !stop.is_cancelled() {
         let started = Instant::now();
         let ended = session(&pipeline, &options, &stop, &mut housekeeping).await;
         let reason = match ended {
             Ok(SessionEnd::Shutdown) => break,
-            Ok(SessionEnd::Lost(reason)) => {
-                if started.elapsed() >= STABLE_SESSION {
-                    failures = 0;
-                }
-                format!("broker connection lost: {reason}")
-            }
+            Ok(SessionEnd::Lost(reason)) => format!("broker connection lost: {reason}"),
             Err(error) => format!("cannot consume: {error:#}"),
         };
-        let wait = backoff
-            .delay(failures, &mut rand::rng())
-            .max(Duration::from_millis(100));
+        let ceiling = reconnects.after(started.elapsed());
+        let wait = Backoff {
+            base: ceiling,
+            cap: ceiling,
+        }
+        .delay(0, &mut rand::rng())
+        .max(Duration::from_millis(100));
         tracing::warn!(
             retry_in_ms = wait.as_millis() as u64,
             "{reason}; reconnecting"
         );
-        failures = failures.saturating_add(1);
         tokio::select! {
             () = stop.cancelled() => break,
             () = tokio::time::sleep(wait) => {}
@@ -92,6 +90,32 @@ pub async fn run(
         let _ = task.await;
     }
     Ok(())
+}
+
+/// The reconnect backoff: its ceiling doubles with every session that died young (or never
+/// started) and starts over after one that lived [`STABLE_SESSION`].
+struct Reconnects {
+    backoff: Backoff,
+    failures: u32,
+}
+
+impl Reconnects {
+    fn new(backoff: Backoff) -> Reconnects {
+        Reconnects {
+            backoff,
+            failures: 0,
+        }
+    }
+
+    /// The ceiling of the wait after a session that lived `lived` (full jitter is drawn below it).
+    fn after(&mut self, lived: Duration) -> Duration {
+        if lived >= STABLE_SESSION {
+            self.failures = 0;
+        }
+        let ceiling = self.backoff.ceiling(self.failures);
+        self.failures = self.failures.saturating_add(1);
+        ceiling
+    }
 }
 
 /// Background work of a running worker: releasing parked jobs whose circuit is closed (a
@@ -453,5 +477,28 @@ impl IdleWatch {
         }
         let started = *since.get_or_insert_with(Instant::now);
         started.elapsed() >= after
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnects_back_off_while_sessions_die_young_and_start_over_after_a_stable_one() {
+        let mut reconnects = Reconnects::new(Backoff {
+            base: Duration::from_millis(200),
+            cap: Duration::from_secs(30),
+        });
+        let young = Duration::from_millis(50);
+        let ceilings: Vec<u128> = (0..10)
+            .map(|_| reconnects.after(young).as_millis())
+            .collect();
+        assert_eq!(
+            ceilings,
+            [200, 400, 800, 1600, 3200, 6400, 12800, 25600, 30000, 30000]
+        );
+        assert_eq!(reconnects.after(STABLE_SESSION).as_millis(), 200);
+        assert_eq!(reconnects.after(young).as_millis(), 400);
     }
 }

@@ -37,6 +37,18 @@ impl Pipeline {
             .filter(|id| !id.is_empty())
             .unwrap_or_else(|| format!("sha256:{}", crate::job::body_digest(&delivery.body)));
         tracing::Span::current().record("command_id", command_id.as_str());
+        if let Some(problem) = self.reply_to_problem(delivery.reply_to.as_deref()) {
+            // No answer: the reply_to itself is what is wrong.
+            let reason = format!("{}: {}", problem.field, problem.reason);
+            tracing::warn!(%reason, "control command refused");
+            let copy = requeue_of(&delivery);
+            let kept = self
+                .infra(Infra::JobRequeue, shutdown, || {
+                    self.jobs.dead_letter(&copy, &reason)
+                })
+                .await;
+            return kept.map_or(Disposition::Abandon, |()| Disposition::Ack);
+        }
         let command = match rollout::parse_command(&delivery.body) {
             Ok(command) => command,
             Err(rejection) => {

@@ -193,7 +193,15 @@ impl Pipeline {
     /// give jobs of one instance their order.
     pub fn admit(&self, delivery: Delivery) -> Admitted {
         let body_digest = job::body_digest(&delivery.body);
-        let parsed = job::parse(&delivery.body, &self.parse_context(&delivery));
+        let mut parsed = job::parse(&delivery.body, &self.parse_context(&delivery));
+        if let Some(problem) = self.reply_to_problem(delivery.reply_to.as_deref()) {
+            let mut problems = parsed
+                .err()
+                .map(|r| r.problems().to_vec())
+                .unwrap_or_default();
+            problems.push(problem);
+            parsed = Err(Rejection::of(problems));
+        }
         let turn = parsed
             .as_ref()
             .ok()
@@ -364,6 +372,18 @@ impl Pipeline {
                 }
             }
         })
+    }
+
+    /// A `reply_to` naming one of keyturn's own queues, or outside `amqp.reply_to_prefix`.
+    pub(super) fn reply_to_problem(&self, reply_to: Option<&str>) -> Option<job::Problem> {
+        let amqp = &self.settings.amqp;
+        let reserved = [
+            amqp.jobs_queue.as_str(),
+            amqp.control_queue.as_str(),
+            amqp.dead_queue.as_str(),
+            amqp.unrouted_queue.as_str(),
+        ];
+        job::reply_to_problem(reply_to, &reserved, &amqp.reply_to_prefix)
     }
 
     fn parse_context<'a>(&'a self, delivery: &'a Delivery) -> ParseContext<'a> {

@@ -286,3 +286,132 @@ async fn a_panicking_job_neither_leaks_its_slot_nor_stalls_the_worker() {
     );
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_reply_to_naming_keyturns_own_queues_or_outside_the_prefix_is_rejected() {
+    let app = TestApp::spawn_with(Options {
+        tweak: Box::new(|settings| settings.amqp.reply_to_prefix = "ticketing.".into()),
+        ..Options::default()
+    })
+    .await;
+    let reply_queue = format!("ticketing.{}", unique("replies"));
+    app.channel
+        .queue_declare(
+            reply_queue.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                auto_delete: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let with_reply_to = |reply_to: &str| {
+        lapin::BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_reply_to(reply_to.into())
+    };
+    let jobs_queue = app.settings.amqp.jobs_queue.clone();
+    for (job_id, n, reply_to) in [
+        ("J-reply-own", 80, jobs_queue.as_str()),
+        ("J-reply-other", 81, "elsewhere.replies"),
+        ("J-reply-ok", 82, reply_queue.as_str()),
+    ] {
+        app.publish(
+            job(job_id, n, "on").to_string().as_bytes(),
+            with_reply_to(reply_to),
+        )
+        .await;
+    }
+    app.drain().await;
+
+    let events = app.events(3).await;
+    let outcome = |job_id: &str| {
+        events
+            .iter()
+            .find(|e| e.data.job_id == job_id)
+            .map(|e| (e.data.outcome, e.data.error_msg.clone()))
+            .unwrap()
+    };
+    let (own, own_msg) = outcome("J-reply-own");
+    assert_eq!(own, Outcome::Rejected);
+    assert!(
+        own_msg
+            .unwrap()
+            .contains("reply_to: names keyturn's own queue")
+    );
+    let (other, other_msg) = outcome("J-reply-other");
+    assert_eq!(other, Outcome::Rejected);
+    assert!(
+        other_msg
+            .unwrap()
+            .contains(r#"reply_to: must start with "ticketing.""#)
+    );
+    assert_eq!(outcome("J-reply-ok").0, Outcome::Succeeded);
+    assert_eq!(
+        app.queue_len(&reply_queue).await,
+        1,
+        "the allowed reply_to got its copy"
+    );
+    assert_eq!(
+        app.queue_len(&jobs_queue).await,
+        0,
+        "nothing injected into the jobs queue"
+    );
+    assert!(!app.stats().instances.contains_key(&instance(80)));
+    app.cleanup().await;
+}
+
+/// The last allowed attempt is not followed by a backoff sleep, and a failed job is logged at
+/// WARN with its code, attempts and rollout.
+#[tokio::test]
+async fn the_last_attempt_sleeps_no_backoff_and_a_failure_is_logged_at_warn() {
+    let app = TestApp::spawn().await;
+    let server_error = Step::Error {
+        status: 500,
+        code: "DBS.05000000".into(),
+        msg: None,
+        retry_after_secs: None,
+        apply: false,
+    };
+    app.simulator.script(&instance(90), vec![server_error; 4]);
+    app.publish_job(&job("J-last", 90, "on")).await;
+    let started = std::time::Instant::now();
+    let output = app
+        .worker_process(&[
+            ("KEYTURN_RETRY__MAX_ATTEMPTS", "1"),
+            // A backoff would sleep up to a minute.
+            ("KEYTURN_RETRY__BASE_DELAY", "60s"),
+            ("KEYTURN_RETRY__MAX_DELAY", "60s"),
+            ("KEYTURN_LOG__LEVEL", "warn"),
+        ])
+        .args(["--exit-when-idle", "500ms"])
+        .stderr(Stdio::piped())
+        .output()
+        .await
+        .unwrap();
+    assert!(output.status.success());
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "no sleep after the last attempt: {:?}",
+        started.elapsed()
+    );
+    let event = &app.events(1).await[0];
+    assert_eq!(event.data.outcome, Outcome::Failed);
+    assert_eq!(event.data.attempts, 1);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("job failed"))
+        .unwrap_or_else(|| panic!("no failure line: {stderr}"));
+    for part in [
+        " WARN ",
+        "error_code=\"DBS.05000000\"",
+        "attempts=1",
+        "rollout_id=\"R-1\"",
+        "job_id=\"J-last\"",
+    ] {
+        assert!(line.contains(part), "{part} in {line}");
+    }
+    app.cleanup().await;
+}
