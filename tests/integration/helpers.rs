@@ -442,11 +442,12 @@ impl TestApp {
 
     /// The `keyturn worker` binary wired to this app's queues, simulator and audit file, with
     /// fast retries and generous rate limits; `extra` settings are applied last.
-    pub fn worker_process(&self, extra: &[(&str, &str)]) -> tokio::process::Command {
+    /// The `keyturn` binary wired to this app as an operator's shell would be: its queue names,
+    /// the simulator, its audit file and the test credentials.
+    pub fn binary(&self) -> std::process::Command {
         let names = &self.settings.amqp;
         let mut command = keyturn_binary();
         command
-            .arg("worker")
             .env("KEYTURN_AMQP__URL", &names.url)
             .env("KEYTURN_AMQP__JOBS_QUEUE", &names.jobs_queue)
             .env("KEYTURN_AMQP__DEAD_QUEUE", &names.dead_queue)
@@ -457,18 +458,25 @@ impl TestApp {
             .env("KEYTURN_AMQP__RESULTS_EXCHANGE", &names.results_exchange)
             .env("KEYTURN_AMQP__UNROUTED_QUEUE", &names.unrouted_queue)
             .env("KEYTURN_AMQP__CONTROL_QUEUE", &names.control_queue)
-            .env("KEYTURN_WORKER__ID", &self.settings.worker.id)
             .env("KEYTURN_API__ENDPOINT", &self.simulator_url)
             .env("KEYTURN_AUDIT__PATH", self.audit_path())
+            .env("CLOUD_SDK_AK", AK)
+            .env("CLOUD_SDK_SK", SK)
+            .stdin(Stdio::null());
+        command
+    }
+
+    pub fn worker_process(&self, extra: &[(&str, &str)]) -> tokio::process::Command {
+        let mut command = self.binary();
+        command
+            .arg("worker")
+            .env("KEYTURN_WORKER__ID", &self.settings.worker.id)
             .env("KEYTURN_RETRY__BASE_DELAY", "20ms")
             .env("KEYTURN_RETRY__MAX_DELAY", "200ms")
             .env("KEYTURN_RATE_LIMIT__PER_PROJECT_PER_SECOND", "1000")
             .env("KEYTURN_RATE_LIMIT__PER_PROJECT_BURST", "100")
             .env("KEYTURN_RATE_LIMIT__PER_SECOND", "1000")
             .env("KEYTURN_RATE_LIMIT__BURST", "100")
-            .env("CLOUD_SDK_AK", AK)
-            .env("CLOUD_SDK_SK", SK)
-            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         for (name, value) in extra {

@@ -160,24 +160,8 @@ async fn keyturn(app: &TestApp, args: &[&str]) -> Output {
 }
 
 async fn keyturn_with(app: &TestApp, args: &[&str], extra: &[(&str, &str)]) -> Output {
-    let names = &app.settings.amqp;
-    let mut command = keyturn_binary();
-    command
-        .args(args)
-        .env("KEYTURN_AMQP__URL", &names.url)
-        .env("KEYTURN_AMQP__JOBS_QUEUE", &names.jobs_queue)
-        .env("KEYTURN_AMQP__DEAD_QUEUE", &names.dead_queue)
-        .env(
-            "KEYTURN_AMQP__DEAD_LETTER_EXCHANGE",
-            &names.dead_letter_exchange,
-        )
-        .env("KEYTURN_AMQP__RESULTS_EXCHANGE", &names.results_exchange)
-        .env("KEYTURN_AMQP__UNROUTED_QUEUE", &names.unrouted_queue)
-        .env("KEYTURN_AMQP__CONTROL_QUEUE", &names.control_queue)
-        .env("KEYTURN_API__ENDPOINT", &app.simulator_url)
-        .env("CLOUD_SDK_AK", AK)
-        .env("CLOUD_SDK_SK", SK)
-        .stdin(Stdio::null());
+    let mut command = app.binary();
+    command.args(args);
     for (name, value) in extra {
         command.env(name, value);
     }
