@@ -62,8 +62,8 @@ struct QueryArgs {
     /// Only runs of this job id.
     #[arg(long)]
     job: Option<String>,
-    /// Only this outcome (succeeded, failed, rejected, cancelled).
-    #[arg(long)]
+    /// Only this outcome.
+    #[arg(long, value_parser = ["succeeded", "failed", "rejected", "cancelled", "halted"])]
     outcome: Option<String>,
     /// Finished at or after: RFC 3339, or a duration ago such as `2h`.
     #[arg(long, value_parser = parse_time)]

@@ -520,10 +520,30 @@ async fn audit_report_is_one_offline_page_chromium_renders_with_the_stores_numbe
     );
 
     let profile = out.path().join("profile");
-    let (dom, log) = headless(&html, &profile, &["--dump-dom"]);
+    let net_log = out.path().join("net-log.json");
+    let net_log_arg = format!("--log-net-log={}", net_log.display());
+    let (dom, log) = headless(&html, &profile, &["--dump-dom", &net_log_arg]);
     for noise in ["net::ERR", "Uncaught", "CONSOLE", "Refused to"] {
         assert!(!log.contains(noise), "chromium logged {noise:?}:\n{log}");
     }
+    // Every URL the browser touched, less its own update, clock and account checks (made with
+    // no page open at all): the page itself must have asked for nothing.
+    let net_log = std::fs::read_to_string(&net_log).unwrap();
+    let fetched: Vec<&str> = net_log
+        .match_indices("\"url\":\"")
+        .map(|(at, m)| {
+            let rest = &net_log[at + m.len()..];
+            &rest[..rest.find('"').unwrap()]
+        })
+        .filter(|url| {
+            let host = url.split('/').nth(2).unwrap_or("");
+            !(host.ends_with("google.com") || host.ends_with("googleapis.com"))
+        })
+        .collect();
+    assert!(
+        fetched.iter().all(|url| url.starts_with("file://")),
+        "the page fetched {fetched:?}"
+    );
     assert!(!dom.contains("<script"), "no script element came to life");
     assert!(!dom.contains("<img"), "no image element came to life");
     assert!(
