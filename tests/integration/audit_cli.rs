@@ -139,6 +139,12 @@ async fn rollout_store(app: &TestApp, rollout_id: &str, first: u32) {
         app.runs_of(rollout_id) == 14
     })
     .await;
+    // Read beside the running worker, which holds the file open in WAL mode.
+    let beside = audit(
+        &app.audit_path(),
+        &["--rollout", rollout_id, "--format", "json"],
+    );
+    assert_eq!(stdout(&beside).lines().count(), 14);
     stop.cancel();
     worker.await.unwrap();
 }
