@@ -7,6 +7,7 @@
 //! `synchronous=FULL` costs one fsync per batch rather than per job. The schema comes from
 //! `migrations/`.
 
+pub mod query;
 mod rollouts;
 mod sqlite;
 

@@ -1,5 +1,6 @@
 //! The `keyturn` subcommands and the glue they share: settings, credentials, signals.
 
+pub mod audit;
 pub mod demo;
 pub mod rollout;
 pub mod simulate;
@@ -52,6 +53,8 @@ pub enum Command {
     Submit(submit::SubmitArgs),
     /// Ask about or steer rollouts over the control queue (exit 1 refused, 3 no answer).
     Rollout(rollout::RolloutArgs),
+    /// Read the audit log: query and export runs, a job's HTTP calls, verify, rollout reports.
+    Audit(audit::AuditArgs),
 }
 
 /// Runs the parsed command; configuration problems exit 2 with one line naming the key.
@@ -66,7 +69,7 @@ pub async fn run(cli: Cli) -> ExitCode {
     let chosen = |name: &str| env.iter().any(|(key, _)| key == name);
     if matches!(
         cli.command,
-        Command::Demo(_) | Command::Submit(_) | Command::Rollout(_)
+        Command::Demo(_) | Command::Submit(_) | Command::Rollout(_) | Command::Audit(_)
     ) && !chosen("RUST_LOG")
         && !chosen("KEYTURN_LOG__LEVEL")
     {
@@ -87,6 +90,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         // These exit 0, 1 (refused) or 3 (no answer) on their own; errors take the usual path.
         Command::Submit(args) => exit_code(submit::run(&settings, &env, args).await),
         Command::Rollout(args) => exit_code(rollout::run(&settings, args).await),
+        Command::Audit(args) => exit_code(audit::run(&settings, args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,6 +2,7 @@
 //! SQLite file per test.
 
 mod api_security;
+mod audit_cli;
 mod broker_tls;
 mod circuits;
 mod edge;
