@@ -3,7 +3,7 @@
 //! control queue, records each command, and answers `reply_to` with the reply a test chose.
 
 use std::collections::BTreeSet;
-use std::process::{Output, Stdio};
+use std::process::Output;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,7 +16,7 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::Value;
 
-use crate::helpers::{AK, KEY, PROJECT, SK, TestApp, instance, keyturn_binary};
+use crate::helpers::{KEY, PROJECT, TestApp, instance};
 
 /// A command as the fake worker received it.
 #[derive(Debug, Clone)]
