@@ -4,6 +4,7 @@ pub mod demo;
 pub mod rollout;
 pub mod simulate;
 pub mod submit;
+pub mod watch;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -52,6 +53,9 @@ pub enum Command {
     Submit(submit::SubmitArgs),
     /// Ask about or steer rollouts over the control queue (exit 1 refused, 3 no answer).
     Rollout(rollout::RolloutArgs),
+    /// Follow a rollout live: progress, rate, ETA, failures against the budget, state (exit 0
+    /// done, 1 something failed, 3 halted with --exit-on-halt, 130 Ctrl-C).
+    Watch(watch::WatchArgs),
 }
 
 /// Runs the parsed command; configuration problems exit 2 with one line naming the key.
@@ -66,7 +70,7 @@ pub async fn run(cli: Cli) -> ExitCode {
     let chosen = |name: &str| env.iter().any(|(key, _)| key == name);
     if matches!(
         cli.command,
-        Command::Demo(_) | Command::Submit(_) | Command::Rollout(_)
+        Command::Demo(_) | Command::Submit(_) | Command::Rollout(_) | Command::Watch(_)
     ) && !chosen("RUST_LOG")
         && !chosen("KEYTURN_LOG__LEVEL")
     {
@@ -87,6 +91,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         // These exit 0, 1 (refused) or 3 (no answer) on their own; errors take the usual path.
         Command::Submit(args) => exit_code(submit::run(&settings, &env, args).await),
         Command::Rollout(args) => exit_code(rollout::run(&settings, args).await),
+        Command::Watch(args) => exit_code(watch::run(&settings, args).await),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -13,3 +13,4 @@ mod pipeline;
 mod properties;
 mod rollouts;
 mod submit;
+mod watch;
