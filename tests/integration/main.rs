@@ -4,6 +4,7 @@
 mod api_security;
 mod broker_tls;
 mod circuits;
+mod demo;
 mod edge;
 mod guarantees;
 mod helpers;
