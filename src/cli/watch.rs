@@ -587,7 +587,7 @@ fn rate_text(watched: &Watched) -> String {
         (rate, Some(left)) if !left.is_zero() => {
             format!("{rate:.1} jobs/s, ETA {}", humantime::format_duration(left))
         }
-        (rate, None) if rate > 0.0 => format!("{rate:.1} jobs/s"),
+        (rate, _) if rate > 0.0 => format!("{rate:.1} jobs/s"),
         _ => "- jobs/s".into(),
     }
 }

@@ -396,3 +396,83 @@ async fn a_replayed_event_counts_once_and_ctrl_c_leaves_the_rollout_as_it_was() 
     worker.await.unwrap();
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn watch_all_follows_every_rollout_and_an_unknown_rollout_exits_1() {
+    let app = TestApp::spawn_with_latency(5).await;
+    let (stop, worker) = app.start_worker();
+    declare(&app, "R-all-a", 2, json!({})).await;
+    declare(&app, "R-all-b", 3, json!({})).await;
+
+    // Through tokio: the in-process worker must keep running while this waits.
+    let unknown = tokio::process::Command::from(watch_command(&app, &["R-nope"]))
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status.code(), Some(1));
+    let stderr = String::from_utf8(unknown.stderr).unwrap();
+    assert!(stderr.contains("R-nope"), "{stderr}");
+
+    let mut child = tokio::process::Command::from(watch_command(&app, &["--all"]))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        seen.push(line);
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            "rollout R-all-a: running 0/2 final, failures 0 (no budget)",
+            "rollout R-all-b: running 0/3 final, failures 0 (no budget)"
+        ]
+    );
+    publish_jobs(&app, "R-all-a", 0..2).await;
+    // Progress lines (at most one per 5 s) may come first on a slow machine.
+    let completed = loop {
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if !line.contains(", ETA ") && !line.contains(" jobs/s") {
+            break line;
+        }
+    };
+    assert_eq!(
+        completed,
+        "rollout R-all-a: completed 2/2 final, failures 0 (no budget)"
+    );
+    // --all does not end with one rollout: only Ctrl-C (SIGINT) ends it.
+    let pid = child.id().unwrap().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let output = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(130));
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        stdout.contains("rollout R-all-b: running 0/3 final"),
+        "{stdout}"
+    );
+    stop.cancel();
+    worker.await.unwrap();
+    app.cleanup().await;
+}
