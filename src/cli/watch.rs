@@ -7,7 +7,8 @@
 //! replace what is shown (newest `updated_at` wins); job events between two snapshots move the
 //! counts on at once and feed the list of latest failures. A job event counts only when it is
 //! newer than the snapshot shown (older ones are in it already) and only once per event id, so a
-//! replayed event (a duplicate delivery re-published with the same id) is not counted twice.
+//! replayed event (a duplicate delivery re-published with the same id) is not counted twice; only
+//! the events since the last snapshot are remembered, so memory does not grow with the rollout.
 //!
 //! On a terminal it draws an `indicatif` view; otherwise one plain line per state change and at
 //! most one progress line every 5 s, for logs. A lost broker connection is retried with capped
@@ -314,6 +315,7 @@ async fn subscribe(channel: &Channel, exchange: &str) -> Result<Consumer, lapin:
 /// One failed or rejected job, as the view lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Failure {
+    event_id: String,
     rollout_id: String,
     instance: String,
     code: String,
@@ -400,8 +402,6 @@ struct Board {
     /// `None` with `--all`.
     target: Option<String>,
     rollouts: BTreeMap<String, Watched>,
-    /// Event ids applied: a replay with the same id is ignored.
-    seen: HashSet<String>,
     failures: VecDeque<Failure>,
     connected: bool,
 }
@@ -411,7 +411,6 @@ impl Board {
         Board {
             target,
             rollouts: BTreeMap::new(),
-            seen: HashSet::new(),
             failures: VecDeque::new(),
             connected: false,
         }
@@ -458,13 +457,11 @@ impl Board {
     /// Applies one delivery from the result exchange; anything unreadable is skipped.
     fn event(&mut self, routing_key: &str, body: &[u8]) {
         if routing_key.starts_with("rollout.") {
+            // Taking the same snapshot twice changes nothing, so replays need no bookkeeping.
             let Ok(value) = serde_json::from_slice::<Value>(body) else {
                 return;
             };
-            let id = value["id"].as_str().unwrap_or_default().to_owned();
-            if let Ok(snapshot) = serde_json::from_value::<Snapshot>(value["data"].clone())
-                && self.seen.insert(id)
-            {
+            if let Ok(snapshot) = serde_json::from_value::<Snapshot>(value["data"].clone()) {
                 self.snapshot(snapshot, false);
             }
         } else if routing_key.starts_with("job.")
@@ -478,10 +475,11 @@ impl Board {
         let Some(rollout_id) = event.data.rollout_id.clone() else {
             return;
         };
-        if !self.wanted(&rollout_id) || !self.seen.insert(event.id.clone()) {
+        if !self.wanted(&rollout_id) {
             return;
         }
-        if matches!(event.data.outcome, Outcome::Failed | Outcome::Rejected) {
+        let listed = self.failures.iter().any(|f| f.event_id == event.id);
+        if matches!(event.data.outcome, Outcome::Failed | Outcome::Rejected) && !listed {
             let clean = |text: Option<&str>, max: usize| {
                 let text: String = text
                     .unwrap_or("-")
@@ -494,6 +492,7 @@ impl Board {
                 }
             };
             self.failures.push_back(Failure {
+                event_id: event.id.clone(),
                 rollout_id: rollout_id.clone(),
                 instance: clean(event.data.instance_id.as_deref(), 40),
                 code: clean(event.data.error_code.as_deref(), 24),
@@ -509,6 +508,8 @@ impl Board {
         if event.time <= watched.snapshot.updated_at {
             return; // counted in the snapshot already
         }
+        // Keyed by event id: a replay (same id) replaces itself and is counted once. The map only
+        // holds events newer than the snapshot, so it stays small however long the rollout.
         watched.recent.insert(
             event.id,
             Recent {
