@@ -5,6 +5,7 @@ pub mod demo;
 pub mod rollout;
 pub mod simulate;
 pub mod submit;
+pub mod watch;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -55,6 +56,9 @@ pub enum Command {
     Rollout(rollout::RolloutArgs),
     /// Read the audit log: query and export runs, a job's HTTP calls, verify, rollout reports.
     Audit(audit::AuditArgs),
+    /// Follow a rollout live: progress, rate, ETA, failures against the budget, state (exit 0
+    /// done, 1 something failed, 3 halted with --exit-on-halt, 130 Ctrl-C).
+    Watch(watch::WatchArgs),
 }
 
 /// Runs the parsed command; configuration problems exit 2 with one line naming the key.
@@ -64,16 +68,18 @@ pub async fn run(cli: Cli) -> ExitCode {
         Ok(loaded) => loaded,
         Err(error) => return config_failure(&error),
     };
-    // The demo's output is its summary table; a line per job would bury it. Warnings (rejected
-    // jobs, retries) still show, and RUST_LOG or KEYTURN_LOG__LEVEL bring back the rest.
+    // The demo's output is its story, and the client commands' their answers: a line per job
+    // would bury them. The demo keeps errors only (its failures are part of the story it tells),
+    // the others warnings too; RUST_LOG or KEYTURN_LOG__LEVEL bring back the rest.
     let chosen = |name: &str| env.iter().any(|(key, _)| key == name);
-    if matches!(
-        cli.command,
-        Command::Demo(_) | Command::Submit(_) | Command::Rollout(_) | Command::Audit(_)
-    ) && !chosen("RUST_LOG")
-        && !chosen("KEYTURN_LOG__LEVEL")
-    {
-        settings.log.level = "warn".into();
+    if !chosen("RUST_LOG") && !chosen("KEYTURN_LOG__LEVEL") {
+        match cli.command {
+            Command::Demo(_) => settings.log.level = "error".into(),
+            Command::Submit(_) | Command::Rollout(_) | Command::Audit(_) | Command::Watch(_) => {
+                settings.log.level = "warn".into();
+            }
+            _ => {}
+        }
     }
     crate::telemetry::init(&settings.log, crate::telemetry::use_colour(&env));
     let result = match cli.command {
@@ -91,6 +97,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Submit(args) => exit_code(submit::run(&settings, &env, args).await),
         Command::Rollout(args) => exit_code(rollout::run(&settings, args).await),
         Command::Audit(args) => exit_code(audit::run(&settings, args)),
+        Command::Watch(args) => exit_code(watch::run(&settings, args).await),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

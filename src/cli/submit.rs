@@ -373,7 +373,7 @@ async fn publish(
         jobs.len(),
         settings.amqp.jobs_queue
     );
-    println!("watch it with: keyturn rollout status {rollout_id}");
+    println!("watch it with: keyturn watch {rollout_id} (or keyturn rollout status {rollout_id})");
     Ok(ExitCode::SUCCESS)
 }
 
