@@ -79,6 +79,7 @@ CREATE TABLE rollouts (
     canary          INTEGER NOT NULL DEFAULT 0,
     canary_gate     TEXT    NOT NULL DEFAULT 'auto' CHECK (canary_gate IN ('auto', 'manual')),
     canary_finished INTEGER NOT NULL DEFAULT 0,
+    canary_failed   INTEGER NOT NULL DEFAULT 0,
     canary_done     INTEGER NOT NULL DEFAULT 0,
     max_per_second  INTEGER,
     state           TEXT    NOT NULL CHECK (state IN ('running', 'paused', 'halted', 'cancelled', 'completed')),

@@ -458,6 +458,9 @@ pub struct Snapshot {
     pub budget: BudgetUse,
     pub canary: u64,
     pub canary_gate: CanaryGate,
+    /// Jobs that took a canary place so far.
+    #[serde(default)]
+    pub canary_admitted: u64,
     /// The canary is over (passed, or there was none).
     pub canary_done: bool,
     pub max_per_second: Option<u64>,
@@ -492,6 +495,19 @@ pub enum Admission {
     Park(String),
     /// The rollout was cancelled: end the job `cancelled`.
     Cancel,
+}
+
+impl Snapshot {
+    /// What a new job of this rollout may do now.
+    pub fn admission(&self) -> Admission {
+        Rollout {
+            state: self.state,
+            canary: self.canary,
+            canary_admitted: self.canary_admitted,
+            canary_done: self.canary_done,
+        }
+        .admits()
+    }
 }
 
 /// The part of a rollout's stored state a job's admission depends on.

@@ -213,14 +213,27 @@ impl JobQueue for Publisher {
         if let Some(id) = correlation_id {
             properties = properties.with_correlation_id(short(id));
         }
-        let sent = self
-            .publish_to("", reply_to, body, properties, "the reply_to queue")
-            .await;
-        if let Err(error) = &sent {
-            // The asker went away: nothing to retry.
-            tracing::warn!(reply_to, %error, "control reply not delivered");
+        let result = async {
+            let channel = self.channel().await?;
+            self.send(&channel, "", reply_to, body, properties).await
         }
-        Ok(())
+        .await;
+        match result {
+            // The asker went away (its reply queue is gone): nothing to retry, and the
+            // connection is fine.
+            Ok(Some(_)) => {
+                tracing::warn!(
+                    reply_to,
+                    "control reply returned: the reply_to queue is gone"
+                );
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(error) => {
+                self.forget().await;
+                Err(error)
+            }
+        }
     }
 }
 

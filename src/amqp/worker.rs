@@ -183,15 +183,25 @@ async fn session(
         )
         .await?;
 
+    // Commands are applied one at a time, in the order they came: "pause, resume" sent at once
+    // must not be applied as "resume, pause".
+    let (commands, queued) = tokio::sync::mpsc::unbounded_channel();
+    let runner = tokio::spawn(apply_commands(pipeline.clone(), queued, stop.clone()));
     let mut tasks = JoinSet::new();
     let slots = Arc::new(Semaphore::new(concurrency.into()));
     let idle = IdleWatch::new(options.exit_when_idle);
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     let mut circuits = pipeline.circuits.watch();
     let end = 'consume: loop {
-        let permit = tokio::select! {
-            () = stop.cancelled() => break SessionEnd::Shutdown,
-            permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+        // Wait for a free slot; commands are taken meanwhile (a full worker still hears pause).
+        let permit = loop {
+            tokio::select! {
+                () = stop.cancelled() => break 'consume SessionEnd::Shutdown,
+                permit = slots.clone().acquire_owned() => break permit.expect("the semaphore is never closed"),
+                command = control.next() => if let Err(end) = forward(command, &commands) {
+                    break 'consume end;
+                },
+            }
         };
         // With a free slot, wait for the next delivery; meanwhile reap finished jobs, follow the
         // credentials circuit and watch for idleness.
@@ -215,14 +225,8 @@ async fn session(
                     // The stream of a consumer we cancelled ended: wait for the circuit.
                     None => continue,
                 },
-                command = control.next() => match command {
-                    Some(Ok(command)) => {
-                        let pipeline = pipeline.clone();
-                        let stop = stop.clone();
-                        tasks.spawn(async move { handle_control(&pipeline, command, &stop).await });
-                    }
-                    Some(Err(error)) => break 'consume SessionEnd::Lost(error.to_string()),
-                    None => break 'consume SessionEnd::Lost("control consumer ended".into()),
+                command = control.next() => if let Err(end) = forward(command, &commands) {
+                    break 'consume end;
                 },
             }
         };
@@ -240,6 +244,13 @@ async fn session(
             drop(permit);
         });
     };
+    drop(commands);
+    if tokio::time::timeout(settings.worker.grace_period, runner)
+        .await
+        .is_err()
+    {
+        tracing::warn!("a control command did not finish within the grace period");
+    }
     match &end {
         SessionEnd::Shutdown => {
             consuming.cancel(&channel).await;
@@ -395,6 +406,33 @@ async fn handle(
         Ok(false) | Err(_) => tracing::warn!(
             "channel closed before the job could be settled; the broker redelivers it and the stored result is replayed"
         ),
+    }
+}
+
+/// Hands a control delivery to the command runner; a consumer that failed ends the session.
+fn forward(
+    command: Option<Result<AmqpDelivery, lapin::Error>>,
+    commands: &tokio::sync::mpsc::UnboundedSender<AmqpDelivery>,
+) -> Result<(), SessionEnd> {
+    match command {
+        Some(Ok(command)) => {
+            // The runner lives as long as the session; a send can only fail while it ends.
+            let _ = commands.send(command);
+            Ok(())
+        }
+        Some(Err(error)) => Err(SessionEnd::Lost(error.to_string())),
+        None => Err(SessionEnd::Lost("control consumer ended".into())),
+    }
+}
+
+/// Applies the session's control commands one after another, in delivery order.
+async fn apply_commands(
+    pipeline: Arc<Pipeline>,
+    mut queued: tokio::sync::mpsc::UnboundedReceiver<AmqpDelivery>,
+    stop: CancellationToken,
+) {
+    while let Some(command) = queued.recv().await {
+        handle_control(&pipeline, command, &stop).await;
     }
 }
 

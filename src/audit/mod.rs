@@ -239,7 +239,7 @@ enum Write {
         rerun: u32,
     },
     Apply {
-        command_id: String,
+        command_id: Option<String>,
         command: Box<RolloutCommand>,
         worker_id: String,
     },
@@ -256,9 +256,18 @@ enum Write {
     Ping,
 }
 
+/// What a claim before a job's first Modify found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claimed {
+    /// The marker as stored (the first delivery's, if an earlier one claimed the key).
+    Marked(Seen),
+    /// The job's rollout stopped since the job was admitted: no marker was written.
+    RolloutStopped(crate::rollout::State),
+}
+
 enum Written {
     Recorded(Box<Committed>),
-    Claimed(Seen),
+    Claimed(Claimed),
     Admitted(bool),
     Applied(Box<(Reply, Effect)>),
     Events(Vec<PendingEvent>),
@@ -343,12 +352,12 @@ impl AuditStore {
     /// [`AuditStore::command_done`], once its jobs are republished).
     pub async fn apply(
         &self,
-        command_id: &str,
+        command_id: Option<&str>,
         command: &RolloutCommand,
         worker_id: &str,
     ) -> Result<(Reply, Effect), AuditError> {
         let write = Write::Apply {
-            command_id: command_id.to_owned(),
+            command_id: command_id.map(str::to_owned),
             command: Box::new(command.clone()),
             worker_id: worker_id.to_owned(),
         };
@@ -415,7 +424,8 @@ impl AuditStore {
     }
 
     /// Durably notes that a Modify of (`job_id`, `rerun`) is about to go out, unless an earlier
-    /// delivery did; returns the marker as stored, whose digest tells a conflicting body.
+    /// delivery did; returns the marker as stored, whose digest tells a conflicting body. A job
+    /// whose rollout was paused, halted or cancelled meanwhile is not marked.
     pub async fn claim(
         &self,
         job_id: &str,
@@ -423,7 +433,7 @@ impl AuditStore {
         digest: &str,
         worker_id: &str,
         rollout_id: Option<&str>,
-    ) -> Result<Seen, AuditError> {
+    ) -> Result<Claimed, AuditError> {
         let write = Write::Claim {
             job_id: job_id.to_owned(),
             rerun,
@@ -634,6 +644,9 @@ mod tests {
         let first = audit.claim("J-3", 0, "job-d", "w-1", None).await.unwrap();
         let again = audit.claim("J-3", 0, "other", "w-2", None).await.unwrap();
         assert_eq!(first, again, "the first claim stands");
+        let Claimed::Marked(first) = first else {
+            panic!("no rollout, so marked")
+        };
         assert_eq!(first.digest.as_deref(), Some("job-d"));
         assert!(
             audit

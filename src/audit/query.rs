@@ -263,7 +263,7 @@ impl Reader {
         let mut statement = self.connection.prepare(
             "SELECT t.job_id, t.rerun, t.outcome, a.number, a.call, a.started_at, a.latency_ms,
                     a.http_status, a.error_code, a.error_msg, a.request_id, a.event_id
-             FROM attempts a JOIN toggles t ON t.event_id = a.event_id
+             FROM attempts a JOIN toggles t ON t.event_id = a.event_id AND a.job_id = t.job_id
              WHERE t.job_id = ?1 AND (?2 IS NULL OR t.rerun = ?2)
              ORDER BY t.rerun, t.id, a.number, a.id",
         )?;

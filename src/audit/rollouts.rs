@@ -23,6 +23,7 @@ struct Row {
     canary: u64,
     canary_gate: CanaryGate,
     canary_finished: u64,
+    canary_failed: u64,
     canary_done: bool,
     max_per_second: Option<u64>,
     state: State,
@@ -38,7 +39,7 @@ struct Row {
 const COLUMNS: &str = "rollout_id, declared, plan_json, ticket, requested_by, expected_jobs,
     budget_allowed, canary, canary_gate, canary_finished, canary_done, max_per_second, state,
     reason, succeeded, failed, rejected, cancelled, created_at, updated_at, started_at,
-    finished_at, progress_at";
+    finished_at, progress_at, canary_failed";
 
 fn read(connection: &Connection, rollout_id: &str) -> Result<Option<Row>, AuditError> {
     let sql = format!("SELECT {COLUMNS} FROM rollouts WHERE rollout_id = ?1");
@@ -83,6 +84,7 @@ fn row_of(row: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
         started_at: row.get(20)?,
         finished_at: row.get(21)?,
         progress_at: row.get(22)?,
+        canary_failed: row.get(23)?,
     })
 }
 
@@ -93,7 +95,8 @@ fn save(tx: &Transaction<'_>, row: &Row) -> Result<(), AuditError> {
              expected_jobs = ?6, budget_allowed = ?7, canary = ?8, canary_gate = ?9,
              canary_finished = ?10, canary_done = ?11, max_per_second = ?12, state = ?13,
              reason = ?14, succeeded = ?15, failed = ?16, rejected = ?17, cancelled = ?18,
-             updated_at = ?19, started_at = ?20, finished_at = ?21, progress_at = ?22
+             updated_at = ?19, started_at = ?20, finished_at = ?21, progress_at = ?22,
+             canary_failed = ?23
          WHERE rollout_id = ?1",
     )?
     .execute(params![
@@ -122,6 +125,7 @@ fn save(tx: &Transaction<'_>, row: &Row) -> Result<(), AuditError> {
         row.started_at,
         row.finished_at,
         row.progress_at,
+        row.canary_failed,
     ])?;
     Ok(())
 }
@@ -146,6 +150,7 @@ fn snapshot(connection: &Connection, row: &Row) -> Result<Snapshot, AuditError> 
     let mut counts = row.counts.clone();
     counts.parked = count("SELECT COUNT(*) FROM parked WHERE rollout_id = ?1")?;
     counts.in_flight = count("SELECT COUNT(*) FROM in_flight WHERE rollout_id = ?1")?;
+    let canary_admitted = count("SELECT COUNT(*) FROM rollout_canary WHERE rollout_id = ?1")?;
     Ok(Snapshot {
         rollout_id: row.rollout_id.clone(),
         declared: row.declared,
@@ -160,6 +165,7 @@ fn snapshot(connection: &Connection, row: &Row) -> Result<Snapshot, AuditError> 
         counts,
         canary: row.canary,
         canary_gate: row.canary_gate,
+        canary_admitted,
         canary_done: row.canary_done || row.canary == 0,
         max_per_second: row.max_per_second,
         requested_by: row.requested_by.clone(),
@@ -189,16 +195,38 @@ fn emit(tx: &Transaction<'_>, row: &Row, kind: &str, worker_id: &str) -> Result<
     Ok(())
 }
 
+/// The state of a rollout, if the store knows it.
+pub(super) fn state(
+    connection: &Connection,
+    rollout_id: &str,
+) -> Result<Option<State>, AuditError> {
+    let state: Option<String> = connection
+        .prepare_cached("SELECT state FROM rollouts WHERE rollout_id = ?1")?
+        .query_row([rollout_id], |r| r.get(0))
+        .optional()?;
+    Ok(state.as_deref().and_then(State::parse))
+}
+
 /// What a job's admission needs to know of its rollout.
 pub(super) fn view(
     connection: &Connection,
     rollout_id: &str,
 ) -> Result<Option<RolloutView>, AuditError> {
-    Ok(read(connection, rollout_id)?.map(|row| RolloutView {
+    let Some(row) = read(connection, rollout_id)? else {
+        return Ok(None);
+    };
+    let canary_admitted = if row.canary_done || row.canary == 0 {
+        0
+    } else {
+        connection
+            .prepare_cached("SELECT COUNT(*) FROM rollout_canary WHERE rollout_id = ?1")?
+            .query_row([rollout_id], |r| r.get(0))?
+    };
+    Ok(Some(RolloutView {
         rollout: Rollout {
             state: row.state,
             canary: row.canary,
-            canary_admitted: 0,
+            canary_admitted,
             canary_done: row.canary_done,
         },
         declared: row.declared,
@@ -255,8 +283,9 @@ pub(super) fn started(
 }
 
 /// Counts a job's final record toward its rollout and moves the rollout on: the budget may halt
-/// it, the canary may pass or fail, the last expected job completes it. Returns the rollout id
-/// when jobs parked behind the canary may now run.
+/// it, the canary may pass or fail, the last expected job completes it. Each change writes its
+/// own event, with the state it made. Returns the rollout id when jobs parked behind its canary
+/// may now run.
 pub(super) fn count_final(
     tx: &Transaction<'_>,
     record: &FinalRecord,
@@ -272,56 +301,52 @@ pub(super) fn count_final(
     };
     let worker_id = record.worker_id.as_str();
     let mut row = ensure(tx, rollout_id)?;
-    let previous: Option<String> = tx
-        .prepare_cached("SELECT outcome FROM rollout_jobs WHERE rollout_id = ?1 AND job_id = ?2")?
-        .query_row(params![rollout_id, data.job_id], |r| r.get(0))
+    let previous: Option<(u32, String)> = tx
+        .prepare_cached(
+            "SELECT rerun, outcome FROM rollout_jobs WHERE rollout_id = ?1 AND job_id = ?2",
+        )?
+        .query_row(params![rollout_id, data.job_id], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
         .optional()?;
+    let rejected = data.outcome == Outcome::Rejected;
+    // An older run, or a rejection of a run that already has an outcome, changes nothing.
+    if let Some((rerun, outcome)) = &previous
+        && (*rerun > data.rerun || (rejected && outcome != "rejected"))
+    {
+        return Ok(None);
+    }
     tx.prepare_cached(
         "INSERT INTO rollout_jobs (rollout_id, job_id, rerun, outcome) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT (rollout_id, job_id) DO UPDATE SET rerun = excluded.rerun, outcome = excluded.outcome",
     )?
     .execute(params![rollout_id, data.job_id, data.rerun, data.outcome.as_str()])?;
-    if let Some(previous) = previous {
-        *counter(&mut row.counts, &previous) =
-            counter(&mut row.counts, &previous).saturating_sub(1);
+    if let Some((_, previous)) = previous {
+        let count = counter(&mut row.counts, &previous);
+        *count = count.saturating_sub(1);
     }
     *counter(&mut row.counts, data.outcome.as_str()) += 1;
-    let now = timestamp(Utc::now());
-    row.updated_at = now.clone();
+    row.updated_at = timestamp(Utc::now());
     let failure = matches!(data.outcome, Outcome::Failed | Outcome::Rejected);
-    let mut events: Vec<&str> = Vec::new();
-    let mut release = None;
-
-    let canary_member: bool = tx
-        .prepare_cached(
-            "SELECT EXISTS (SELECT 1 FROM rollout_canary WHERE rollout_id = ?1 AND job_id = ?2 AND rerun = ?3)",
-        )?
-        .query_row(params![rollout_id, data.job_id, data.rerun], |r| r.get(0))?;
+    let canary_member: bool = !rejected
+        && tx
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM rollout_canary WHERE rollout_id = ?1 AND job_id = ?2 AND rerun = ?3)",
+            )?
+            .query_row(params![rollout_id, data.job_id, data.rerun], |r| r.get(0))?;
     if canary_member && !row.canary_done {
         row.canary_finished += 1;
-        if failure && row.state == State::Running {
-            row.state = State::Halted;
+        if failure {
+            row.canary_failed += 1;
             row.reason = Some(format!(
                 "canary job {} failed ({})",
                 data.job_id,
                 data.error_code.as_deref().unwrap_or("-")
             ));
-            events.push("halted");
-        } else if row.canary_finished >= row.canary && row.state == State::Running {
-            row.canary_done = true;
-            match row.canary_gate {
-                CanaryGate::Auto => release = Some(rollout_id.to_owned()),
-                CanaryGate::Manual => {
-                    row.state = State::Paused;
-                    row.reason = Some(format!(
-                        "the canary of {} passed; resume to continue",
-                        row.canary
-                    ));
-                    events.push("paused");
-                }
-            }
         }
     }
+    let mut emitted = false;
+    let release = judge_canary(tx, &mut row, worker_id, &mut emitted)?;
     if let Some(allowed) = row.budget_allowed
         && failure
         && row.state == State::Running
@@ -332,34 +357,92 @@ pub(super) fn count_final(
             "failure budget exceeded: {} failures, {allowed} allowed",
             row.counts.failures()
         ));
-        events.push("halted");
+        transition(tx, &mut row, "halted", worker_id, &mut emitted)?;
     }
+    complete_if_done(tx, &mut row, worker_id, &mut emitted)?;
+    let progress_due = row
+        .progress_at
+        .as_deref()
+        .and_then(|at| chrono::DateTime::parse_from_rfc3339(at).ok())
+        .is_none_or(|at| Utc::now() - at.to_utc() >= chrono::Duration::seconds(1));
+    if !emitted && progress_due {
+        transition(tx, &mut row, "progress", worker_id, &mut emitted)?;
+    }
+    save(tx, &row)?;
+    Ok(release.then(|| rollout_id.to_owned()))
+}
+
+/// Saves `row` and writes its event; every rollout event carries the counts, so the next
+/// `progress` is a second away.
+fn transition(
+    tx: &Transaction<'_>,
+    row: &mut Row,
+    kind: &str,
+    worker_id: &str,
+    emitted: &mut bool,
+) -> Result<(), AuditError> {
+    row.progress_at = Some(timestamp(Utc::now()));
+    save(tx, row)?;
+    emit(tx, row, kind, worker_id)?;
+    *emitted = true;
+    Ok(())
+}
+
+/// While the rollout runs, a failed canary job halts it and a finished canary passes it: `auto`
+/// releases the rest (returns true), `manual` pauses for an operator. A canary that finishes
+/// while the rollout is paused is judged when it runs again.
+fn judge_canary(
+    tx: &Transaction<'_>,
+    row: &mut Row,
+    worker_id: &str,
+    emitted: &mut bool,
+) -> Result<bool, AuditError> {
+    if row.canary_done || row.canary == 0 || row.state != State::Running {
+        return Ok(false);
+    }
+    if row.canary_failed > 0 {
+        row.state = State::Halted;
+        transition(tx, row, "halted", worker_id, emitted)?;
+        return Ok(false);
+    }
+    if row.canary_finished < row.canary {
+        return Ok(false);
+    }
+    row.canary_done = true;
+    match row.canary_gate {
+        CanaryGate::Auto => {
+            save(tx, row)?;
+            Ok(true)
+        }
+        CanaryGate::Manual => {
+            row.state = State::Paused;
+            row.reason = Some(format!(
+                "the canary of {} passed; resume to continue",
+                row.canary
+            ));
+            transition(tx, row, "paused", worker_id, emitted)?;
+            Ok(false)
+        }
+    }
+}
+
+/// A declared rollout whose final outcomes reached `expected_jobs` is completed (once).
+fn complete_if_done(
+    tx: &Transaction<'_>,
+    row: &mut Row,
+    worker_id: &str,
+    emitted: &mut bool,
+) -> Result<(), AuditError> {
     if let Some(expected) = row.expected_jobs
         && row.declared
         && row.counts.finished() >= expected
         && !matches!(row.state, State::Cancelled | State::Completed)
     {
         row.state = State::Completed;
-        row.finished_at = Some(now.clone());
-        events.push("completed");
+        row.finished_at = Some(timestamp(Utc::now()));
+        transition(tx, row, "completed", worker_id, emitted)?;
     }
-    let progress_due = row
-        .progress_at
-        .as_deref()
-        .and_then(|at| chrono::DateTime::parse_from_rfc3339(at).ok())
-        .is_none_or(|at| Utc::now() - at.to_utc() >= chrono::Duration::seconds(1));
-    if events.is_empty() && progress_due {
-        events.push("progress");
-    }
-    if !events.is_empty() {
-        // Every rollout event carries the counts: the next progress is a second away.
-        row.progress_at = Some(now);
-    }
-    save(tx, &row)?;
-    for kind in events {
-        emit(tx, &row, kind, worker_id)?;
-    }
-    Ok(release)
+    Ok(())
 }
 
 fn counter<'c>(counts: &'c mut Counts, outcome: &str) -> &'c mut u64 {
@@ -378,19 +461,25 @@ pub struct Effect {
     pub release: bool,
     /// End the rollout's parked jobs `cancelled`.
     pub cancel_parked: bool,
+    /// The command was applied before (a redelivery): answer it, do nothing again.
+    pub repeated: bool,
 }
 
-/// Applies `command` (once per `command_id`) and returns the reply and what to do next.
+/// Applies `command` (once per `command_id`, when it has one) and returns the reply and what to
+/// do next.
 pub(super) fn apply(
     tx: &Transaction<'_>,
-    command_id: &str,
+    command_id: Option<&str>,
     command: &Command,
     worker_id: &str,
 ) -> Result<(Reply, Effect), AuditError> {
-    let earlier: Option<(bool, Option<String>)> = tx
-        .prepare_cached("SELECT ok, error FROM commands WHERE command_id = ?1")?
-        .query_row([command_id], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()?;
+    let earlier: Option<(bool, Option<String>)> = match command_id {
+        Some(id) => tx
+            .prepare_cached("SELECT ok, error FROM commands WHERE command_id = ?1")?
+            .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?,
+        None => None,
+    };
     let rollout_id = command.rollout_id().map(|id| id.to_string());
     let (result, effect) = match earlier {
         Some((ok, error)) => (
@@ -399,18 +488,23 @@ pub(super) fn apply(
             } else {
                 Err(error.unwrap_or_default())
             },
-            Effect::default(),
+            Effect {
+                repeated: true,
+                ..Effect::default()
+            },
         ),
         None => {
             let (result, effect) = match command {
-                Command::Declare(plan) => (declare(tx, plan, worker_id)?, Effect::default()),
+                Command::Declare(plan) => declare(tx, plan, worker_id)?,
                 Command::Pause(steer) => steer_to(tx, steer, State::Paused, worker_id)?,
                 Command::Resume(steer) => steer_to(tx, steer, State::Running, worker_id)?,
                 Command::Cancel(steer) => steer_to(tx, steer, State::Cancelled, worker_id)?,
                 Command::RetryFailed(_) | Command::Status(_) => (Ok(()), Effect::default()),
             };
-            if !matches!(command, Command::Status(_) | Command::RetryFailed(_)) {
-                done(tx, command_id, command, &result)?;
+            if let Some(id) = command_id
+                && !matches!(command, Command::Status(_) | Command::RetryFailed(_))
+            {
+                done(tx, id, command, &result)?;
             }
             (result, effect)
         }
@@ -459,7 +553,24 @@ pub(super) fn done(
     Ok(())
 }
 
+/// Declares the rollout (idempotently); jobs parked waiting for the declaration may run.
 fn declare(
+    tx: &Transaction<'_>,
+    plan: &Plan,
+    worker_id: &str,
+) -> Result<(Result<(), String>, Effect), AuditError> {
+    let release = Effect {
+        release: true,
+        ..Effect::default()
+    };
+    let result = declare_plan(tx, plan, worker_id)?;
+    Ok(match result {
+        Ok(()) => (Ok(()), release),
+        Err(error) => (Err(error), Effect::default()),
+    })
+}
+
+fn declare_plan(
     tx: &Transaction<'_>,
     plan: &Plan,
     worker_id: &str,
@@ -488,6 +599,8 @@ fn declare(
     row.updated_at = timestamp(Utc::now());
     save(tx, &row)?;
     emit(tx, &row, "declared", worker_id)?;
+    // Jobs that ran before the declaration may already be all it expects.
+    complete_if_done(tx, &mut row, worker_id, &mut false)?;
     Ok(Ok(()))
 }
 
@@ -508,6 +621,7 @@ fn steer_to(
     let effect = Effect {
         release: target == State::Running,
         cancel_parked: target == State::Cancelled,
+        repeated: false,
     };
     let refused = |why: &str| {
         Ok((
@@ -523,8 +637,12 @@ fn steer_to(
         (State::Running, State::Running) => return Ok((Ok(()), effect)),
         (State::Running, State::Paused) => "paused",
         (State::Paused | State::Halted, State::Running) => {
-            // Resuming a halted canary accepts it: the rest of the rollout runs.
-            row.canary_done = row.canary_done || row.state == State::Halted;
+            if !row.canary_done && row.canary > 0 {
+                // Resuming a halted canary accepts it; resuming after a canary that finished
+                // cleanly (a pause during it, or a manual gate) approves it.
+                let passed = row.canary_finished >= row.canary && row.canary_failed == 0;
+                row.canary_done = row.state == State::Halted || passed;
+            }
             "resumed"
         }
         (_, State::Cancelled) => {
@@ -547,6 +665,8 @@ fn steer_to(
     row.updated_at = timestamp(Utc::now());
     save(tx, &row)?;
     emit(tx, &row, kind, worker_id)?;
+    // A canary job that failed while the rollout was paused halts it now.
+    judge_canary(tx, &mut row, worker_id, &mut false)?;
     Ok((Ok(()), effect))
 }
 

@@ -9,9 +9,11 @@ use chrono::Utc;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use tokio::sync::oneshot;
 
+use crate::rollout::State;
+
 use super::{
-    AuditError, AuditOptions, Command, Committed, Earlier, FinalRecord, ParkedJob, Recorded, Seen,
-    StoredEvent, Write, Written, rollouts, timestamp,
+    AuditError, AuditOptions, Claimed, Command, Committed, Earlier, FinalRecord, ParkedJob,
+    Recorded, Seen, StoredEvent, Write, Written, rollouts, timestamp,
 };
 
 /// Versioned schema files, applied in order, each once.
@@ -234,7 +236,10 @@ fn apply(tx: &Transaction<'_>, write: &Write) -> Result<Written, AuditError> {
             command,
             worker_id,
         } => Written::Applied(Box::new(rollouts::apply(
-            tx, command_id, command, worker_id,
+            tx,
+            command_id.as_deref(),
+            command,
+            worker_id,
         )?)),
         Write::CommandDone {
             command_id,
@@ -333,7 +338,17 @@ fn claim(
     digest: &str,
     worker_id: &str,
     rollout_id: Option<&str>,
-) -> Result<Seen, AuditError> {
+) -> Result<Claimed, AuditError> {
+    // The rollout may have been paused, halted or cancelled since the job was admitted: check
+    // again, in the transaction that would mark its first Modify.
+    if let Some(state) = rollout_id
+        .map(|id| rollouts::state(tx, id))
+        .transpose()?
+        .flatten()
+        .filter(|state| matches!(state, State::Paused | State::Halted | State::Cancelled))
+    {
+        return Ok(Claimed::RolloutStopped(state));
+    }
     let inserted = tx
         .prepare_cached(
             "INSERT INTO in_flight (job_id, rerun, job_digest, first_sent_at, worker_id, rollout_id)
@@ -352,8 +367,8 @@ fn claim(
     {
         rollouts::started(tx, rollout_id, worker_id)?;
     }
-    Ok(tx
-        .prepare_cached(
+    Ok(Claimed::Marked(
+        tx.prepare_cached(
             "SELECT job_digest, first_sent_at FROM in_flight WHERE job_id = ?1 AND rerun = ?2",
         )?
         .query_row(params![job_id, rerun], |row| {
@@ -361,7 +376,8 @@ fn claim(
                 digest: row.get(0)?,
                 at: row.get(1)?,
             })
-        })?)
+        })?,
+    ))
 }
 
 fn park(tx: &Transaction<'_>, job: &ParkedJob) -> Result<(), AuditError> {

@@ -9,13 +9,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{Context, Held, Pipeline};
-use crate::audit::Seen;
+use crate::audit::{Claimed, Seen};
 use crate::circuit::{self, Scope, Signal};
 use crate::events::Outcome;
 use crate::gaussdb::{Call, CallError, Exchange};
 use crate::job::{Job, Status};
 use crate::limits::LimitKey;
 use crate::retry::{self, Backoff, Verdict};
+use crate::rollout::State;
 
 use super::health::Infra;
 
@@ -27,6 +28,9 @@ pub(super) enum Ended {
     Conflict(Seen),
     /// A circuit holds the job's scope: park it.
     Parked(Scope),
+    /// The job's rollout was paused, halted or cancelled after the job was admitted, before
+    /// its first call.
+    RolloutStopped(State),
     /// Stopped waiting (shutdown, or held too long).
     Held(Held),
 }
@@ -113,10 +117,13 @@ impl Pipeline {
                     .await;
                 match claimed {
                     None => return Ended::Held(Held::Shutdown),
-                    Some(seen) if seen.digest.as_deref().is_some_and(|d| d != digest) => {
+                    Some(Claimed::RolloutStopped(state)) => return Ended::RolloutStopped(state),
+                    Some(Claimed::Marked(seen))
+                        if seen.digest.as_deref().is_some_and(|d| d != digest) =>
+                    {
                         return Ended::Conflict(seen);
                     }
-                    Some(_) => progress.claimed = true,
+                    Some(Claimed::Marked(_)) => progress.claimed = true,
                 }
             }
             let exchange = match call {

@@ -31,12 +31,10 @@ impl Pipeline {
         delivery: Delivery,
         shutdown: &CancellationToken,
     ) -> Disposition {
-        let command_id = delivery
-            .message_id
-            .clone()
-            .filter(|id| !id.is_empty())
-            .unwrap_or_else(|| format!("sha256:{}", crate::job::body_digest(&delivery.body)));
-        tracing::Span::current().record("command_id", command_id.as_str());
+        // Applied once per message id; a command without one is applied each time it comes
+        // (pause and resume are idempotent, and a body hash would swallow a repeated pause).
+        let command_id = delivery.message_id.clone().filter(|id| !id.is_empty());
+        tracing::Span::current().record("command_id", command_id.as_deref().unwrap_or("-"));
         if let Some(problem) = self.reply_to_problem(delivery.reply_to.as_deref()) {
             // No answer: the reply_to itself is what is wrong.
             let reason = format!("{}: {}", problem.field, problem.reason);
@@ -64,7 +62,8 @@ impl Pipeline {
         };
         let applied = self
             .infra(Infra::AuditCommit, shutdown, || {
-                self.audit.apply(&command_id, &command, &self.worker_id)
+                self.audit
+                    .apply(command_id.as_deref(), &command, &self.worker_id)
             })
             .await;
         let Some((reply, effect)) = applied else {
@@ -77,9 +76,14 @@ impl Pipeline {
             error = reply.error.as_deref(),
             "rollout command applied"
         );
-        if let (Command::RetryFailed(steer), true) = (&command, reply.ok)
+        if let (Command::RetryFailed(steer), true, false) = (&command, reply.ok, effect.repeated)
             && self
-                .retry_failed(steer.rollout_id.as_str(), &command_id, &command, shutdown)
+                .retry_failed(
+                    steer.rollout_id.as_str(),
+                    command_id.as_deref(),
+                    &command,
+                    shutdown,
+                )
                 .await
                 .is_none()
         {
@@ -159,7 +163,7 @@ impl Pipeline {
     async fn retry_failed(
         &self,
         rollout_id: &str,
-        command_id: &str,
+        command_id: Option<&str>,
         command: &Command,
         shutdown: &CancellationToken,
     ) -> Option<()> {
@@ -180,10 +184,12 @@ impl Pipeline {
             self.infra(Infra::JobRequeue, shutdown, || self.jobs.requeue(&copy))
                 .await?;
         }
-        self.infra(Infra::AuditCommit, shutdown, || {
-            self.audit.command_done(command_id, command)
-        })
-        .await?;
+        if let Some(command_id) = command_id {
+            self.infra(Infra::AuditCommit, shutdown, || {
+                self.audit.command_done(command_id, command)
+            })
+            .await?;
+        }
         tracing::info!(
             rollout_id,
             republished = failed.len(),
@@ -220,8 +226,21 @@ impl Pipeline {
                     redelivered: false,
                     received_at: parked.parked_at,
                 };
-                if self.process(self.admit(delivery), shutdown).await == Disposition::Abandon {
-                    return;
+                match self.process(self.admit(delivery.clone()), shutdown).await {
+                    Disposition::Abandon => return,
+                    // A body that no longer parses (a changed rule) goes where rejected jobs go.
+                    Disposition::DeadLetter => {
+                        let copy = requeue_of(&delivery);
+                        let kept = self
+                            .infra(Infra::JobRequeue, shutdown, || {
+                                self.jobs.dead_letter(&copy, "rejected")
+                            })
+                            .await;
+                        if kept.is_none() {
+                            return;
+                        }
+                    }
+                    Disposition::Ack => {}
                 }
                 let forgotten = self
                     .infra(Infra::Parking, shutdown, || {

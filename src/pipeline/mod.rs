@@ -310,6 +310,9 @@ impl Pipeline {
             Some(Admit::Park { scope, reason }) => {
                 return self.park(job, &digest, &scope, &reason, ctx).await;
             }
+            // A job whose Modify may already have gone out finishes (Describe first) rather than
+            // being recorded as cancelled before it ran.
+            Some(Admit::Cancel) if earlier.marker.is_some() => None,
             Some(Admit::Cancel) => {
                 let record = self.cancelled_record(job, &digest, ctx);
                 return self.commit(record, ctx).await;
@@ -325,6 +328,16 @@ impl Pipeline {
             Ended::Conflict(seen) => self.reject(&reused_key(job, &seen), Counted::No, ctx).await,
             Ended::Parked(scope) => {
                 self.park(job, &digest, &scope.key(), "circuit open", ctx)
+                    .await
+            }
+            Ended::RolloutStopped(crate::rollout::State::Cancelled) => {
+                let record = self.cancelled_record(job, &digest, ctx);
+                self.commit(record, ctx).await
+            }
+            Ended::RolloutStopped(state) => {
+                let rollout = job.rollout_id.as_ref().map_or("", |id| id.as_str());
+                let reason = format!("rollout {state}");
+                self.park(job, &digest, &format!("rollout:{rollout}"), &reason, ctx)
                     .await
             }
             Ended::Held(held) => self.held(held, turn, ctx).await,

@@ -860,3 +860,128 @@ async fn sigkill_while_parking_and_while_resuming_loses_nothing_and_sends_nothin
     );
     app.cleanup().await;
 }
+
+/// A canary that finishes while the rollout is paused is judged on resume: the rest runs.
+#[tokio::test]
+async fn a_canary_that_finishes_during_a_pause_lets_the_rest_run_after_resume() {
+    let app = TestApp::spawn_with(Options {
+        faults: Faults {
+            latency_ms: 300,
+            ..Faults::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    let (stop, worker) = app.start_worker();
+    assert!(
+        app.command(declare("R-pause-canary", 8, json!({"canary": 2})))
+            .await
+            .ok
+    );
+    for n in 2800..2808 {
+        app.publish_job(&rollout_job("R-pause-canary", n)).await;
+    }
+    wait_until(Duration::from_secs(20), || async {
+        app.status("R-pause-canary").await.counts.in_flight == 2
+    })
+    .await;
+    assert!(
+        app.command(json!({"kind": "pause", "rollout_id": "R-pause-canary"}))
+            .await
+            .ok
+    );
+    wait_until(Duration::from_secs(20), || async {
+        let s = app.status("R-pause-canary").await;
+        s.counts.succeeded == 2 && s.counts.parked == 6
+    })
+    .await;
+    assert!(!app.status("R-pause-canary").await.canary_done);
+    assert!(
+        app.command(json!({"kind": "resume", "rollout_id": "R-pause-canary"}))
+            .await
+            .ok
+    );
+    let done = app.wait_for_state("R-pause-canary", State::Completed).await;
+    assert_eq!(done.counts.succeeded, 8);
+    stop.cancel();
+    worker.await.unwrap();
+    app.cleanup().await;
+}
+
+/// A stray invalid message naming a finished job does not rewrite that job's outcome, and a
+/// redelivered retry_failed does not retry a second time.
+#[tokio::test]
+async fn stray_rejections_and_redelivered_commands_leave_the_counts_alone() {
+    let app = TestApp::spawn().await;
+    let (stop, worker) = app.start_worker();
+    assert!(
+        app.command(declare("R-stray", 3, json!({"failure_budget": 1})))
+            .await
+            .ok
+    );
+    doom(&app, 2900);
+    for n in 2900..2903 {
+        app.publish_job(&rollout_job("R-stray", n)).await;
+    }
+    app.wait_for_state("R-stray", State::Completed).await;
+    let mut stray = rollout_job("R-stray", 2901);
+    stray["kms_key_id"] = json!("not-a-uuid");
+    app.publish_job(&stray).await;
+    wait_until(Duration::from_secs(20), || async {
+        outcomes(&app, "R-stray").len() == 4
+    })
+    .await;
+    let counts = app.status("R-stray").await.counts;
+    assert_eq!(
+        (counts.succeeded, counts.failed, counts.rejected),
+        (2, 1, 0),
+        "the stray rejection changed nothing"
+    );
+
+    // A retry whose delivery comes twice (same message id) is applied once, even after its
+    // rerun failed again.
+    let retry = json!({"kind": "retry_failed", "rollout_id": "R-stray"});
+    app.send_command(&retry, "retry-1", None).await;
+    wait_until(Duration::from_secs(20), || async {
+        outcomes(&app, "R-stray").len() == 5
+    })
+    .await;
+    app.send_command(&retry, "retry-1", None).await;
+    let status = app.status("R-stray").await; // answered after the redelivery, in order
+    assert_eq!(status.counts.failed, 1);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let runs = rows(
+        &app.audit_path(),
+        "SELECT rerun FROM toggles WHERE rollout_id = 'R-stray' AND outcome <> 'rejected' ORDER BY rerun DESC LIMIT 1",
+    );
+    assert_eq!(runs, vec![json!({"rerun": 1})], "no second retry");
+    stop.cancel();
+    worker.await.unwrap();
+    app.cleanup().await;
+}
+
+/// Commands sent back to back are applied in the order sent.
+#[tokio::test]
+async fn commands_are_applied_in_the_order_they_were_sent() {
+    let app = TestApp::spawn().await;
+    let (stop, worker) = app.start_worker();
+    assert!(app.command(declare("R-order", 5, json!({}))).await.ok);
+    for round in 0..10 {
+        app.send_command(
+            &json!({"kind": "pause", "rollout_id": "R-order"}),
+            &format!("p-{round}"),
+            None,
+        )
+        .await;
+        app.send_command(
+            &json!({"kind": "resume", "rollout_id": "R-order"}),
+            &format!("r-{round}"),
+            None,
+        )
+        .await;
+    }
+    assert_eq!(app.status("R-order").await.state, State::Running);
+    stop.cancel();
+    worker.await.unwrap();
+    app.cleanup().await;
+}

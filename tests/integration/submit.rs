@@ -118,6 +118,7 @@ fn snapshot(rollout_id: &str, state: State, reason: Option<&str>) -> Snapshot {
         },
         canary: 0,
         canary_gate: CanaryGate::Auto,
+        canary_admitted: 0,
         canary_done: true,
         max_per_second: None,
         requested_by: Some("jdoe".into()),
