@@ -295,6 +295,7 @@ mod tests {
             },
             canary: 5,
             canary_gate: CanaryGate::Manual,
+            canary_admitted: 0,
             canary_done: true,
             max_per_second: Some(5),
             requested_by: Some("jdoe".into()),

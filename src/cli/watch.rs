@@ -771,6 +771,7 @@ mod tests {
             },
             canary: 0,
             canary_gate: CanaryGate::Auto,
+            canary_admitted: 0,
             canary_done: true,
             max_per_second: None,
             requested_by: None,
