@@ -63,7 +63,7 @@ struct QueryArgs {
     #[arg(long)]
     job: Option<String>,
     /// Only this outcome.
-    #[arg(long, value_parser = ["succeeded", "failed", "rejected", "cancelled", "halted"])]
+    #[arg(long, value_parser = ["succeeded", "failed", "rejected", "cancelled"])]
     outcome: Option<String>,
     /// Finished at or after: RFC 3339, or a duration ago such as `2h`.
     #[arg(long, value_parser = parse_time)]

@@ -415,3 +415,75 @@ async fn the_last_attempt_sleeps_no_backoff_and_a_failure_is_logged_at_warn() {
     }
     app.cleanup().await;
 }
+
+/// A job's own API time runs out: it ends `failed` with the last error and why the loop
+/// stopped.
+#[tokio::test]
+async fn a_job_out_of_its_own_time_fails_with_deadline_exceeded() {
+    let app = TestApp::spawn_with(Options {
+        faults: Faults {
+            latency_ms: 400,
+            error_rate: 1.0,
+            ..Faults::default()
+        },
+        tweak: Box::new(|settings| {
+            settings.retry.deadline = Duration::from_secs(1);
+            settings.retry.max_attempts = 50;
+            settings.circuit.strikes_to_open = 1000;
+        }),
+        ..Options::default()
+    })
+    .await;
+    app.publish_job(&job("J-deadline", 95, "on")).await;
+    app.drain().await;
+    let event = &app.events(1).await[0];
+    assert_eq!(event.data.outcome, Outcome::Failed);
+    assert!(
+        event
+            .data
+            .error_msg
+            .as_deref()
+            .unwrap()
+            .ends_with("(keyturn.deadline_exceeded)"),
+        "{:?}",
+        event.data.error_msg
+    );
+    assert!(event.data.attempts >= 2 && event.data.attempts <= 4);
+    app.cleanup().await;
+}
+
+/// With `api.confirm_after`, a 200 that did not land is caught by the read-back.
+#[tokio::test]
+async fn confirm_after_catches_a_modify_that_did_not_land() {
+    let app = TestApp::spawn_with(Options {
+        tweak: Box::new(|settings| settings.api.confirm_after = true),
+        ..Options::default()
+    })
+    .await;
+    app.simulator.script(
+        &instance(96),
+        vec![Step::Answer {
+            status: "on".into(),
+        }],
+    );
+    app.publish_job(&job("J-confirm", 96, "on")).await;
+    app.publish_job(&job("J-confirmed", 97, "on")).await;
+    app.drain().await;
+    let events = app.events(2).await;
+    let unconfirmed = events
+        .iter()
+        .find(|e| e.data.job_id == "J-confirm")
+        .unwrap();
+    assert_eq!(unconfirmed.data.outcome, Outcome::Failed);
+    assert_eq!(
+        unconfirmed.data.error_code.as_deref(),
+        Some("keyturn.not_confirmed")
+    );
+    let confirmed = events
+        .iter()
+        .find(|e| e.data.job_id == "J-confirmed")
+        .unwrap();
+    assert_eq!(confirmed.data.outcome, Outcome::Succeeded);
+    assert_eq!(confirmed.data.attempts, 2, "Modify, then the read-back");
+    app.cleanup().await;
+}

@@ -74,12 +74,16 @@ impl TestApp {
     }
 
     /// Publishes a control command with `message_id` (and optionally `reply_to`).
+    /// Publishes a control command with `message_id` ("" for none) and optionally `reply_to`.
     async fn send_command(&self, command: &Value, message_id: &str, reply_to: Option<&str>) {
         let mut properties = BasicProperties::default()
             .with_content_type("application/json".into())
-            .with_delivery_mode(2)
-            .with_message_id(message_id.into())
-            .with_correlation_id(message_id.into());
+            .with_delivery_mode(2);
+        if !message_id.is_empty() {
+            properties = properties
+                .with_message_id(message_id.into())
+                .with_correlation_id(message_id.into());
+        }
         if let Some(reply_to) = reply_to {
             properties = properties.with_reply_to(reply_to.into());
         }
@@ -639,6 +643,7 @@ async fn commands_are_applied_once_and_bad_ones_are_dead_lettered_with_a_reason(
 #[tokio::test]
 async fn two_workers_on_one_store_see_the_same_pause() {
     let app = TestApp::spawn().await;
+    let events_queue = app.follow_rollout_events().await;
     let (stop_a, worker_a) = app.start_worker();
     let (stop_b, worker_b) = app.start_worker();
     assert!(app.command(declare("R-two", 20, json!({}))).await.ok);
@@ -669,6 +674,25 @@ async fn two_workers_on_one_store_see_the_same_pause() {
             .succeeded,
         20
     );
+    tokio::time::sleep(Duration::from_millis(1500)).await; // the outboxes drain every second
+    let events = app.rollout_events(&events_queue).await;
+    assert_eq!(
+        kinds(&events, "completed"),
+        1,
+        "completed once, with two workers"
+    );
+    assert_eq!(kinds(&events, "paused"), 1);
+    let progress: Vec<&RolloutEvent> = events.iter().filter(|e| e.kind == "progress").collect();
+    for pair in progress.windows(2) {
+        let (a, b) = (
+            chrono::DateTime::parse_from_rfc3339(&pair[0].time).unwrap(),
+            chrono::DateTime::parse_from_rfc3339(&pair[1].time).unwrap(),
+        );
+        assert!(
+            b - a >= chrono::Duration::milliseconds(990),
+            "progress at most 1/s across workers"
+        );
+    }
     stop_a.cancel();
     stop_b.cancel();
     worker_a.await.unwrap();
@@ -983,5 +1007,228 @@ async fn commands_are_applied_in_the_order_they_were_sent() {
     assert_eq!(app.status("R-order").await.state, State::Running);
     stop.cancel();
     worker.await.unwrap();
+    app.cleanup().await;
+}
+
+/// A failure that both halts and completes a rollout sends `halted` (state halted), then
+/// `completed` (state completed).
+#[tokio::test]
+async fn each_rollout_event_carries_the_state_its_change_made() {
+    let app = TestApp::spawn().await;
+    let events_queue = app.follow_rollout_events().await;
+    let (stop, worker) = app.start_worker();
+    assert!(
+        app.command(declare("R-last", 1, json!({"failure_budget": 0})))
+            .await
+            .ok
+    );
+    doom(&app, 3100);
+    app.publish_job(&rollout_job("R-last", 3100)).await;
+    app.wait_for_state("R-last", State::Completed).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let events = app.rollout_events(&events_queue).await;
+    let states: Vec<(String, State)> = events
+        .iter()
+        .filter(|e| matches!(e.kind.as_str(), "halted" | "completed"))
+        .map(|e| (e.kind.clone(), e.data.state))
+        .collect();
+    assert_eq!(
+        states,
+        vec![
+            ("halted".to_owned(), State::Halted),
+            ("completed".to_owned(), State::Completed)
+        ]
+    );
+    stop.cancel();
+    worker.await.unwrap();
+    app.cleanup().await;
+}
+
+/// Jobs admitted before a pause but still waiting for the rollout's rate cap check the rollout
+/// again before their first Modify, and park.
+#[tokio::test]
+async fn a_pause_stops_jobs_already_admitted_before_their_first_call() {
+    let app = TestApp::spawn().await;
+    let (stop, worker) = app.start_worker();
+    assert!(
+        app.command(declare("R-late", 4, json!({"max_per_second": 1})))
+            .await
+            .ok
+    );
+    for n in 3200..3204 {
+        app.publish_job(&rollout_job("R-late", n)).await;
+    }
+    wait_until(Duration::from_secs(20), || async {
+        outcomes(&app, "R-late").len() == 1
+    })
+    .await;
+    assert!(
+        app.command(json!({"kind": "pause", "rollout_id": "R-late"}))
+            .await
+            .ok
+    );
+    wait_until(Duration::from_secs(20), || async {
+        let s = app.status("R-late").await;
+        s.counts.parked + s.counts.finished() == 4 && s.counts.in_flight == 0
+    })
+    .await;
+    let snapshot = app.status("R-late").await;
+    assert!(snapshot.counts.parked >= 2, "{snapshot:?}");
+    assert_eq!(
+        app.stats()
+            .instances
+            .values()
+            .map(|i| i.modify_calls)
+            .sum::<u64>(),
+        snapshot.counts.finished(),
+        "no call after the pause"
+    );
+    stop.cancel();
+    worker.await.unwrap();
+    app.cleanup().await;
+}
+
+/// A worker whose every job slot is busy still reads and answers commands.
+#[tokio::test]
+async fn commands_are_answered_while_every_job_slot_is_busy() {
+    let app = TestApp::spawn_with(Options {
+        tweak: Box::new(|settings| settings.worker.concurrency = 1),
+        ..Options::default()
+    })
+    .await;
+    app.simulator.script(
+        &instance(3300),
+        vec![Step::Hang {
+            ms: 4_000,
+            apply: true,
+        }],
+    );
+    let (stop, worker) = app.start_worker();
+    app.publish_job(&job("J-busy", 3300, "on")).await;
+    wait_until(Duration::from_secs(10), || async {
+        app.stats().instances.contains_key(&instance(3300))
+    })
+    .await;
+    let asked = tokio::time::Instant::now();
+    let reply = app.command(json!({"kind": "status"})).await;
+    assert!(reply.ok);
+    assert!(
+        asked.elapsed() < Duration::from_secs(3),
+        "answered while the only slot hangs: {:?}",
+        asked.elapsed()
+    );
+    stop.cancel();
+    worker.await.unwrap();
+    app.cleanup().await;
+}
+
+/// Commands without a message id are applied every time; one whose `reply_to` names keyturn's
+/// own queue is dead-lettered with the reason, unanswered.
+#[tokio::test]
+async fn commands_without_an_id_apply_each_time_and_a_bad_reply_to_is_refused() {
+    let app = TestApp::spawn().await;
+    let (stop, worker) = app.start_worker();
+    assert!(app.command(declare("R-noid", 2, json!({}))).await.ok);
+    let pause = json!({"kind": "pause", "rollout_id": "R-noid"});
+    app.send_command(&pause, "", None).await;
+    app.send_command(&json!({"kind": "resume", "rollout_id": "R-noid"}), "", None)
+        .await;
+    app.send_command(&pause, "", None).await;
+    assert_eq!(app.status("R-noid").await.state, State::Paused);
+
+    let jobs_queue = app.settings.amqp.jobs_queue.clone();
+    app.send_command(
+        &json!({"kind": "status", "rollout_id": "R-noid"}),
+        "bad-reply",
+        Some(&jobs_queue),
+    )
+    .await;
+    let dead_queue = app.settings.amqp.dead_queue.clone();
+    wait_until(Duration::from_secs(10), || async {
+        app.queue_len(&dead_queue).await == 1
+    })
+    .await;
+    let dead = app
+        .channel
+        .basic_get(dead_queue.as_str().into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .unwrap();
+    let headers = dead.delivery.properties.headers().clone().unwrap();
+    let Some(lapin::types::AMQPValue::LongString(reason)) = headers.inner().get("keyturn-error")
+    else {
+        panic!("no reason")
+    };
+    assert!(
+        String::from_utf8_lossy(reason.as_bytes()).contains("reply_to: names keyturn's own queue")
+    );
+    assert_eq!(app.queue_len(&jobs_queue).await, 0, "nothing injected");
+    stop.cancel();
+    worker.await.unwrap();
+    app.cleanup().await;
+}
+
+/// SIGKILL while a cancel ends hundreds of parked jobs: the next worker finishes the cancel,
+/// each job ends `cancelled` once, and nothing reaches the API.
+#[tokio::test]
+async fn sigkill_while_cancelling_loses_nothing_and_calls_nothing() {
+    const FIRST: u32 = 3400;
+    const TOTAL: u32 = 600;
+    let app = TestApp::spawn().await;
+    let spawn = || {
+        app.worker_process(&[("KEYTURN_WORKER__CONCURRENCY", "8")])
+            .spawn()
+            .unwrap()
+    };
+    let parked = || rows(&app.audit_path(), "SELECT job_id FROM parked").len();
+    let mut worker = spawn();
+    app.wait_for_audit().await;
+    assert!(
+        app.command(declare("R-kill-cancel", TOTAL, json!({})))
+            .await
+            .ok
+    );
+    assert!(
+        app.command(json!({"kind": "pause", "rollout_id": "R-kill-cancel"}))
+            .await
+            .ok
+    );
+    for n in FIRST..FIRST + TOTAL {
+        app.publish_job(&rollout_job("R-kill-cancel", n)).await;
+    }
+    wait_until(Duration::from_secs(60), || async {
+        parked() == TOTAL as usize
+    })
+    .await;
+    assert!(
+        app.command(json!({"kind": "cancel", "rollout_id": "R-kill-cancel"}))
+            .await
+            .ok
+    );
+    poll_until(|| outcomes(&app, "R-kill-cancel").len() >= 20).await;
+    worker.kill().await.unwrap();
+    let done = outcomes(&app, "R-kill-cancel").len();
+    assert!(
+        done < TOTAL as usize,
+        "killed while cancelling: {done} done"
+    );
+
+    worker = spawn();
+    wait_until(Duration::from_secs(90), || async {
+        outcomes(&app, "R-kill-cancel").len() == TOTAL as usize
+    })
+    .await;
+    let rows = outcomes(&app, "R-kill-cancel");
+    assert!(rows.iter().all(|r| r["outcome"] == "cancelled"));
+    let job_ids: HashSet<&str> = rows.iter().map(|r| r["job_id"].as_str().unwrap()).collect();
+    assert_eq!(job_ids.len(), TOTAL as usize, "one row per job");
+    assert_eq!(app.stats().requests, 0, "nothing reached the API");
+    wait_until(Duration::from_secs(30), || async { parked() == 0 }).await;
+    let snapshot = app.status("R-kill-cancel").await;
+    assert_eq!(snapshot.counts.cancelled, u64::from(TOTAL));
+    assert_eq!(
+        terminate(&mut worker, Duration::from_secs(30)).await,
+        Some(0)
+    );
     app.cleanup().await;
 }
