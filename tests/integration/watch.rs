@@ -476,3 +476,54 @@ async fn watch_all_follows_every_rollout_and_an_unknown_rollout_exits_1() {
     worker.await.unwrap();
     app.cleanup().await;
 }
+
+/// A cancelled rollout ends the watch too: exit 0 when nothing failed.
+#[tokio::test]
+async fn watch_exits_0_when_the_rollout_is_cancelled_and_nothing_failed() {
+    let app = TestApp::spawn().await;
+    let (stop, worker) = app.start_worker();
+    declare(&app, "R-cancel-watch", 5, json!({})).await;
+    let mut child = tokio::process::Command::from(watch_command(&app, &["R-cancel-watch"]))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stderr_lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let first = tokio::time::timeout(Duration::from_secs(30), stderr_lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        first.starts_with("rollout R-cancel-watch: running"),
+        "{first}"
+    );
+    let reply = command(
+        &app,
+        json!({"kind": "cancel", "rollout_id": "R-cancel-watch", "reason": "not today"}),
+    )
+    .await;
+    assert!(reply.ok);
+    let mut last = first;
+    while let Some(line) = tokio::time::timeout(Duration::from_secs(30), stderr_lines.next_line())
+        .await
+        .expect("watch ends when the rollout is cancelled")
+        .unwrap()
+    {
+        last = line;
+    }
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "cancelled with nothing failed: {last}"
+    );
+    assert!(last.contains("cancelled"), "{last}");
+    stop.cancel();
+    worker.await.unwrap();
+    app.cleanup().await;
+}
