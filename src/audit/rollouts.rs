@@ -130,12 +130,15 @@ fn save(tx: &Transaction<'_>, row: &Row) -> Result<(), AuditError> {
     Ok(())
 }
 
-/// The row of an ad-hoc rollout (named by jobs, not declared), created if missing.
+/// The row of a rollout; an ad-hoc one (named by jobs, not declared) is created if missing.
 fn ensure(tx: &Transaction<'_>, rollout_id: &str) -> Result<Row, AuditError> {
+    if let Some(row) = read(tx, rollout_id)? {
+        return Ok(row);
+    }
     let now = timestamp(Utc::now());
     tx.prepare_cached(
         "INSERT INTO rollouts (rollout_id, declared, state, created_at, updated_at)
-         VALUES (?1, 0, 'running', ?2, ?2) ON CONFLICT DO NOTHING",
+         VALUES (?1, 0, 'running', ?2, ?2)",
     )?
     .execute(params![rollout_id, now])?;
     read(tx, rollout_id)?.ok_or(AuditError::Conflict)

@@ -39,7 +39,7 @@ impl Pipeline {
             // No answer: the reply_to itself is what is wrong.
             let reason = format!("{}: {}", problem.field, problem.reason);
             tracing::warn!(%reason, "control command refused");
-            let copy = requeue_of(&delivery);
+            let copy = delivery.requeue();
             let kept = self
                 .infra(Infra::JobRequeue, shutdown, || {
                     self.jobs.dead_letter(&copy, &reason)
@@ -126,7 +126,7 @@ impl Pipeline {
             return Disposition::Abandon;
         }
         let reason = reply.error.clone().unwrap_or_default();
-        let copy = requeue_of(delivery);
+        let copy = delivery.requeue();
         let kept = self
             .infra(Infra::JobRequeue, shutdown, || {
                 self.jobs.dead_letter(&copy, &reason)
@@ -230,7 +230,7 @@ impl Pipeline {
                     Disposition::Abandon => return,
                     // A body that no longer parses (a changed rule) goes where rejected jobs go.
                     Disposition::DeadLetter => {
-                        let copy = requeue_of(&delivery);
+                        let copy = delivery.requeue();
                         let kept = self
                             .infra(Infra::JobRequeue, shutdown, || {
                                 self.jobs.dead_letter(&copy, "rejected")
@@ -315,16 +315,6 @@ impl Pipeline {
                 () = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
         }
-    }
-}
-
-fn requeue_of(delivery: &Delivery) -> Requeue<'_> {
-    Requeue {
-        body: &delivery.body,
-        message_id: delivery.message_id.as_deref(),
-        correlation_id: delivery.correlation_id.as_deref(),
-        reply_to: delivery.reply_to.as_deref(),
-        content_type: delivery.content_type.as_deref(),
     }
 }
 

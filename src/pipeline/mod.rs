@@ -65,6 +65,19 @@ pub enum Disposition {
     Abandon,
 }
 
+impl Delivery {
+    /// This delivery as it would go back to a queue: the original body and properties.
+    pub fn requeue(&self) -> Requeue<'_> {
+        Requeue {
+            body: &self.body,
+            message_id: self.message_id.as_deref(),
+            correlation_id: self.correlation_id.as_deref(),
+            reply_to: self.reply_to.as_deref(),
+            content_type: self.content_type.as_deref(),
+        }
+    }
+}
+
 /// A job as it goes back to the jobs queue: the original body and properties.
 #[derive(Debug, Clone, Copy)]
 pub struct Requeue<'a> {

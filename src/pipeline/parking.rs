@@ -96,14 +96,7 @@ impl Pipeline {
         if let Some(turn) = turn {
             turn.hand_back();
         }
-        let delivery = ctx.delivery;
-        let copy = Requeue {
-            body: &delivery.body,
-            message_id: delivery.message_id.as_deref(),
-            correlation_id: delivery.correlation_id.as_deref(),
-            reply_to: delivery.reply_to.as_deref(),
-            content_type: delivery.content_type.as_deref(),
-        };
+        let copy = ctx.delivery.requeue();
         let requeued = self
             .infra(Infra::JobRequeue, ctx.shutdown, || self.jobs.requeue(&copy))
             .await;

@@ -8,11 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use keyturn::simulator::Step;
-use lapin::BasicProperties;
-use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
 use serde_json::{Value, json};
 
 use crate::helpers::*;
@@ -24,63 +20,6 @@ const HOSTILE_MSG: &str = "<img src=x onerror=alert(1)> denied, \"not yours\"";
 const REGIONS: &[&str] = &["cn-north-4", "cn-east-3", "ap-southeast-1"];
 
 impl TestApp {
-    /// Sends a control command and returns the worker's answer (within 30 s).
-    async fn control(&self, command: Value) -> Value {
-        let reply_queue = self
-            .channel
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        let mut replies = self
-            .channel
-            .basic_consume(
-                reply_queue.name().clone(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        let id = uuid::Uuid::new_v4().to_string();
-        let properties = BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_delivery_mode(2)
-            .with_message_id(id.as_str().into())
-            .with_correlation_id(id.as_str().into())
-            .with_reply_to(reply_queue.name().clone());
-        let confirm = self
-            .channel
-            .basic_publish(
-                "".into(),
-                self.settings.amqp.control_queue.as_str().into(),
-                Default::default(),
-                command.to_string().as_bytes(),
-                properties,
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-        assert!(confirm.is_ack());
-        let reply = tokio::time::timeout(Duration::from_secs(30), replies.next())
-            .await
-            .expect("the worker answered within 30 s")
-            .unwrap()
-            .unwrap();
-        serde_json::from_slice(&reply.data).unwrap()
-    }
-
     fn runs_of(&self, rollout_id: &str) -> usize {
         rows(
             &self.audit_path(),
@@ -96,13 +35,13 @@ impl TestApp {
 async fn rollout_store(app: &TestApp, rollout_id: &str, first: u32) {
     let (stop, worker) = app.start_worker();
     let declared = app
-        .control(
+        .command(
             json!({"kind": "rollout", "rollout_id": rollout_id, "ticket": HOSTILE_TICKET,
             "expected_jobs": 11, "failure_budget": 5, "requested_by": "ops & co",
             "max_per_second": 50}),
         )
         .await;
-    assert_eq!(declared["ok"], true, "{declared}");
+    assert!(declared.ok, "{declared:?}");
     let doomed = [first, first + 4, first + 7];
     for n in doomed {
         let forbidden = Step::Error {
@@ -132,9 +71,9 @@ async fn rollout_store(app: &TestApp, rollout_id: &str, first: u32) {
         app.simulator.clear_script(&instance(n));
     }
     let retried = app
-        .control(json!({"kind": "retry_failed", "rollout_id": rollout_id}))
+        .command(json!({"kind": "retry_failed", "rollout_id": rollout_id}))
         .await;
-    assert_eq!(retried["ok"], true, "{retried}");
+    assert!(retried.ok, "{retried:?}");
     wait_until(Duration::from_secs(60), || async {
         app.runs_of(rollout_id) == 14
     })

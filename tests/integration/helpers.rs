@@ -7,6 +7,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use keyturn::amqp::worker::{self, RunOptions};
 use keyturn::config::{Credentials, Settings};
 use keyturn::events::ResultEvent;
@@ -752,5 +753,93 @@ impl TestApp {
                 .is_empty()
         })
         .await;
+    }
+}
+
+/// The control queue, as a ticketing system or an operator's tool uses it.
+impl TestApp {
+    /// Sends a control command and returns the worker's answer (within 30 s).
+    pub async fn command(&self, command: Value) -> keyturn::rollout::Reply {
+        let reply_queue = self
+            .channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let mut replies = self
+            .channel
+            .basic_consume(
+                reply_queue.name().clone(),
+                "".into(),
+                lapin::options::BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let id = uuid::Uuid::new_v4().to_string();
+        self.send_command(&command, &id, Some(reply_queue.name().as_str()))
+            .await;
+        let reply = tokio::time::timeout(Duration::from_secs(30), replies.next())
+            .await
+            .expect("the worker answered within 30 s")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            reply
+                .properties
+                .correlation_id()
+                .as_ref()
+                .map(|c| c.as_str()),
+            Some(id.as_str())
+        );
+        serde_json::from_slice(&reply.data).unwrap()
+    }
+
+    /// Publishes a control command with `message_id` (and optionally `reply_to`).
+    /// Publishes a control command with `message_id` ("" for none) and optionally `reply_to`.
+    pub async fn send_command(&self, command: &Value, message_id: &str, reply_to: Option<&str>) {
+        let mut properties = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2);
+        if !message_id.is_empty() {
+            properties = properties
+                .with_message_id(message_id.into())
+                .with_correlation_id(message_id.into());
+        }
+        if let Some(reply_to) = reply_to {
+            properties = properties.with_reply_to(reply_to.into());
+        }
+        let confirm = self
+            .channel
+            .basic_publish(
+                "".into(),
+                self.settings.amqp.control_queue.as_str().into(),
+                Default::default(),
+                command.to_string().as_bytes(),
+                properties,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirm.is_ack());
+    }
+
+    pub async fn status(&self, rollout_id: &str) -> keyturn::rollout::Snapshot {
+        let reply = self
+            .command(json!({"kind": "status", "rollout_id": rollout_id}))
+            .await;
+        assert!(reply.ok, "{reply:?}");
+        reply.rollouts.into_iter().next().unwrap()
     }
 }

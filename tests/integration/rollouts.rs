@@ -5,12 +5,10 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use keyturn::events::Outcome;
-use keyturn::rollout::{Reply, Snapshot, State};
+use keyturn::rollout::{Snapshot, State};
 use keyturn::simulator::{Faults, Step};
-use lapin::BasicProperties;
-use lapin::options::{BasicConsumeOptions, BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use serde_json::{Value, json};
 
@@ -26,91 +24,6 @@ struct RolloutEvent {
 }
 
 impl TestApp {
-    /// Sends a control command and returns the worker's answer (within 30 s).
-    async fn command(&self, command: Value) -> Reply {
-        let reply_queue = self
-            .channel
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        let mut replies = self
-            .channel
-            .basic_consume(
-                reply_queue.name().clone(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        let id = uuid::Uuid::new_v4().to_string();
-        self.send_command(&command, &id, Some(reply_queue.name().as_str()))
-            .await;
-        let reply = tokio::time::timeout(Duration::from_secs(30), replies.next())
-            .await
-            .expect("the worker answered within 30 s")
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            reply
-                .properties
-                .correlation_id()
-                .as_ref()
-                .map(|c| c.as_str()),
-            Some(id.as_str())
-        );
-        serde_json::from_slice(&reply.data).unwrap()
-    }
-
-    /// Publishes a control command with `message_id` (and optionally `reply_to`).
-    /// Publishes a control command with `message_id` ("" for none) and optionally `reply_to`.
-    async fn send_command(&self, command: &Value, message_id: &str, reply_to: Option<&str>) {
-        let mut properties = BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_delivery_mode(2);
-        if !message_id.is_empty() {
-            properties = properties
-                .with_message_id(message_id.into())
-                .with_correlation_id(message_id.into());
-        }
-        if let Some(reply_to) = reply_to {
-            properties = properties.with_reply_to(reply_to.into());
-        }
-        let confirm = self
-            .channel
-            .basic_publish(
-                "".into(),
-                self.settings.amqp.control_queue.as_str().into(),
-                Default::default(),
-                command.to_string().as_bytes(),
-                properties,
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-        assert!(confirm.is_ack());
-    }
-
-    async fn status(&self, rollout_id: &str) -> Snapshot {
-        let reply = self
-            .command(json!({"kind": "status", "rollout_id": rollout_id}))
-            .await;
-        assert!(reply.ok, "{reply:?}");
-        reply.rollouts.into_iter().next().unwrap()
-    }
-
     async fn wait_for_state(&self, rollout_id: &str, state: State) -> Snapshot {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
         loop {
