@@ -155,14 +155,9 @@ impl Circuits {
             .contains_key(scope)
     }
 
-    /// Every open circuit.
-    pub fn open(&self) -> Vec<(Scope, Open)> {
-        let state = self.state.lock().expect("circuits lock");
-        state
-            .open
-            .iter()
-            .map(|(scope, open)| (scope.clone(), open.clone()))
-            .collect()
+    /// Whether any circuit is open.
+    pub fn any_open(&self) -> bool {
+        !self.state.lock().expect("circuits lock").open.is_empty()
     }
 
     /// Feeds one answer from `region`; returns the fault when this answer opened a circuit (the

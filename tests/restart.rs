@@ -8,33 +8,13 @@
 #[path = "integration/helpers.rs"]
 mod helpers;
 
+#[path = "common/broker_app.rs"]
+mod broker_app;
+
 use std::time::Duration;
 
+use broker_app::{RestartOnDrop, rabbitmqctl};
 use helpers::*;
-
-/// Runs `rabbitmqctl` with `args`, asserting that it succeeded.
-fn rabbitmqctl(args: &[&str]) {
-    let output = std::process::Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .expect("rabbitmqctl is installed with the broker");
-    assert!(
-        output.status.success(),
-        "rabbitmqctl {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
-/// Starts the broker's application again even if the test panics while it is stopped.
-struct RestartOnDrop;
-
-impl Drop for RestartOnDrop {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("rabbitmqctl")
-            .arg("start_app")
-            .output();
-    }
-}
 
 #[tokio::test]
 async fn a_broker_restart_mid_run_loses_nothing_and_toggles_nothing_twice() {

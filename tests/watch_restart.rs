@@ -8,36 +8,17 @@
 #[path = "integration/helpers.rs"]
 mod helpers;
 
+#[path = "common/broker_app.rs"]
+mod broker_app;
+
 use std::process::Stdio;
 use std::time::Duration;
 
+use broker_app::{RestartOnDrop, rabbitmqctl};
 use helpers::*;
 use keyturn::amqp::control::ControlClient;
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
-
-fn rabbitmqctl(args: &[&str]) {
-    let output = std::process::Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .expect("rabbitmqctl is installed with the broker");
-    assert!(
-        output.status.success(),
-        "rabbitmqctl {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
-/// Starts the broker's application again even if the test panics while it is stopped.
-struct RestartOnDrop;
-
-impl Drop for RestartOnDrop {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("rabbitmqctl")
-            .arg("start_app")
-            .output();
-    }
-}
 
 #[tokio::test]
 async fn watch_reconnects_after_a_broker_restart_and_sees_the_rollout_complete() {

@@ -214,7 +214,7 @@ async fn session(
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
                 _ = circuits.changed() => {}
                 _ = tick.tick(), if idle.enabled() => {
-                    let busy = !tasks.is_empty() || !pipeline.circuits.open().is_empty();
+                    let busy = !tasks.is_empty() || pipeline.circuits.any_open();
                     if idle.is_over(&channel, &settings.amqp.jobs_queue, busy).await {
                         tracing::info!("queue idle; stopping");
                         stop.cancel();

@@ -33,14 +33,6 @@ impl JobLocks {
             _guard: guard,
         }
     }
-
-    pub fn len(&self) -> usize {
-        self.0.lock().expect("job locks").len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 pub(super) struct JobGuard<'a> {

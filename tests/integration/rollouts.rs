@@ -135,6 +135,21 @@ async fn poll_until(condition: impl Fn() -> bool) {
     }
 }
 
+/// `progress` events of one rollout come at least a second apart (one worker or several).
+fn assert_progress_at_most_once_a_second(events: &[RolloutEvent]) {
+    let times: Vec<_> = events
+        .iter()
+        .filter(|e| e.kind == "progress")
+        .map(|e| chrono::DateTime::parse_from_rfc3339(&e.time).unwrap())
+        .collect();
+    for pair in times.windows(2) {
+        assert!(
+            pair[1] - pair[0] >= chrono::Duration::milliseconds(990),
+            "progress at most 1/s: {pair:?}"
+        );
+    }
+}
+
 fn kinds(events: &[RolloutEvent], kind: &str) -> usize {
     events.iter().filter(|e| e.kind == kind).count()
 }
@@ -232,17 +247,7 @@ async fn the_failure_budget_halts_once_parks_the_rest_and_resume_finishes_every_
     let halted_event = events.iter().find(|e| e.kind == "halted").unwrap();
     assert_eq!(halted_event.data.state, State::Halted);
     assert_eq!(halted_event.data.budget.allowed, Some(5));
-    let progress: Vec<&RolloutEvent> = events.iter().filter(|e| e.kind == "progress").collect();
-    for pair in progress.windows(2) {
-        let (a, b) = (
-            chrono::DateTime::parse_from_rfc3339(&pair[0].time).unwrap(),
-            chrono::DateTime::parse_from_rfc3339(&pair[1].time).unwrap(),
-        );
-        assert!(
-            b - a >= chrono::Duration::milliseconds(990),
-            "progress at most 1/s"
-        );
-    }
+    assert_progress_at_most_once_a_second(&events);
     let ids: HashSet<&str> = events.iter().map(|e| e.id.as_str()).collect();
     assert_eq!(ids.len(), events.len());
     stop.cancel();
@@ -595,17 +600,7 @@ async fn two_workers_on_one_store_see_the_same_pause() {
         "completed once, with two workers"
     );
     assert_eq!(kinds(&events, "paused"), 1);
-    let progress: Vec<&RolloutEvent> = events.iter().filter(|e| e.kind == "progress").collect();
-    for pair in progress.windows(2) {
-        let (a, b) = (
-            chrono::DateTime::parse_from_rfc3339(&pair[0].time).unwrap(),
-            chrono::DateTime::parse_from_rfc3339(&pair[1].time).unwrap(),
-        );
-        assert!(
-            b - a >= chrono::Duration::milliseconds(990),
-            "progress at most 1/s across workers"
-        );
-    }
+    assert_progress_at_most_once_a_second(&events);
     stop_a.cancel();
     stop_b.cancel();
     worker_a.await.unwrap();
