@@ -122,6 +122,7 @@ async fn bench_end_to_end(jobs: usize) {
     settings.rate_limit.per_project_per_second = 100_000;
     settings.rate_limit.per_project_burst = 10_000;
     settings.audit.path = dir.path().join("audit.db");
+    settings.ops.listen = String::new();
 
     let connection = keyturn::amqp::connect(&settings.amqp, "keyturn-bench")
         .await

@@ -39,6 +39,7 @@ pub struct Settings {
     pub rollouts: RolloutSettings,
     pub audit: AuditSettings,
     pub log: LogSettings,
+    pub ops: OpsSettings,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -181,6 +182,37 @@ pub struct LogSettings {
     pub level: String,
     /// `text` or `json`.
     pub format: String,
+}
+
+/// The operations endpoint (contract §7): `/metrics`, `/livez`, `/readyz`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OpsSettings {
+    /// `host:port` to serve on; empty = no ops endpoint.
+    pub listen: String,
+}
+
+impl Default for OpsSettings {
+    fn default() -> Self {
+        OpsSettings {
+            listen: "127.0.0.1:9464".into(),
+        }
+    }
+}
+
+impl OpsSettings {
+    /// The socket address to serve on, `None` when turned off.
+    pub fn address(&self) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+        if self.listen.is_empty() {
+            return Ok(None);
+        }
+        self.listen.parse().map(Some).map_err(|_| {
+            config_error(
+                "ops.listen",
+                format!("must be host:port with an IP address (e.g. 127.0.0.1:9464), or empty to turn it off; not {:?}", self.listen),
+            )
+        })
+    }
 }
 
 impl Default for AmqpSettings {
@@ -419,6 +451,7 @@ impl Settings {
         if self.audit.path.as_os_str().is_empty() {
             return Err(config_error("audit.path", "is empty"));
         }
+        self.ops.address()?;
         match self.log.format.as_str() {
             "text" | "json" => {}
             _ => return Err(config_error("log.format", "must be text or json")),

@@ -162,6 +162,8 @@ fn own_names(settings: &mut Settings, run_id: &str, dir: &Path) {
     names.unrouted_queue = format!("keyturn.demo.{run_id}.results.unrouted");
     names.control_queue = format!("keyturn.demo.{run_id}.control");
     settings.audit.path = dir.join("audit.db");
+    // The demo's workers are its own: they leave the ops port to a real worker on this host.
+    settings.ops.listen = String::new();
     settings.worker.concurrency = 4;
     settings.retry.base_delay = Duration::from_millis(50);
     settings.retry.max_delay = Duration::from_millis(500);

@@ -178,6 +178,8 @@ impl TestApp {
         settings.rate_limit.burst = 50;
         settings.rate_limit.throttle_pause = Duration::from_millis(300);
         settings.audit.path = dir.path().join("audit.db");
+        // Tests run many workers at once: none serves the ops endpoint unless a test asks.
+        settings.ops.listen = String::new();
         (options.tweak)(&mut settings);
 
         let connection = Connection::connect(&settings.amqp.url, ConnectionProperties::default())
@@ -461,6 +463,7 @@ impl TestApp {
             .env("KEYTURN_AMQP__CONTROL_QUEUE", &names.control_queue)
             .env("KEYTURN_API__ENDPOINT", &self.simulator_url)
             .env("KEYTURN_AUDIT__PATH", self.audit_path())
+            .env("KEYTURN_OPS__LISTEN", "")
             .env("CLOUD_SDK_AK", AK)
             .env("CLOUD_SDK_SK", SK)
             .stdin(Stdio::null());
