@@ -155,6 +155,18 @@ impl Circuits {
             .contains_key(scope)
     }
 
+    /// The open circuits: scope key and cause.
+    pub fn open(&self) -> Vec<(String, String)> {
+        let state = self.state.lock().expect("circuits lock");
+        let mut open: Vec<_> = state
+            .open
+            .iter()
+            .map(|(scope, open)| (scope.key(), open.fault.cause.clone()))
+            .collect();
+        open.sort();
+        open
+    }
+
     /// Whether any circuit is open.
     pub fn any_open(&self) -> bool {
         !self.state.lock().expect("circuits lock").open.is_empty()

@@ -17,6 +17,7 @@
 //! - [`events`]: the CloudEvents result documents.
 //! - [`simulator`]: a local stand-in for the cloud API, for the demo, tests and benchmarks.
 //! - [`rollout`] and [`plan_file`]: rollout plans and commands, and the files `submit` reads.
+//! - [`ops`]: Prometheus metrics and the `/metrics`, `/livez`, `/readyz` endpoint.
 //! - [`config`] and [`cli`]: settings and the `keyturn` subcommands.
 #![forbid(unsafe_code)]
 
@@ -29,6 +30,7 @@ pub mod events;
 pub mod gaussdb;
 pub mod job;
 pub mod limits;
+pub mod ops;
 pub mod pipeline;
 pub mod plan_file;
 pub mod retry;

@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::topology;
 use crate::circuit::Scope;
+use crate::ops::metrics::{InFlight, observe};
 use crate::pipeline::{Admitted, Delivery, Disposition, Pipeline};
 use crate::retry::Backoff;
 
@@ -69,6 +70,7 @@ pub async fn run(
             Ok(SessionEnd::Lost(reason)) => format!("broker connection lost: {reason}"),
             Err(error) => format!("cannot consume: {error:#}"),
         };
+        pipeline.metrics.reconnects.inc();
         let ceiling = reconnects.after(started.elapsed());
         let wait = Backoff {
             base: ceiling,
@@ -192,6 +194,7 @@ async fn session(
     let idle = IdleWatch::new(options.exit_when_idle);
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     let mut circuits = pipeline.circuits.watch();
+    let connected = Connected::up(pipeline);
     let end = 'consume: loop {
         // Wait for a free slot; commands are taken meanwhile (a full worker still hears pause).
         let permit = loop {
@@ -244,6 +247,7 @@ async fn session(
             drop(permit);
         });
     };
+    drop(connected);
     drop(commands);
     if tokio::time::timeout(settings.worker.grace_period, runner)
         .await
@@ -265,6 +269,22 @@ async fn session(
         SessionEnd::Lost(_) => drain(&mut tasks, settings.worker.grace_period).await,
     }
     Ok(end)
+}
+
+/// Marks the broker session up (for `/readyz` and `keyturn_broker_connected`) while it lives.
+struct Connected<'a>(&'a Pipeline);
+
+impl<'a> Connected<'a> {
+    fn up(pipeline: &'a Pipeline) -> Connected<'a> {
+        pipeline.metrics.broker_connected.set(1);
+        Connected(pipeline)
+    }
+}
+
+impl Drop for Connected<'_> {
+    fn drop(&mut self) {
+        self.0.metrics.broker_connected.set(0);
+    }
 }
 
 /// The consumer, and whether the credentials circuit has paused it.
@@ -381,6 +401,8 @@ async fn handle(
     acker: Acker,
     stop: &CancellationToken,
 ) {
+    let received = Instant::now();
+    let _counted = InFlight::enter(&pipeline.metrics.in_flight);
     let processed = AssertUnwindSafe(pipeline.process(admitted, stop))
         .catch_unwind()
         .await;
@@ -402,7 +424,7 @@ async fn handle(
         }
     };
     match settled {
-        Ok(true) => {}
+        Ok(true) => observe(&pipeline.metrics.job_duration, received.elapsed()),
         Ok(false) | Err(_) => tracing::warn!(
             "channel closed before the job could be settled; the broker redelivers it and the stored result is replayed"
         ),

@@ -223,18 +223,45 @@ async fn run_worker(
     exit_when_idle: Option<Duration>,
 ) -> anyhow::Result<()> {
     let (pipeline, publisher) = build_pipeline(settings, credentials)?;
+    let ops = bind_ops(&pipeline.settings).await?;
     log_start(&pipeline.settings, source, &pipeline.worker_id);
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
+    // The ops endpoint outlives the consuming loop: /readyz says 503 while the worker drains.
+    let ops_stop = CancellationToken::new();
+    if let Some(listener) = ops {
+        let (pipeline, stop) = (pipeline.clone(), ops_stop.clone());
+        tokio::spawn(async move {
+            if let Err(error) = crate::ops::serve(listener, pipeline, stop).await {
+                tracing::error!(%error, "the ops endpoint stopped");
+            }
+        });
+    }
     if first_connect(&pipeline.settings, &pipeline.worker_id, &shutdown).await? {
         worker::run(pipeline, RunOptions { exit_when_idle }, shutdown).await?;
     }
+    ops_stop.cancel();
     publisher.close().await;
     tracing::info!("keyturn worker stopped");
     Ok(())
 }
 
 /// One INFO line saying what this worker runs with; no secrets (the URL is redacted).
+/// Binds `ops.listen` at start, so a taken port stops the worker with the key named.
+async fn bind_ops(settings: &Settings) -> Result<Option<tokio::net::TcpListener>, ConfigError> {
+    let Some(address) = settings.ops.address()? else {
+        return Ok(None);
+    };
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(|error| ConfigError {
+            key: "ops.listen".into(),
+            problem: format!("cannot listen on {address}: {error}"),
+        })?;
+    tracing::info!(address = %address, "ops endpoint: /metrics, /livez, /readyz");
+    Ok(Some(listener))
+}
+
 fn log_start(settings: &Settings, source: &str, worker_id: &str) {
     let endpoint = if settings.api.endpoint.is_empty() {
         "region table"

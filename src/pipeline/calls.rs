@@ -15,6 +15,7 @@ use crate::events::Outcome;
 use crate::gaussdb::{Call, CallError, Exchange};
 use crate::job::{Job, Status};
 use crate::limits::LimitKey;
+use crate::ops::metrics::observe;
 use crate::retry::{self, Backoff, Verdict};
 use crate::rollout::State;
 
@@ -126,11 +127,7 @@ impl Pipeline {
                     Some(Claimed::Marked(_)) => progress.claimed = true,
                 }
             }
-            let exchange = match call {
-                Call::Modify => self.client.modify(job).await,
-                Call::Describe => self.client.describe(job).await,
-            };
-            super::results::log_exchange(&exchange);
+            let exchange = self.api(call, job).await;
             progress.spent = progress.spent.saturating_add(exchange.latency);
             let result = exchange.result.clone();
             if let Some(scope) = self.watch_circuits(job, &result) {
@@ -162,6 +159,7 @@ impl Pipeline {
                         _ => None,
                     };
                     self.limits.throttled(&key, retry_after);
+                    self.metrics.throttle_pauses.inc();
                 }
                 Verdict::Retry => {
                     progress.counted += 1;
@@ -176,6 +174,7 @@ impl Pipeline {
                     tokio::time::sleep(wait).await;
                     progress.spent = progress.spent.saturating_add(wait);
                     progress.retries += 1;
+                    self.metrics.retries.inc();
                 }
             }
         }
@@ -197,6 +196,7 @@ impl Pipeline {
         self.hold(ctx, self.health.wait_healthy())
             .await
             .map_err(Ended::Held)?;
+        let waiting = tokio::time::Instant::now();
         if let Some((rollout_id, per_second)) = rate {
             self.hold(ctx, self.limits.acquire_rollout(rollout_id, *per_second))
                 .await
@@ -205,6 +205,7 @@ impl Pipeline {
         self.hold(ctx, self.limits.acquire(key))
             .await
             .map_err(Ended::Held)?;
+        observe(&self.metrics.rate_limit_wait, waiting.elapsed());
         holding(self).map_or(Ok(()), Err)
     }
 
@@ -236,6 +237,18 @@ impl Pipeline {
             .and_then(|_| self.circuits.holding(region))
     }
 
+    /// One API attempt, logged and counted.
+    pub(super) async fn api(&self, call: Call, job: &Job) -> Exchange {
+        let exchange = match call {
+            Call::Modify => self.client.modify(job).await,
+            Call::Describe => self.client.describe(job).await,
+        };
+        super::results::log_exchange(&exchange);
+        self.metrics
+            .api_call(call.as_str(), exchange.http_status, job.region.as_str());
+        exchange
+    }
+
     /// After a successful Modify: optionally read the state back, as the operator asked.
     async fn confirm(&self, job: &Job, status: Status, mut exchanges: Vec<Exchange>) -> Run {
         if !self.settings.api.confirm_after {
@@ -243,8 +256,7 @@ impl Pipeline {
         }
         let key: LimitKey = (job.region.to_string(), job.project_id.to_string());
         self.limits.acquire(&key).await;
-        let confirmation = self.client.describe(job).await;
-        super::results::log_exchange(&confirmation);
+        let confirmation = self.api(Call::Describe, job).await;
         let confirmed = confirmation.result.clone();
         exchanges.push(confirmation);
         match confirmed {

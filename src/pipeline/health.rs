@@ -88,6 +88,22 @@ impl Health {
         *self.failing.borrow() == 0
     }
 
+    /// What fails now, in words (for `/readyz`).
+    pub fn failing(&self) -> Vec<&'static str> {
+        let failing = *self.failing.borrow();
+        [
+            (Dependency::AuditWrites, "the audit store refuses writes"),
+            (
+                Dependency::EventPublishing,
+                "the broker refuses result events",
+            ),
+        ]
+        .into_iter()
+        .filter(|(dependency, _)| failing & *dependency as u8 != 0)
+        .map(|(_, words)| words)
+        .collect()
+    }
+
     pub(super) async fn wait_healthy(&self) {
         let mut receiver = self.failing.subscribe();
         let _ = receiver.wait_for(|failing| *failing == 0).await;

@@ -31,13 +31,14 @@ use tokio_util::sync::CancellationToken;
 pub use health::{Dependency, Health};
 pub use locks::{InstanceTurns, JobLocks, Turn, TurnReady};
 
-use crate::audit::{AuditStore, Earlier, FinalRecord, RolloutView, Seen, StoredEvent};
+use crate::audit::{AuditStore, Earlier, FinalRecord, Recorded, RolloutView, Seen, StoredEvent};
 use crate::circuit::{AuthMode, Circuits};
 use crate::config::Settings;
 use crate::events::{EventSink, Outcome, Outgoing, ResultEvent};
 use crate::gaussdb::Client;
 use crate::job::{self, Identity, Job, ParseContext, Rejection};
 use crate::limits::Limits;
+use crate::ops::metrics::observe;
 use crate::rollout::Admission;
 use calls::Ended;
 use health::Infra;
@@ -119,6 +120,7 @@ pub struct Pipeline {
     pub circuits: Circuits,
     pub locks: JobLocks,
     pub turns: InstanceTurns,
+    pub metrics: crate::ops::Metrics,
     /// Cancelled when the worker stops: ends probes and releases.
     pub stopping: CancellationToken,
     /// Poked when rollout events may be waiting in the store's outbox.
@@ -196,6 +198,7 @@ impl Pipeline {
             health: Health::default(),
             locks: JobLocks::default(),
             turns: InstanceTurns::default(),
+            metrics: crate::ops::Metrics::new(),
             stopping: CancellationToken::new(),
             outbox: tokio::sync::Notify::new(),
             releasing: tokio::sync::Mutex::new(()),
@@ -205,6 +208,7 @@ impl Pipeline {
     /// Parses a delivery and takes its instance's ticket. Call in delivery order: the tickets
     /// give jobs of one instance their order.
     pub fn admit(&self, delivery: Delivery) -> Admitted {
+        self.metrics.deliveries.inc();
         let body_digest = job::body_digest(&delivery.body);
         let mut parsed = job::parse(&delivery.body, &self.parse_context(&delivery));
         if let Some(problem) = self.reply_to_problem(delivery.reply_to.as_deref()) {
@@ -452,13 +456,24 @@ impl Pipeline {
     /// Commits the record (and its rollout's counts), then publishes its event.
     async fn commit(self: &Arc<Self>, record: FinalRecord, ctx: &Context<'_>) -> Disposition {
         let committed = self
-            .infra(Infra::AuditCommit, ctx.shutdown, || {
-                self.audit.record(record.clone())
+            .infra(Infra::AuditCommit, ctx.shutdown, || async {
+                let started = Instant::now();
+                let committed = self.audit.record(record.clone()).await;
+                observe(&self.metrics.store_commit, started.elapsed());
+                committed
             })
             .await;
         let Some(committed) = committed else {
             return Disposition::Abandon;
         };
+        match &committed.recorded {
+            Recorded::New(stored) => self
+                .metrics
+                .job_finished(stored.event.data.outcome.as_str()),
+            Recorded::Existing(_) => {
+                self.metrics.jobs_replayed.inc();
+            }
+        }
         if record.event.data.rollout_id.is_some() {
             self.outbox.notify_one();
         }
@@ -470,6 +485,7 @@ impl Pipeline {
 
     async fn replay(&self, stored: StoredEvent, ctx: &Context<'_>) -> Disposition {
         tracing::info!(event_id = %stored.event.id, outcome = stored.event.data.outcome.as_str(), "duplicate delivery: replaying the stored result");
+        self.metrics.jobs_replayed.inc();
         self.finish(stored, ctx).await
     }
 
@@ -491,8 +507,11 @@ impl Pipeline {
             reply_to: ctx.delivery.reply_to.as_deref().filter(|r| !r.is_empty()),
         };
         let published = self
-            .infra(Infra::ResultPublish, ctx.shutdown, || {
-                self.events.publish(&outgoing)
+            .infra(Infra::ResultPublish, ctx.shutdown, || async {
+                let started = Instant::now();
+                let published = self.events.publish(&outgoing).await;
+                observe(&self.metrics.publish_confirm, started.elapsed());
+                published
             })
             .await;
         match (published, event.data.outcome) {

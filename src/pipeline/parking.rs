@@ -132,7 +132,7 @@ impl Pipeline {
                 () = self.stopping.cancelled() => return,
                 () = self.limits.acquire(&key) => {}
             }
-            let exchange = self.client.describe(&job).await;
+            let exchange = self.api(crate::gaussdb::Call::Describe, &job).await;
             let signal = circuit::classify(
                 &exchange.result.clone().map(|_| ()),
                 job.region.as_str(),

@@ -243,36 +243,6 @@ async fn prefetch_of_consumers(queue: &str) -> Vec<u16> {
         .collect()
 }
 
-/// Closes, with `rabbitmqctl`, every connection whose client-given name contains `worker_id`.
-async fn close_connections_named(worker_id: &str) -> usize {
-    let listing = tokio::process::Command::new("rabbitmqctl")
-        .args([
-            "-q",
-            "list_connections",
-            "--no-table-headers",
-            "pid",
-            "client_properties",
-        ])
-        .output()
-        .await
-        .expect("rabbitmqctl is installed with the broker");
-    let text = String::from_utf8_lossy(&listing.stdout);
-    let pids: Vec<&str> = text
-        .lines()
-        .filter(|line| line.contains(worker_id))
-        .filter_map(|line| line.split('\t').next())
-        .collect();
-    for pid in &pids {
-        let status = tokio::process::Command::new("rabbitmqctl")
-            .args(["close_connection", pid, "keyturn test: forced close"])
-            .status()
-            .await
-            .unwrap();
-        assert!(status.success());
-    }
-    pids.len()
-}
-
 #[tokio::test]
 async fn a_locked_audit_store_holds_jobs_unacked_and_stops_new_toggles_until_it_heals() {
     let app = TestApp::spawn_with(Options {

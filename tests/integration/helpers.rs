@@ -846,3 +846,33 @@ impl TestApp {
         reply.rollouts.into_iter().next().unwrap()
     }
 }
+
+/// Closes, with `rabbitmqctl`, every connection whose client-given name contains `worker_id`.
+pub async fn close_connections_named(worker_id: &str) -> usize {
+    let listing = tokio::process::Command::new("rabbitmqctl")
+        .args([
+            "-q",
+            "list_connections",
+            "--no-table-headers",
+            "pid",
+            "client_properties",
+        ])
+        .output()
+        .await
+        .expect("rabbitmqctl is installed with the broker");
+    let text = String::from_utf8_lossy(&listing.stdout);
+    let pids: Vec<&str> = text
+        .lines()
+        .filter(|line| line.contains(worker_id))
+        .filter_map(|line| line.split('\t').next())
+        .collect();
+    for pid in &pids {
+        let status = tokio::process::Command::new("rabbitmqctl")
+            .args(["close_connection", pid, "keyturn test: forced close"])
+            .status()
+            .await
+            .unwrap();
+        assert!(status.success());
+    }
+    pids.len()
+}

@@ -11,6 +11,7 @@ mod guarantees;
 mod helpers;
 mod identity;
 mod lifecycle;
+mod ops;
 mod pipeline;
 mod properties;
 mod rollouts;
