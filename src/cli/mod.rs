@@ -2,6 +2,7 @@
 
 pub mod audit;
 pub mod demo;
+pub mod healthcheck;
 pub mod rollout;
 pub mod simulate;
 pub mod submit;
@@ -59,6 +60,9 @@ pub enum Command {
     /// Follow a rollout live: progress, rate, ETA, failures against the budget, state (exit 0
     /// done, 1 something failed, 3 halted with --exit-on-halt, 130 Ctrl-C).
     Watch(watch::WatchArgs),
+    /// GET the worker's /readyz (or --url) once, for container healthchecks: exit 0 on 200,
+    /// else 1 with the reason on one line.
+    Healthcheck(healthcheck::HealthcheckArgs),
 }
 
 /// Runs the parsed command; configuration problems exit 2 with one line naming the key.
@@ -75,7 +79,11 @@ pub async fn run(cli: Cli) -> ExitCode {
     if !chosen("RUST_LOG") && !chosen("KEYTURN_LOG__LEVEL") {
         match cli.command {
             Command::Demo(_) => settings.log.level = "error".into(),
-            Command::Submit(_) | Command::Rollout(_) | Command::Audit(_) | Command::Watch(_) => {
+            Command::Submit(_)
+            | Command::Rollout(_)
+            | Command::Audit(_)
+            | Command::Watch(_)
+            | Command::Healthcheck(_) => {
                 settings.log.level = "warn".into();
             }
             _ => {}
@@ -98,6 +106,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Rollout(args) => exit_code(rollout::run(&settings, args).await),
         Command::Audit(args) => exit_code(audit::run(&settings, args)),
         Command::Watch(args) => exit_code(watch::run(&settings, args).await),
+        Command::Healthcheck(args) => exit_code(healthcheck::run(&settings, args).await),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
