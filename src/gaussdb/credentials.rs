@@ -573,7 +573,7 @@ mod tests {
         assert!(
             failed
                 .iter()
-                .all(|r| r == &Err(FetchError("refused".into())))
+                .all(|r| r.as_ref().err() == Some(&FetchError("refused".into())))
         );
         assert_eq!(cache.fetches(), 1, "the waiters shared the failure");
 

@@ -5,6 +5,7 @@ mod api_security;
 mod audit_cli;
 mod broker_tls;
 mod circuits;
+mod credentials;
 mod demo;
 mod edge;
 mod guarantees;
