@@ -279,6 +279,7 @@ async fn metadata_security_tokens_never_reach_the_logs_or_the_audit() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    app.wait_for_audit().await;
     assert_all_succeeded(&app, &jobs).await;
     assert_eq!(
         terminate(&mut worker, Duration::from_secs(30)).await,
