@@ -243,7 +243,7 @@ fn log_start(settings: &Settings, source: &str, worker_id: &str) {
         version = env!("CARGO_PKG_VERSION"),
         config = source,
         endpoint,
-        auth = settings.api.source().1,
+        auth = %settings.api.source().1,
         concurrency = settings.worker.concurrency,
         per_second = limits.per_second,
         per_project_per_second = limits.per_project_per_second,
