@@ -1173,6 +1173,85 @@ mod tests {
     }
 
     #[test]
+    fn each_missing_piece_of_a_credential_source_names_its_key() {
+        let iam = [
+            ("KEYTURN_API__CREDENTIALS", "iam"),
+            ("KEYTURN_API__IAM_DOMAIN", "acct"),
+            ("KEYTURN_API__IAM_USER", "worker"),
+            ("KEYTURN_API__IAM_PROJECT", "cn-north-4"),
+            ("KEYTURN_API__IAM_PASSWORD", "iam-password-never-show"),
+        ];
+        for missing in 1..iam.len() {
+            let vars: Vec<_> = iam
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != missing)
+                .map(|(_, v)| *v)
+                .collect();
+            let error = Settings::load(None, &env(&vars))
+                .and_then(|settings| settings.credentials(&[]))
+                .unwrap_err();
+            let key = iam[missing]
+                .0
+                .strip_prefix("KEYTURN_API__")
+                .unwrap()
+                .to_ascii_lowercase();
+            assert_eq!(error.key, format!("api.{key}"), "{error}");
+        }
+        let settings = Settings::load(None, &env(&iam)).unwrap();
+        let credentials = settings.credentials(&[]).unwrap();
+        assert!(matches!(credentials, Credentials::Iam(_)));
+        for shown in [
+            format!("{credentials:?}"),
+            format!("{settings:?}"),
+            toml::to_string(&settings).unwrap(),
+        ] {
+            assert!(!shown.contains("iam-password-never-show"), "{shown}");
+        }
+        for (name, value, key) in [
+            ("KEYTURN_API__CREDENTIALS", "password", "api.credentials"),
+            (
+                "KEYTURN_API__IAM_ENDPOINT",
+                "http://iam.example.com",
+                "api.iam_endpoint",
+            ),
+            (
+                "KEYTURN_API__METADATA_URL",
+                "169.254.169.254",
+                "api.metadata_url",
+            ),
+            ("KEYTURN_API__REFRESH_BEFORE", "0s", "api.refresh_before"),
+            ("KEYTURN_API__REFRESH_BEFORE", "2h", "api.refresh_before"),
+        ] {
+            let error = Settings::load(None, &env(&[(name, value)])).expect_err(name);
+            assert_eq!(error.key, key, "{error}");
+        }
+        let error = load_file("[api]\niam_password = \"x\"\n", &[]).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "config key api.iam_password: must not be written in the config file; set KEYTURN_API__IAM_PASSWORD"
+        );
+    }
+
+    #[test]
+    fn a_security_token_makes_the_sdk_keys_temporary_and_never_prints() {
+        let settings = Settings::load(None, &[]).unwrap();
+        let vars = env(&[
+            ("CLOUD_SDK_AK", "AK1"),
+            ("CLOUD_SDK_SK", "sk"),
+            ("CLOUD_SDK_SECURITY_TOKEN", "security-token-never-show"),
+        ]);
+        let credentials = settings.credentials(&vars).unwrap();
+        assert!(matches!(credentials, Credentials::TemporaryAkSk { .. }));
+        assert!(!format!("{credentials:?}").contains("security-token-never-show"));
+        let metadata = Settings::load(None, &env(&[("KEYTURN_API__AUTH", "metadata")])).unwrap();
+        match metadata.credentials(&[]).unwrap() {
+            Credentials::Metadata { url } => assert_eq!(url, "http://169.254.169.254"),
+            other => panic!("metadata expected, not {other:?}"),
+        }
+    }
+
+    #[test]
     fn credentials_come_from_the_sdk_variables_and_never_print() {
         let settings = Settings::load(None, &[]).unwrap();
         assert_eq!(settings.credentials(&[]).unwrap_err().key, "CLOUD_SDK_AK");
