@@ -95,6 +95,7 @@ async fn bench_end_to_end(jobs: usize) {
         faults: Default::default(),
         max_clock_skew: Duration::from_secs(900),
         seed: 1,
+        ..SimulatorConfig::default()
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

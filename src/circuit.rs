@@ -15,6 +15,7 @@ use std::sync::Mutex;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::config::Credentials;
 use crate::gaussdb::CallError;
 
 /// What a circuit holds.
@@ -58,7 +59,55 @@ pub struct Fault {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuthMode {
     AkSk,
+    /// Temporary AK/SK with a security token, from the environment.
+    TemporaryAkSk,
+    /// Temporary AK/SK from the ECS metadata service.
+    Metadata,
     Token,
+    /// A token fetched from IAM.
+    Iam,
+}
+
+impl AuthMode {
+    pub fn of(credentials: &Credentials) -> AuthMode {
+        match credentials {
+            Credentials::AkSk { .. } => AuthMode::AkSk,
+            Credentials::TemporaryAkSk { .. } => AuthMode::TemporaryAkSk,
+            Credentials::Metadata { .. } => AuthMode::Metadata,
+            Credentials::Token(_) => AuthMode::Token,
+            Credentials::Iam(_) => AuthMode::Iam,
+        }
+    }
+
+    /// What to check when the API refuses the credentials.
+    fn refused_fix(self) -> &'static str {
+        match self {
+            AuthMode::AkSk => "check CLOUD_SDK_AK/CLOUD_SDK_SK",
+            AuthMode::TemporaryAkSk => {
+                "check CLOUD_SDK_AK/CLOUD_SDK_SK/CLOUD_SDK_SECURITY_TOKEN (temporary keys expire)"
+            }
+            AuthMode::Metadata => {
+                "check the ECS instance's agency and its permissions; probes fetch fresh keys"
+            }
+            AuthMode::Token => "check the IAM token (KEYTURN_API__TOKEN)",
+            AuthMode::Iam => {
+                "check the IAM user's permissions (api.iam_user, api.iam_project); probes fetch a fresh token"
+            }
+        }
+    }
+
+    /// What to check when no credential could be fetched.
+    fn fetch_fix(self) -> &'static str {
+        match self {
+            AuthMode::Metadata => {
+                "check the ECS metadata service (api.metadata_url) and that the instance has an agency"
+            }
+            AuthMode::Iam => {
+                "check api.iam_endpoint, api.iam_domain, api.iam_user, api.iam_project and KEYTURN_API__IAM_PASSWORD"
+            }
+            other => other.refused_fix(),
+        }
+    }
 }
 
 /// What one answer says about the deployment.
@@ -89,10 +138,7 @@ pub fn classify(result: &Result<(), CallError>, region: &str, auth: AuthMode) ->
                 (401, _) => Signal::Fault(Fault {
                     scope: Scope::Credentials,
                     cause: format!("credentials refused by {region} ({code})"),
-                    fix: match auth {
-                        AuthMode::AkSk => "check CLOUD_SDK_AK/CLOUD_SDK_SK".into(),
-                        AuthMode::Token => "check the IAM token (KEYTURN_API__TOKEN)".into(),
-                    },
+                    fix: auth.refused_fix().into(),
                 }),
                 (500..=599, _) => Signal::Strike,
                 _ => Signal::Healthy,
@@ -102,6 +148,11 @@ pub fn classify(result: &Result<(), CallError>, region: &str, auth: AuthMode) ->
             scope: Scope::Region(region.into()),
             cause: format!("the endpoint of {region} is unreachable ({detail})"),
             fix: "check api.endpoint, DNS, the network path and TLS to it".into(),
+        }),
+        CallError::Credentials(detail) => Signal::Fault(Fault {
+            scope: Scope::Credentials,
+            cause: format!("no credentials for {region}: {detail}"),
+            fix: auth.fetch_fix().into(),
         }),
         CallError::Timeout => Signal::Strike,
         CallError::Protocol(_) => Signal::Healthy,
@@ -299,6 +350,27 @@ mod tests {
             "credentials refused by cn-north-4 (APIGW.0301)"
         );
         assert!(fault.fix.contains("CLOUD_SDK_AK/CLOUD_SDK_SK"));
+    }
+
+    #[test]
+    fn a_failed_fetch_holds_every_call_and_names_its_source() {
+        let error = Err(CallError::Credentials(
+            "IAM at https://iam.example.com/v3/auth/tokens answered HTTP 401: -".into(),
+        ));
+        let Signal::Fault(fault) = classify(&error, "cn-north-4", AuthMode::Iam) else {
+            panic!("a failed fetch is a fault")
+        };
+        assert_eq!(fault.scope, Scope::Credentials);
+        assert!(
+            fault.cause.contains("https://iam.example.com"),
+            "{}",
+            fault.cause
+        );
+        assert!(fault.fix.contains("api.iam_endpoint"), "{}", fault.fix);
+        let Signal::Fault(fault) = classify(&error, "cn-north-4", AuthMode::Metadata) else {
+            panic!("a failed fetch is a fault")
+        };
+        assert!(fault.fix.contains("api.metadata_url"), "{}", fault.fix);
     }
 
     #[test]

@@ -119,8 +119,29 @@ impl Default for CircuitSettings {
 pub struct ApiSettings {
     /// Replaces the region table when set (private endpoints, the simulator).
     pub endpoint: String,
-    /// `aksk` (from CLOUD_SDK_AK / CLOUD_SDK_SK) or `token` (api.token).
+    /// The older name of `api.credentials`, still read when that is empty.
     pub auth: String,
+    /// Where credentials come from: `aksk` (CLOUD_SDK_AK / CLOUD_SDK_SK, plus
+    /// CLOUD_SDK_SECURITY_TOKEN for temporary keys), `metadata` (the ECS metadata service),
+    /// `token` (api.token) or `iam` (a token fetched from IAM). Empty = `api.auth`.
+    pub credentials: String,
+    /// The ECS metadata service, for `credentials = "metadata"`.
+    pub metadata_url: String,
+    /// IAM, for `credentials = "iam"`: `POST {iam_endpoint}/v3/auth/tokens`.
+    pub iam_endpoint: String,
+    /// The account (domain) name of the IAM user.
+    pub iam_domain: String,
+    pub iam_user: String,
+    /// The project (scope) name the token is for, usually the region, e.g. `cn-north-4`.
+    pub iam_project: String,
+    /// The IAM user's password, only from KEYTURN_API__IAM_PASSWORD (refused in a file, like
+    /// `api.token`). Never serialized.
+    #[serde(skip_serializing, deserialize_with = "secret_text::deserialize")]
+    pub iam_password: SecretString,
+    /// How long before a fetched credential expires it is replaced; never more than half its
+    /// lifetime, so short-lived credentials are still used for a while.
+    #[serde(with = "duration_text")]
+    pub refresh_before: Duration,
     /// Static IAM token for `auth = "token"`, only from KEYTURN_API__TOKEN: a file is copied,
     /// backed up and shown on screens, so [`Settings::load`] refuses it there. Never serialized.
     #[serde(skip_serializing, deserialize_with = "secret_text::deserialize")]
@@ -251,6 +272,14 @@ impl Default for ApiSettings {
         ApiSettings {
             endpoint: String::new(),
             auth: "aksk".into(),
+            credentials: String::new(),
+            metadata_url: "http://169.254.169.254".into(),
+            iam_endpoint: "https://iam.myhuaweicloud.com".into(),
+            iam_domain: String::new(),
+            iam_user: String::new(),
+            iam_project: String::new(),
+            iam_password: SecretString::from(""),
+            refresh_before: Duration::from_secs(5 * 60),
             token: SecretString::from(""),
             language: "en-us".into(),
             connect_timeout: Duration::from_secs(5),
@@ -304,12 +333,37 @@ impl Default for LogSettings {
     }
 }
 
-/// How the worker authenticates to the API. `Debug` never shows the secrets.
+/// Where the worker's credentials come from (`api.credentials`). `Debug` never shows the secrets.
 #[derive(Debug, Clone)]
 pub enum Credentials {
+    /// Permanent AK/SK.
     AkSk { ak: String, sk: SecretString },
+    /// Temporary AK/SK with the security token they were issued with (sent as `X-Security-Token`).
+    TemporaryAkSk {
+        ak: String,
+        sk: SecretString,
+        security_token: SecretString,
+    },
+    /// Temporary AK/SK fetched from the ECS metadata service at `url`, renewed before expiry.
+    Metadata { url: String },
+    /// A static IAM token.
     Token(SecretString),
+    /// An IAM token fetched with the user's password, renewed before expiry.
+    Iam(IamIdentity),
 }
+
+/// The IAM user a token is fetched for.
+#[derive(Debug, Clone)]
+pub struct IamIdentity {
+    pub endpoint: String,
+    pub domain: String,
+    pub user: String,
+    pub project: String,
+    pub password: SecretString,
+}
+
+/// The valid values of `api.credentials`.
+const SOURCES: [&str; 4] = ["aksk", "metadata", "token", "iam"];
 
 impl Settings {
     /// Reads `path` (or the built-in defaults when `None`), applies `env` overrides and validates.
@@ -342,7 +396,8 @@ impl Settings {
         format!("{host}-{}", std::process::id())
     }
 
-    /// The credentials `api.auth` asks for, from `env` (CLOUD_SDK_AK / CLOUD_SDK_SK) or `api.token`.
+    /// The credentials `api.credentials` (or `api.auth`) asks for, from `env` (CLOUD_SDK_AK /
+    /// CLOUD_SDK_SK / CLOUD_SDK_SECURITY_TOKEN) or the `api` section.
     pub fn credentials(&self, env: &[(String, String)]) -> Result<Credentials, ConfigError> {
         let var = |name: &str| {
             env.iter()
@@ -350,23 +405,35 @@ impl Settings {
                 .map(|(_, value)| value.clone())
                 .filter(|value| !value.is_empty())
         };
-        match self.api.auth.as_str() {
+        let (key, source) = self.api.source();
+        let missing = |name: &str| config_error(name, format!("is not set ({key} = \"{source}\")"));
+        match source {
             "aksk" => {
-                let ak = var("CLOUD_SDK_AK").ok_or_else(|| {
-                    config_error("CLOUD_SDK_AK", "is not set (api.auth = \"aksk\")")
-                })?;
-                let sk = var("CLOUD_SDK_SK").ok_or_else(|| {
-                    config_error("CLOUD_SDK_SK", "is not set (api.auth = \"aksk\")")
-                })?;
-                Ok(Credentials::AkSk { ak, sk: sk.into() })
+                let ak = var("CLOUD_SDK_AK").ok_or_else(|| missing("CLOUD_SDK_AK"))?;
+                let sk = var("CLOUD_SDK_SK").ok_or_else(|| missing("CLOUD_SDK_SK"))?;
+                Ok(match var("CLOUD_SDK_SECURITY_TOKEN") {
+                    Some(token) => Credentials::TemporaryAkSk {
+                        ak,
+                        sk: sk.into(),
+                        security_token: token.into(),
+                    },
+                    None => Credentials::AkSk { ak, sk: sk.into() },
+                })
             }
+            "metadata" => Ok(Credentials::Metadata {
+                url: self.api.metadata_url.trim_end_matches('/').to_owned(),
+            }),
             "token" if !self.api.token.expose_secret().is_empty() => {
                 Ok(Credentials::Token(self.api.token.clone()))
             }
-            "token" => Err(config_error("api.token", "is empty (api.auth = \"token\")")),
+            "token" => Err(config_error(
+                "api.token",
+                format!("is empty ({key} = \"token\")"),
+            )),
+            "iam" => self.api.iam_identity(),
             other => Err(config_error(
-                "api.auth",
-                format!("must be aksk or token, not {other:?}"),
+                key,
+                format!("must be {}, not {other:?}", SOURCES.join(", ")),
             )),
         }
     }
@@ -477,12 +544,20 @@ impl Settings {
                 format!("{default_region:?} is not a known region"),
             ));
         }
-        if !matches!(api.auth.as_str(), "aksk" | "token") {
+        let (key, source) = api.source();
+        if !SOURCES.contains(&source) {
             return Err(config_error(
-                "api.auth",
-                format!("must be aksk or token, not {:?}", api.auth),
+                key,
+                format!("must be {}, not {source:?}", SOURCES.join(", ")),
             ));
         }
+        validate_url("api.metadata_url", &api.metadata_url, true)?;
+        validate_url(
+            "api.iam_endpoint",
+            &api.iam_endpoint,
+            api.allow_insecure_http,
+        )?;
+        bounded("api.refresh_before", api.refresh_before, HOUR)?;
         if !matches!(api.language.as_str(), "en-us" | "zh-cn") {
             return Err(config_error("api.language", "must be en-us or zh-cn"));
         }
@@ -537,32 +612,65 @@ impl Settings {
     }
 }
 
-/// An http(s) URL with a host; plain `http://` only to loopback unless explicitly allowed, because
-/// every request carries a signature or a token.
-fn validate_endpoint(endpoint: &str, allow_insecure_http: bool) -> Result<(), ConfigError> {
-    let url = reqwest::Url::parse(endpoint)
-        .map_err(|error| config_error("api.endpoint", format!("is not a URL: {error}")))?;
-    let Some(host) = url.host_str() else {
-        return Err(config_error(
-            "api.endpoint",
-            "must be an http(s) URL with a host",
-        ));
-    };
-    match url.scheme() {
-        "https" => Ok(()),
-        "http" if allow_insecure_http || is_loopback(host) => Ok(()),
-        "http" => Err(config_error(
-            "api.endpoint",
-            // The host only: a URL may carry user info that is not for a log line.
+impl ApiSettings {
+    /// The key that chose the credentials and its value: `api.credentials`, or the older
+    /// `api.auth` when that is empty.
+    pub fn source(&self) -> (&'static str, &str) {
+        if self.credentials.is_empty() {
+            ("api.auth", self.auth.as_str())
+        } else {
+            ("api.credentials", self.credentials.as_str())
+        }
+    }
+
+    /// The IAM user of `credentials = "iam"`; each missing piece names its key.
+    fn iam_identity(&self) -> Result<Credentials, ConfigError> {
+        let required = |key: &str, value: &str| {
+            if value.is_empty() {
+                Err(config_error(key, "is empty (api.credentials = \"iam\")"))
+            } else {
+                Ok(value.to_owned())
+            }
+        };
+        let identity = IamIdentity {
+            endpoint: self.iam_endpoint.trim_end_matches('/').to_owned(),
+            domain: required("api.iam_domain", &self.iam_domain)?,
+            user: required("api.iam_user", &self.iam_user)?,
+            project: required("api.iam_project", &self.iam_project)?,
+            password: self.iam_password.clone(),
+        };
+        if identity.password.expose_secret().is_empty() {
+            return Err(config_error(
+                "api.iam_password",
+                "is empty (api.credentials = \"iam\"); set KEYTURN_API__IAM_PASSWORD",
+            ));
+        }
+        Ok(Credentials::Iam(identity))
+    }
+}
+
+/// An http(s) URL with a host under `key`; plain `http://` only to loopback unless `allow_http`.
+fn validate_url(key: &str, url: &str, allow_http: bool) -> Result<(), ConfigError> {
+    let parsed = reqwest::Url::parse(url)
+        .map_err(|error| config_error(key, format!("is not a URL: {error}")))?;
+    match (parsed.scheme(), parsed.host_str()) {
+        ("https", Some(_)) => Ok(()),
+        ("http", Some(host)) if allow_http || is_loopback(host) => Ok(()),
+        // The host only: a URL may carry user info that is not for a log line.
+        ("http", Some(host)) => Err(config_error(
+            key,
             format!(
                 "plain http to {host}, which is not loopback; use https or set api.allow_insecure_http = true"
             ),
         )),
-        _ => Err(config_error(
-            "api.endpoint",
-            "must be an http(s) URL with a host",
-        )),
+        _ => Err(config_error(key, "must be an http(s) URL with a host")),
     }
+}
+
+/// An http(s) URL with a host; plain `http://` only to loopback unless explicitly allowed, because
+/// every request carries a signature or a token.
+fn validate_endpoint(endpoint: &str, allow_insecure_http: bool) -> Result<(), ConfigError> {
+    validate_url("api.endpoint", endpoint, allow_insecure_http)
 }
 
 /// `localhost`, 127.0.0.0/8 or ::1 (the URL parser has already normalised the host).
@@ -578,14 +686,22 @@ fn is_loopback(host: &str) -> bool {
 /// that the file is the wrong place, and where the value belongs.
 fn refuse_secrets_in_file(table: &toml::Table) -> Result<(), ConfigError> {
     let api = table.get("api").and_then(toml::Value::as_table);
-    if api.is_some_and(|api| api.contains_key("token")) {
-        return Err(config_error(
-            "api.token",
-            "must not be written in the config file; set KEYTURN_API__TOKEN",
-        ));
+    for key in SECRET_API_KEYS {
+        if api.is_some_and(|api| api.contains_key(key)) {
+            return Err(config_error(
+                format!("api.{key}"),
+                format!(
+                    "must not be written in the config file; set KEYTURN_API__{}",
+                    key.to_ascii_uppercase()
+                ),
+            ));
+        }
     }
     Ok(())
 }
+
+/// `api` keys read only from the environment.
+const SECRET_API_KEYS: [&str; 2] = ["token", "iam_password"];
 
 impl AmqpSettings {
     /// The PEM text of `amqp.ca_file`, checked to hold at least one certificate.
@@ -721,8 +837,8 @@ fn apply_env(table: &mut toml::Table, env: &[(String, String)]) -> Result<(), Co
         };
         let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
         let dotted = format!("{section}.{key}");
-        let secret =
-            (section == "api" && key == "token").then(|| toml::Value::String(String::new()));
+        let secret = (section == "api" && SECRET_API_KEYS.contains(&key.as_str()))
+            .then(|| toml::Value::String(String::new()));
         let Some(default) = defaults
             .get(&section)
             .and_then(|s| s.get(&key))
@@ -1014,7 +1130,7 @@ mod tests {
         let settings = load_file("[api]\nauth = \"aksk\"\n", &vars).unwrap();
         match settings.credentials(&[]).unwrap() {
             Credentials::Token(token) => assert_eq!(token.expose_secret(), "env-token-secret-42"),
-            Credentials::AkSk { .. } => panic!("token auth expected"),
+            _ => panic!("token auth expected"),
         }
         assert!(!format!("{settings:?}").contains("env-token-secret-42"));
         assert!(
@@ -1054,6 +1170,85 @@ mod tests {
         let shown = good.display().to_string();
         let settings = Settings::load(None, &env(&[("KEYTURN_API__CA_FILE", &shown)])).unwrap();
         assert_eq!(settings.api.ca_file, good);
+    }
+
+    #[test]
+    fn each_missing_piece_of_a_credential_source_names_its_key() {
+        let iam = [
+            ("KEYTURN_API__CREDENTIALS", "iam"),
+            ("KEYTURN_API__IAM_DOMAIN", "acct"),
+            ("KEYTURN_API__IAM_USER", "worker"),
+            ("KEYTURN_API__IAM_PROJECT", "cn-north-4"),
+            ("KEYTURN_API__IAM_PASSWORD", "iam-password-never-show"),
+        ];
+        for missing in 1..iam.len() {
+            let vars: Vec<_> = iam
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != missing)
+                .map(|(_, v)| *v)
+                .collect();
+            let error = Settings::load(None, &env(&vars))
+                .and_then(|settings| settings.credentials(&[]))
+                .unwrap_err();
+            let key = iam[missing]
+                .0
+                .strip_prefix("KEYTURN_API__")
+                .unwrap()
+                .to_ascii_lowercase();
+            assert_eq!(error.key, format!("api.{key}"), "{error}");
+        }
+        let settings = Settings::load(None, &env(&iam)).unwrap();
+        let credentials = settings.credentials(&[]).unwrap();
+        assert!(matches!(credentials, Credentials::Iam(_)));
+        for shown in [
+            format!("{credentials:?}"),
+            format!("{settings:?}"),
+            toml::to_string(&settings).unwrap(),
+        ] {
+            assert!(!shown.contains("iam-password-never-show"), "{shown}");
+        }
+        for (name, value, key) in [
+            ("KEYTURN_API__CREDENTIALS", "password", "api.credentials"),
+            (
+                "KEYTURN_API__IAM_ENDPOINT",
+                "http://iam.example.com",
+                "api.iam_endpoint",
+            ),
+            (
+                "KEYTURN_API__METADATA_URL",
+                "169.254.169.254",
+                "api.metadata_url",
+            ),
+            ("KEYTURN_API__REFRESH_BEFORE", "0s", "api.refresh_before"),
+            ("KEYTURN_API__REFRESH_BEFORE", "2h", "api.refresh_before"),
+        ] {
+            let error = Settings::load(None, &env(&[(name, value)])).expect_err(name);
+            assert_eq!(error.key, key, "{error}");
+        }
+        let error = load_file("[api]\niam_password = \"x\"\n", &[]).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "config key api.iam_password: must not be written in the config file; set KEYTURN_API__IAM_PASSWORD"
+        );
+    }
+
+    #[test]
+    fn a_security_token_makes_the_sdk_keys_temporary_and_never_prints() {
+        let settings = Settings::load(None, &[]).unwrap();
+        let vars = env(&[
+            ("CLOUD_SDK_AK", "AK1"),
+            ("CLOUD_SDK_SK", "sk"),
+            ("CLOUD_SDK_SECURITY_TOKEN", "security-token-never-show"),
+        ]);
+        let credentials = settings.credentials(&vars).unwrap();
+        assert!(matches!(credentials, Credentials::TemporaryAkSk { .. }));
+        assert!(!format!("{credentials:?}").contains("security-token-never-show"));
+        let metadata = Settings::load(None, &env(&[("KEYTURN_API__AUTH", "metadata")])).unwrap();
+        match metadata.credentials(&[]).unwrap() {
+            Credentials::Metadata { url } => assert_eq!(url, "http://169.254.169.254"),
+            other => panic!("metadata expected, not {other:?}"),
+        }
     }
 
     #[test]

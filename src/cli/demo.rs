@@ -93,6 +93,7 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
         },
         max_clock_skew: Duration::from_secs(15 * 60),
         seed: 7,
+        ..SimulatorConfig::default()
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     settings.api.endpoint = format!("http://{}", listener.local_addr()?);

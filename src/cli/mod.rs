@@ -206,10 +206,7 @@ pub fn build_pipeline(
     credentials: Credentials,
 ) -> anyhow::Result<(Arc<Pipeline>, Arc<Publisher>)> {
     let audit = open_audit(&settings)?;
-    let auth = match credentials {
-        Credentials::AkSk { .. } => AuthMode::AkSk,
-        Credentials::Token(_) => AuthMode::Token,
-    };
+    let auth = AuthMode::of(&credentials);
     let client = Client::new(&settings.api, credentials).context("building the HTTP client")?;
     let worker_id = settings.worker_id();
     let publisher = Publisher::new(&settings.amqp, &worker_id);
@@ -282,7 +279,7 @@ fn log_start(settings: &Settings, source: &str, worker_id: &str) {
         version = env!("CARGO_PKG_VERSION"),
         config = source,
         endpoint,
-        auth = %settings.api.auth,
+        auth = %settings.api.source().1,
         concurrency = settings.worker.concurrency,
         per_second = limits.per_second,
         per_project_per_second = limits.per_project_per_second,

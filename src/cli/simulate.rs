@@ -1,6 +1,8 @@
 //! `keyturn simulator`: the GaussDB API stand-in as a process, for tests and benchmarks that run
 //! the real binary. It accepts the AK/SK from CLOUD_SDK_AK / CLOUD_SDK_SK and/or the tokens in
-//! KEYTURN_SIMULATOR_TOKENS (comma-separated).
+//! KEYTURN_SIMULATOR_TOKENS (comma-separated). Its IAM endpoint issues tokens to the user
+//! KEYTURN_SIMULATOR_IAM_USER (`domain/name`) with KEYTURN_SIMULATOR_IAM_PASSWORD; its metadata
+//! endpoint issues temporary AK/SK to anyone. Both live `--credential-life`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -8,7 +10,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ConfigError;
-use crate::simulator::{Faults, Simulator, SimulatorConfig};
+use crate::simulator::{Faults, IamUser, Simulator, SimulatorConfig};
 
 #[derive(clap::Args, Debug)]
 pub struct SimulatorArgs {
@@ -39,6 +41,9 @@ pub struct SimulatorArgs {
     /// Seed of the fault dice.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// How long issued IAM tokens and temporary AK/SK stay valid, e.g. `3s`.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub credential_life: Duration,
 }
 
 pub enum Failure {
@@ -111,9 +116,12 @@ pub async fn run(args: SimulatorArgs, env: &[(String, String)]) -> Result<(), Fa
             hang_ms: args.hang_ms,
             // Set at run time with `PUT /_simulator/faults`.
             apply_then_error_rate: 0.0,
+            refuse_credential_fetches: false,
         },
         max_clock_skew: Duration::from_secs(15 * 60),
         seed: args.seed,
+        credential_life: args.credential_life,
+        iam_users: iam_user(&var)?.into_iter().collect(),
     };
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
@@ -133,6 +141,30 @@ pub async fn run(args: SimulatorArgs, env: &[(String, String)]) -> Result<(), Fa
     })
     .await
     .map_err(|error| Failure::Other(error.into()))
+}
+
+/// The IAM user from KEYTURN_SIMULATOR_IAM_USER (`domain/name`) and its password.
+fn iam_user(var: &dyn Fn(&str) -> Option<String>) -> Result<Option<IamUser>, Failure> {
+    let Some(user) = var("KEYTURN_SIMULATOR_IAM_USER") else {
+        return Ok(None);
+    };
+    let Some((domain, name)) = user.split_once('/') else {
+        return Err(config_error(
+            "KEYTURN_SIMULATOR_IAM_USER",
+            "must be domain/name",
+        ));
+    };
+    let password = var("KEYTURN_SIMULATOR_IAM_PASSWORD").ok_or_else(|| {
+        config_error(
+            "KEYTURN_SIMULATOR_IAM_PASSWORD",
+            "is not set (KEYTURN_SIMULATOR_IAM_USER is)",
+        )
+    })?;
+    Ok(Some(IamUser {
+        domain: domain.into(),
+        name: name.into(),
+        password: password.into(),
+    }))
 }
 
 fn read_fleet(path: &std::path::Path) -> Result<Vec<(String, String)>, Failure> {

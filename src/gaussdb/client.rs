@@ -9,6 +9,7 @@
 //! come from `api.ca_file`, on top of the built-in ones.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -16,6 +17,7 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use secrecy::ExposeSecret;
 use serde::Deserialize;
 
+use super::credentials::{self, Credential, Provider};
 use super::{regions, signer};
 use crate::config::{ApiSettings, ConfigError, Credentials};
 use crate::job::{Change, Job, Status};
@@ -52,6 +54,9 @@ pub enum CallError {
     Connect(String),
     #[error("unusable answer: {0}")]
     Protocol(String),
+    /// No credential to send: fetching one failed (the text names the source). Nothing was sent.
+    #[error("no credentials: {0}")]
+    Credentials(String),
 }
 
 impl CallError {
@@ -63,6 +68,9 @@ impl CallError {
         )
     }
 }
+
+/// Carries the security token of temporary AK/SK.
+const SECURITY_TOKEN_HEADER: &str = "X-Security-Token";
 
 /// One attempt and what came of it.
 #[derive(Debug, Clone)]
@@ -114,12 +122,12 @@ pub fn read_ca_bundle(path: &Path) -> Result<Vec<reqwest::Certificate>, ConfigEr
     Ok(certificates)
 }
 
-/// Signed client for one deployment (one credential, one endpoint rule).
+/// Signed client for one deployment (one credential source, one endpoint rule).
 #[derive(Clone)]
 pub struct Client {
     http: reqwest::Client,
     endpoint: Option<String>,
-    credentials: Credentials,
+    provider: Arc<dyn Provider>,
     language: String,
 }
 
@@ -147,12 +155,18 @@ impl Client {
         let http = builder.build()?;
         let endpoint =
             Some(settings.endpoint.trim_end_matches('/').to_owned()).filter(|e| !e.is_empty());
+        let provider = credentials::provider(credentials, http.clone(), settings.refresh_before);
         Ok(Client {
             http,
             endpoint,
-            credentials,
+            provider,
             language: settings.language.clone(),
         })
+    }
+
+    /// Credentials fetched so far (metadata or IAM; 0 for static ones), for metrics.
+    pub fn credential_fetches(&self) -> u64 {
+        self.provider.fetches()
     }
 
     /// Sets the state `job` asks for.
@@ -195,7 +209,12 @@ impl Client {
             Call::Modify => reqwest::Method::POST,
             Call::Describe => reqwest::Method::GET,
         };
-        let headers = self.headers(&method, &url, job, &body)?;
+        let lease = self
+            .provider
+            .lease()
+            .await
+            .map_err(|error| CallError::Credentials(error.0))?;
+        let headers = self.headers(&method, &url, job, &body, &lease.credential)?;
         let response = self
             .http
             .request(method, url)
@@ -205,6 +224,9 @@ impl Client {
             .await
             .map_err(transport_error)?;
         let status = response.status().as_u16();
+        if status == 401 {
+            self.provider.refused(&lease);
+        }
         let request_id = header_text(response.headers(), "x-request-id");
         let retry_after = header_text(response.headers(), "retry-after")
             .and_then(|value| value.trim().parse::<u64>().ok())
@@ -231,13 +253,14 @@ impl Client {
             .map_err(|error| CallError::Protocol(error.to_string()))
     }
 
-    /// The headers of one attempt, signed when the credentials are AK/SK.
+    /// The headers of one attempt, signed when the credential is AK/SK.
     fn headers(
         &self,
         method: &reqwest::Method,
         url: &reqwest::Url,
         job: &Job,
         body: &[u8],
+        credential: &Credential,
     ) -> Result<HeaderMap, CallError> {
         let content_type = match *method {
             reqwest::Method::POST => "application/json;charset=UTF-8",
@@ -253,8 +276,19 @@ impl Client {
             ("X-Language".into(), self.language.clone()),
             ("X-Project-Id".into(), job.project_id.to_string()),
         ];
-        match &self.credentials {
-            Credentials::AkSk { ak, sk } => {
+        match credential {
+            Credential::AkSk {
+                ak,
+                sk,
+                security_token,
+            } => {
+                // Added before signing, so it is among the SignedHeaders, as the official SDKs do.
+                if let Some(token) = security_token {
+                    pairs.push((
+                        SECURITY_TOKEN_HEADER.into(),
+                        token.expose_secret().to_owned(),
+                    ));
+                }
                 pairs.push((signer::DATE_HEADER.into(), signer::format_date(Utc::now())));
                 let request = signer::Request {
                     method: method.as_str(),
@@ -268,7 +302,7 @@ impl Client {
                     signer::sign(&request, &signed, ak, sk.expose_secret().as_bytes());
                 pairs.push(("Authorization".into(), authorization));
             }
-            Credentials::Token(token) => {
+            Credential::Token(token) => {
                 pairs.push(("X-Auth-Token".into(), token.expose_secret().to_owned()));
             }
         }
@@ -283,7 +317,7 @@ fn to_header_map(pairs: Vec<(String, String)>) -> Result<HeaderMap, CallError> {
             .map_err(|_| CallError::Protocol(format!("bad header name {name}")))?;
         let mut value = HeaderValue::from_str(&value)
             .map_err(|_| CallError::Protocol(format!("bad value for header {name}")))?;
-        if name == "authorization" || name == "x-auth-token" {
+        if ["authorization", "x-auth-token", "x-security-token"].contains(&name.as_str()) {
             value.set_sensitive(true);
         }
         map.insert(name, value);

@@ -288,7 +288,10 @@ fn may_have_landed(error: &CallError) -> bool {
 fn verdict(error: &CallError) -> Verdict {
     match error {
         CallError::Api { status, code, .. } => retry::classify(*status, code.as_deref()),
-        CallError::Timeout | CallError::Connect(_) | CallError::Protocol(_) => Verdict::Retry,
+        CallError::Timeout
+        | CallError::Connect(_)
+        | CallError::Protocol(_)
+        | CallError::Credentials(_) => Verdict::Retry,
     }
 }
 

@@ -144,6 +144,7 @@ pub(super) fn error_pair(error: &CallError) -> (String, String) {
         CallError::Timeout => ("keyturn.timeout".into(), error.to_string()),
         CallError::Connect(_) => ("keyturn.connect".into(), error.to_string()),
         CallError::Protocol(_) => ("keyturn.protocol".into(), error.to_string()),
+        CallError::Credentials(_) => ("keyturn.credentials".into(), error.to_string()),
     }
 }
 

@@ -254,6 +254,7 @@ struct Outcome {
     decision: Decision,
     instance_id: Option<String>,
     signed_headers: Option<Vec<String>>,
+    access_key: Option<String>,
 }
 
 impl Outcome {
@@ -263,6 +264,7 @@ impl Outcome {
             decision: Decision::now(Reply::error(StatusCode::NOT_FOUND, "APIGW.0101", msg)),
             instance_id: None,
             signed_headers: None,
+            access_key: None,
         }
     }
 
@@ -272,6 +274,7 @@ impl Outcome {
             decision: Decision::now(Reply::bad_request(msg)),
             instance_id: Some(route.instance_id.clone()),
             signed_headers: None,
+            access_key: None,
         }
     }
 }
@@ -296,6 +299,7 @@ impl Simulator {
         };
         let verdict = auth::authenticate(
             &self.keys(),
+            &self.issued(),
             self.config.max_clock_skew,
             &received,
             chrono::Utc::now(),
@@ -309,6 +313,7 @@ impl Simulator {
             decision,
             instance_id: Some(route.instance_id.clone()),
             signed_headers: verdict.signed_headers,
+            access_key: verdict.access_key,
         }
     }
 
@@ -376,6 +381,7 @@ impl Simulator {
             error_code: reply.error_code().map(str::to_owned),
             request_id: request_id.to_owned(),
             signed_headers: outcome.signed_headers.clone(),
+            access_key: outcome.access_key.clone(),
         });
     }
 }

@@ -1,5 +1,8 @@
 //! The API gateway's authentication: an accepted `X-Auth-Token`, or an `SDK-HMAC-SHA256`
 //! signature recomputed with the project's [`signer`] over exactly what was received.
+//!
+//! Issued credentials ([`Issued`]: fetched IAM tokens, temporary AK/SK) pass only until their
+//! expiry; a temporary AK must come with its own security token in a signed `X-Security-Token`.
 
 use std::time::Duration;
 
@@ -7,11 +10,13 @@ use axum::http::HeaderMap;
 use chrono::{DateTime, Utc};
 use secrecy::{ExposeSecret, SecretString};
 
+use super::issuer::Issued;
 use crate::gaussdb::signer;
 
 const TOKEN_HEADER: &str = "x-auth-token";
 const AUTHORIZATION_HEADER: &str = "authorization";
 const DATE_SIGNED_NAME: &str = "x-sdk-date";
+const SECURITY_TOKEN_HEADER: &str = "x-security-token";
 const IAM_PREFIX: &str = "Incorrect IAM authentication information";
 
 /// The keys the gateway accepts right now; [`super::Simulator::set_credentials`] swaps them whole.
@@ -41,6 +46,12 @@ pub(super) enum AuthError {
     Malformed(signer::ParseError),
     #[error("{IAM_PREFIX}: access key not found")]
     UnknownKey,
+    #[error("{IAM_PREFIX}: the temporary access key has expired")]
+    KeyExpired,
+    #[error(
+        "{IAM_PREFIX}: x-security-token is missing, not signed or not the one issued with the access key"
+    )]
+    SecurityToken,
     #[error("{IAM_PREFIX}: x-sdk-date must be among the SignedHeaders")]
     DateNotSigned,
     #[error("{IAM_PREFIX}: x-sdk-date is missing or not YYYYMMDDTHHMMSSZ")]
@@ -69,23 +80,29 @@ impl AuthError {
 /// The verdict, with the SignedHeaders (kept for the stats) whether or not it passed.
 pub(super) struct Verdict {
     pub signed_headers: Option<Vec<String>>,
+    /// The AK of a signed request (not a secret).
+    pub access_key: Option<String>,
     pub result: Result<(), AuthError>,
 }
 
 /// Checks a token when one is sent, else the signature.
 pub(super) fn authenticate(
     keys: &Keys,
+    issued: &Issued,
     max_skew: Duration,
     request: &Received<'_>,
     now: DateTime<Utc>,
 ) -> Verdict {
     if let Some(token) = request.headers.get(TOKEN_HEADER) {
-        let accepted = keys
-            .tokens
-            .iter()
-            .any(|known| same_secret(known, token.as_bytes()));
+        let offered = token.as_bytes();
+        let accepted = keys.tokens.iter().any(|known| same_secret(known, offered))
+            || issued
+                .tokens
+                .iter()
+                .any(|(known, expires_at)| now < *expires_at && same_secret(known, offered));
         return Verdict {
             signed_headers: None,
+            access_key: None,
             result: if accepted {
                 Ok(())
             } else {
@@ -96,6 +113,7 @@ pub(super) fn authenticate(
     let Some(value) = request.headers.get(AUTHORIZATION_HEADER) else {
         return Verdict {
             signed_headers: None,
+            access_key: None,
             result: Err(AuthError::Missing),
         };
     };
@@ -104,29 +122,60 @@ pub(super) fn authenticate(
         Err(error) => {
             return Verdict {
                 signed_headers: None,
+                access_key: None,
                 result: Err(AuthError::Malformed(error)),
             };
         }
     };
+    let sk = secret_key(keys, issued, request.headers, &parsed, now);
     Verdict {
         signed_headers: Some(parsed.signed_headers.clone()),
-        result: check_signature(keys, max_skew, request, &parsed, now),
+        access_key: Some(parsed.access.clone()),
+        result: sk.and_then(|sk| check_signature(&sk, max_skew, request, &parsed, now)),
     }
 }
 
-fn check_signature(
+/// The SK of the signing AK: a permanent one, or a temporary one that has not expired and came
+/// with its own security token, signed.
+fn secret_key(
     keys: &Keys,
+    issued: &Issued,
+    headers: &HeaderMap,
+    authorization: &signer::Authorization,
+    now: DateTime<Utc>,
+) -> Result<SecretString, AuthError> {
+    let access = &authorization.access;
+    if let Some((_, sk)) = keys.credentials.iter().find(|(ak, _)| ak == access) {
+        return Ok(sk.clone());
+    }
+    let key = issued
+        .temporary
+        .iter()
+        .find(|key| &key.ak == access)
+        .ok_or(AuthError::UnknownKey)?;
+    if now >= key.expires_at {
+        return Err(AuthError::KeyExpired);
+    }
+    let signed = authorization
+        .signed_headers
+        .iter()
+        .any(|name| name == SECURITY_TOKEN_HEADER);
+    let sent = headers
+        .get(SECURITY_TOKEN_HEADER)
+        .is_some_and(|token| same_secret(&key.security_token, token.as_bytes()));
+    if !(signed && sent) {
+        return Err(AuthError::SecurityToken);
+    }
+    Ok(key.sk.clone())
+}
+
+fn check_signature(
+    sk: &SecretString,
     max_skew: Duration,
     request: &Received<'_>,
     authorization: &signer::Authorization,
     now: DateTime<Utc>,
 ) -> Result<(), AuthError> {
-    let sk = keys
-        .credentials
-        .iter()
-        .find(|(ak, _)| *ak == authorization.access)
-        .map(|(_, sk)| sk)
-        .ok_or(AuthError::UnknownKey)?;
     if !authorization
         .signed_headers
         .iter()
@@ -221,7 +270,7 @@ pub(super) fn percent_decode(text: &str) -> String {
 }
 
 /// Compares without an early exit, so timing does not reveal how much of a token matched.
-fn same_secret(known: &SecretString, offered: &[u8]) -> bool {
+pub(super) fn same_secret(known: &SecretString, offered: &[u8]) -> bool {
     let known = known.expose_secret().as_bytes();
     known.len() == offered.len()
         && known

@@ -14,6 +14,7 @@
 mod api;
 mod auth;
 mod body;
+mod issuer;
 #[cfg(test)]
 mod test_support;
 
@@ -34,6 +35,8 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use auth::Keys;
+use issuer::Issued;
+pub use issuer::{FetchRecord, IamUser};
 
 /// The header every answer carries, as Huawei Cloud's gateway does.
 const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -55,6 +58,10 @@ pub struct SimulatorConfig {
     pub max_clock_skew: Duration,
     /// Seeds the RNG that rolls the fault rates, so a run with faults is repeatable.
     pub seed: u64,
+    /// How long an IAM token or temporary AK/SK the simulator issues stays valid.
+    pub credential_life: Duration,
+    /// Users its IAM endpoint issues tokens to.
+    pub iam_users: Vec<IamUser>,
 }
 
 impl Default for SimulatorConfig {
@@ -66,6 +73,8 @@ impl Default for SimulatorConfig {
             faults: Faults::default(),
             max_clock_skew: Duration::from_secs(15 * 60),
             seed: 0,
+            credential_life: Duration::from_secs(3600),
+            iam_users: Vec::new(),
         }
     }
 }
@@ -93,6 +102,8 @@ pub struct Faults {
     pub apply_then_error_rate: f64,
     /// How long a hang lasts (default 30 s): long enough for any sane client to give up first.
     pub hang_ms: u64,
+    /// IAM and the metadata service refuse every fetch (401 and 404).
+    pub refuse_credential_fetches: bool,
 }
 
 impl Default for Faults {
@@ -106,6 +117,7 @@ impl Default for Faults {
             timeout_rate: 0.0,
             apply_then_error_rate: 0.0,
             hang_ms: 30_000,
+            refuse_credential_fetches: false,
         }
     }
 }
@@ -157,6 +169,9 @@ pub struct Stats {
     pub instances: BTreeMap<String, InstanceStats>,
     /// The last 1,000 API requests, oldest first.
     pub recent: Vec<RequestRecord>,
+    /// Every IAM and metadata fetch, oldest first.
+    #[serde(default)]
+    pub credential_fetches: Vec<FetchRecord>,
 }
 
 /// What one instance saw and where it stands.
@@ -190,6 +205,9 @@ pub struct RequestRecord {
     pub request_id: String,
     /// The SignedHeaders of an AK/SK request; `None` for token or unauthenticated requests.
     pub signed_headers: Option<Vec<String>>,
+    /// The AK that signed it (an access key id is not a secret).
+    #[serde(default)]
+    pub access_key: Option<String>,
 }
 
 /// The simulated service: configuration plus the mutable world behind one lock.
@@ -197,6 +215,8 @@ pub struct Simulator {
     config: SimulatorConfig,
     /// The accepted keys, swapped whole; a request authenticates against one consistent set.
     keys: RwLock<Arc<Keys>>,
+    /// Tokens and temporary keys its IAM and metadata endpoints issued.
+    issued: Mutex<Issued>,
     state: Mutex<World>,
 }
 
@@ -209,6 +229,7 @@ struct World {
     recent: VecDeque<RequestRecord>,
     /// Requests per instance being answered now, and the most ever at once.
     in_flight: HashMap<String, (u64, u64)>,
+    fetches: Vec<FetchRecord>,
 }
 
 #[derive(Default)]
@@ -290,6 +311,7 @@ impl Simulator {
             totals: Totals::default(),
             recent: VecDeque::new(),
             in_flight: HashMap::new(),
+            fetches: Vec::new(),
         };
         let keys = Keys {
             credentials: config.credentials.clone(),
@@ -298,6 +320,7 @@ impl Simulator {
         Arc::new(Self {
             config,
             keys: RwLock::new(Arc::new(keys)),
+            issued: Mutex::new(Issued::default()),
             state: Mutex::new(world),
         })
     }
@@ -372,6 +395,7 @@ impl Simulator {
                 })
                 .collect(),
             recent: world.recent.iter().cloned().collect(),
+            credential_fetches: world.fetches.clone(),
         }
     }
 
@@ -382,6 +406,10 @@ impl Simulator {
             .get(instance_id)
             .filter(|instance| instance.project_id == project_id)
             .map(|instance| status_word(instance.on).to_owned())
+    }
+
+    fn issued(&self) -> MutexGuard<'_, Issued> {
+        self.issued.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The world survives a panicking holder: every update leaves it consistent.
@@ -424,6 +452,10 @@ pub fn router(sim: Arc<Simulator>, stop: CancellationToken) -> Router {
         .route("/_simulator/faults", put(admin_faults))
         .route("/_simulator/script/{instance_id}", post(admin_script))
         .route("/_simulator/credentials", put(admin_credentials))
+        // IAM and the ECS metadata service, which hand out credentials with short lives on demand.
+        .route("/v3/auth/tokens", post(issuer::iam_tokens))
+        .route("/meta-data/latest/api/token", put(issuer::metadata_token))
+        .route("/openstack/latest/securitykey", get(issuer::security_key))
         // Everything else is the API, whose routing and errors mimic the gateway's.
         .fallback(api::handle)
         .layer(axum::middleware::map_response(ensure_request_id))

@@ -62,6 +62,8 @@ pub struct Call<'a> {
     pub at: DateTime<Utc>,
     /// Sign only `x-sdk-date` instead of every header sent.
     pub minimal: bool,
+    /// Sent (and signed unless `minimal`) as `X-Security-Token`.
+    pub security_token: Option<&'a str>,
 }
 
 impl<'a> Call<'a> {
@@ -75,6 +77,7 @@ impl<'a> Call<'a> {
             sk: SK,
             at: Utc::now(),
             minimal: false,
+            security_token: None,
         }
     }
 
@@ -210,6 +213,9 @@ impl Server {
                 "Content-Type".to_owned(),
                 "application/json;charset=UTF-8".to_owned(),
             ));
+        }
+        if let Some(token) = call.security_token {
+            headers.push(("X-Security-Token".to_owned(), token.to_owned()));
         }
         headers
     }

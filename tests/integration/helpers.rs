@@ -27,6 +27,9 @@ pub const AK: &str = "TESTACCESSKEYKEYTURN";
 pub const SK: &str = "test-secret-key-3f9c2e71-never-log-me";
 pub const TOKEN: &str = "test-token-MIIZ-never-log-me-91b3";
 pub const PROJECT: &str = "619d3e78f61b4be68bc5aa0b59edcf7b";
+pub const IAM_DOMAIN: &str = "keyturn-account";
+pub const IAM_USER: &str = "keyturn-worker";
+pub const IAM_PASSWORD: &str = "iam-password-5e1d-never-log-me";
 pub const KEY: &str = "b82fa43f-f6e8-4ec4-9c31-231bc547c526";
 
 static BROKER: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
@@ -108,6 +111,8 @@ pub struct TestApp {
 
 pub struct Options {
     pub faults: Faults,
+    /// How long the simulator's issued IAM tokens and temporary keys live.
+    pub credential_life: Duration,
     pub fleet: Option<Vec<(String, String)>>,
     pub tweak: Box<dyn FnOnce(&mut Settings) + Send>,
 }
@@ -116,6 +121,7 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             faults: Faults::default(),
+            credential_life: Duration::from_secs(3600),
             fleet: None,
             tweak: Box::new(|_| {}),
         }
@@ -148,6 +154,12 @@ impl TestApp {
             faults: options.faults,
             max_clock_skew: Duration::from_secs(15 * 60),
             seed: 42,
+            credential_life: options.credential_life,
+            iam_users: vec![keyturn::simulator::IamUser {
+                domain: IAM_DOMAIN.into(),
+                name: IAM_USER.into(),
+                password: IAM_PASSWORD.to_owned().into(),
+            }],
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let simulator_url = format!("http://{}", listener.local_addr().unwrap());

@@ -6,6 +6,7 @@ mod audit_cli;
 mod broker_tls;
 mod circuits;
 mod container;
+mod credentials;
 mod demo;
 mod edge;
 mod guarantees;
