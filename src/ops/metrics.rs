@@ -65,6 +65,7 @@ pub struct Metrics {
     pub parked: Gauge,
     pub reconnects: Counter,
     pub broker_connected: Gauge,
+    credential_fetches: Counter,
     rollouts: RolloutGauges,
     /// Scopes whose circuit was ever open, so a closed one reads 0 rather than vanishing.
     circuit_scopes: std::sync::Mutex<std::collections::BTreeSet<String>>,
@@ -119,6 +120,7 @@ impl Metrics {
             parked: Gauge::default(),
             reconnects: Counter::default(),
             broker_connected: Gauge::default(),
+            credential_fetches: Counter::default(),
             rollouts: RolloutGauges::default(),
             circuit_scopes: Default::default(),
         };
@@ -207,6 +209,11 @@ impl Metrics {
             self.reconnects.clone(),
         );
         r.register(
+            "keyturn_credential_fetches",
+            "Credentials fetched from IAM or the metadata service",
+            self.credential_fetches.clone(),
+        );
+        r.register(
             "keyturn_broker_connected",
             "1 while the broker session is up",
             self.broker_connected.clone(),
@@ -282,6 +289,14 @@ impl Metrics {
                     scope: scope.clone(),
                 })
                 .set(i64::from(is_open));
+        }
+    }
+
+    /// Brings the fetch counter up to `fetched`, the client's own count.
+    pub fn credentials_fetched(&self, fetched: u64) {
+        let counted = self.credential_fetches.get();
+        if fetched > counted {
+            self.credential_fetches.inc_by(fetched - counted);
         }
     }
 

@@ -49,6 +49,7 @@ async fn metrics(State(pipeline): State<Arc<Pipeline>>) -> Response {
 async fn refresh(pipeline: &Pipeline) {
     let metrics = &pipeline.metrics;
     metrics.circuits(&pipeline.circuits.open());
+    metrics.credentials_fetched(pipeline.client.credential_fetches());
     if let Ok(Ok(scopes)) = tokio::time::timeout(STORE_WAIT, pipeline.audit.parked_scopes()).await {
         let parked: u64 = scopes.iter().map(|(_, count)| count).sum();
         metrics

@@ -80,9 +80,12 @@ async fn a_three_second_iam_token_is_fetched_once_per_refresh_with_64_jobs_in_fl
     // 600 jobs of one project at its limit of 100 calls/s: about 6 s, four refresh intervals.
     let jobs = publish_fleet(&app, 600, 1000).await;
     let started = Instant::now();
-    let (stop, worker) = app.start_worker_on(settings, credentials, RunOptions::default());
+    let (stop, worker, pipeline) =
+        app.start_worker_watched(settings, credentials, RunOptions::default());
     assert_all_succeeded(&app, &jobs).await;
     let elapsed = started.elapsed().as_secs_f64();
+    let ops = crate::ops::serve_ops(pipeline).await;
+    let scrape = crate::ops::Scrape::of(&ops).await;
     stop.cancel();
     worker.await.unwrap();
 
@@ -106,6 +109,11 @@ async fn a_three_second_iam_token_is_fetched_once_per_refresh_with_64_jobs_in_fl
         fetched.len()
     );
     assert!(fetched.len() >= 3, "the run spanned several expiries");
+    assert_eq!(
+        scrape.value("keyturn_credential_fetches", &[]),
+        Some(fetched.len() as f64),
+        "the metric counts the fetches the simulator saw"
+    );
     app.cleanup().await;
 }
 

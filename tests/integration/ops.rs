@@ -17,10 +17,10 @@ use crate::helpers::{
 };
 
 /// One scrape of `/metrics`, parsed as a scraper would: malformed text fails the test.
-struct Scrape(MetricsExposition<OpenMetricsType, OpenMetricsValue>);
+pub struct Scrape(MetricsExposition<OpenMetricsType, OpenMetricsValue>);
 
 impl Scrape {
-    async fn of(address: &str) -> Scrape {
+    pub async fn of(address: &str) -> Scrape {
         let response = reqwest::get(format!("http://{address}/metrics"))
             .await
             .expect("the ops endpoint answers");
@@ -63,7 +63,7 @@ impl Scrape {
     }
 
     /// The value of the sample of `family` with exactly these labels.
-    fn value(&self, family: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    pub fn value(&self, family: &str, labels: &[(&str, &str)]) -> Option<f64> {
         let wanted: BTreeMap<String, String> = labels
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -93,6 +93,19 @@ async fn scrape_until(address: &str, enough: impl Fn(&Scrape) -> bool) -> Scrape
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Serves the ops endpoint of an in-process worker on a free port; returns its address. It
+/// stops with the test's runtime.
+pub async fn serve_ops(pipeline: std::sync::Arc<keyturn::pipeline::Pipeline>) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    tokio::spawn(keyturn::ops::serve(
+        listener,
+        pipeline,
+        CancellationToken::new(),
+    ));
+    address
 }
 
 fn free_address() -> String {
@@ -317,10 +330,7 @@ async fn readyz_is_503_while_the_broker_is_cut_and_while_a_circuit_is_open() {
         app.credentials(),
         RunOptions::default(),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap().to_string();
-    let stop = CancellationToken::new();
-    tokio::spawn(keyturn::ops::serve(listener, pipeline, stop.clone()));
+    let address = serve_ops(pipeline).await;
     let ready = || async { readyz(&address).await.0 == 200 };
     wait_until(Duration::from_secs(20), ready).await;
 
@@ -377,7 +387,6 @@ async fn readyz_is_503_while_the_broker_is_cut_and_while_a_circuit_is_open() {
 
     shutdown.cancel();
     handle.await.unwrap();
-    stop.cancel();
     app.cleanup().await;
     rabbitmqctl(&["delete_vhost", &vhost]).await;
 }
