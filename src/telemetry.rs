@@ -12,6 +12,7 @@ use std::io::IsTerminal;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogSettings;
+use crate::trace::{TraceContext, TraceHeaders};
 
 /// Installs the global subscriber; a second call is a no-op (tests start several workers).
 pub fn init(settings: &LogSettings, colour: bool) {
@@ -27,6 +28,11 @@ pub fn init(settings: &LogSettings, colour: bool) {
     } else {
         builder.try_init()
     };
+}
+
+/// A job's trace context, from the headers it came with, for its `span`.
+pub fn join_trace(_span: &tracing::Span, headers: &TraceHeaders) -> TraceContext {
+    TraceContext::continue_from(headers)
 }
 
 /// `log.level`, with lapin silenced unless it names lapin itself.
