@@ -6,28 +6,47 @@
 //! lapin's own log lines are off unless `log.level` names `lapin`: every lapin error reaches
 //! keyturn as a result, which keyturn logs once, in one line that says what to do; lapin's
 //! lines repeat it several times over with debug dumps. `RUST_LOG` is taken as given.
+//!
+//! `log.format = "json"` writes one flat object per line ([`flat_json`]): a job's span fields
+//! (`job_id`, `trace_id`, …) at the top level, once.
+
+mod flat_json;
 
 use std::io::IsTerminal;
 
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::format::JsonFields;
+use tracing_subscriber::layer::{Layered, SubscriberExt};
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry};
 
 use crate::config::LogSettings;
 use crate::trace::{TraceContext, TraceHeaders};
+
+/// The layers under the log line writer: the registry and the level filter.
+type Filtered = Layered<EnvFilter, Registry>;
 
 /// Installs the global subscriber; a second call is a no-op (tests start several workers).
 pub fn init(settings: &LogSettings, colour: bool) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(configured_filter(&settings.level)))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(colour)
-        .with_writer(std::io::stderr);
-    let _ = if settings.format == "json" {
-        builder.json().try_init()
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(log_lines(settings, colour))
+        .try_init();
+}
+
+/// Log lines on stderr: text, or flat JSON.
+fn log_lines(settings: &LogSettings, colour: bool) -> Box<dyn Layer<Filtered> + Send + Sync> {
+    let lines = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    if settings.format == "json" {
+        lines
+            .fmt_fields(JsonFields::new())
+            .event_format(flat_json::FlatJson)
+            .boxed()
     } else {
-        builder.try_init()
-    };
+        lines.with_ansi(colour).boxed()
+    }
 }
 
 /// A job's trace context, from the headers it came with, for its `span`.
