@@ -15,4 +15,5 @@ mod pipeline;
 mod properties;
 mod rollouts;
 mod submit;
+mod tracing;
 mod watch;
