@@ -241,3 +241,55 @@ async fn json_logs_are_flat_and_every_line_of_a_job_carries_its_trace() {
     assert!(stderr.contains("\"message\":\"job finished\""), "{stderr}");
     app.cleanup().await;
 }
+
+/// With the `otlp` feature, the job span reaches a collector with the job's trace id, its own
+/// span id (the one the event names as parent) and the sender's span as its parent.
+#[cfg(feature = "otlp")]
+#[tokio::test]
+async fn the_job_span_is_exported_over_otlp_under_the_incoming_parent() {
+    use std::sync::{Arc, Mutex};
+
+    let bodies: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+    let kept = bodies.clone();
+    let collector = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            kept.lock().unwrap().push(body.to_vec());
+            async { axum::http::StatusCode::OK }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, collector).await });
+
+    let app = TestApp::spawn().await;
+    publish_traced(&app, &job("J-otlp-1", 405, "on"), &incoming(), TRACESTATE).await;
+    let output = app
+        .worker_process(&[("KEYTURN_TRACE__OTLP_ENDPOINT", &endpoint)])
+        .args(["--exit-when-idle", "1s"])
+        .stderr(Stdio::piped())
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let event = received(&app, 1).await.remove(0).event;
+    let (_, job_span, _) = fields_of(event["traceparent"].as_str().unwrap());
+
+    // OTLP protobuf carries ids as raw bytes: the exported job span holds all three.
+    let exported = bodies.lock().unwrap().concat();
+    let holds = |hex_id: &str| {
+        let id = hex::decode(hex_id).unwrap();
+        exported
+            .windows(id.len())
+            .any(|window| window == id.as_slice())
+    };
+    assert!(!exported.is_empty(), "nothing was exported");
+    assert!(holds(TRACE_ID), "the trace id");
+    assert!(holds(&job_span), "the job span's id, as the event names it");
+    assert!(holds(PARENT_ID), "the sender's span as parent");
+    app.cleanup().await;
+}
