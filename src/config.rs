@@ -40,6 +40,7 @@ pub struct Settings {
     pub audit: AuditSettings,
     pub log: LogSettings,
     pub ops: OpsSettings,
+    pub trace: TraceSettings,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -203,6 +204,39 @@ pub struct LogSettings {
     pub level: String,
     /// `text` or `json`.
     pub format: String,
+}
+
+/// Trace export (the trace context itself is always carried from jobs to events).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TraceSettings {
+    /// Base URL of an OTLP/HTTP collector (spans go to `<it>/v1/traces`); empty = no export.
+    /// Needs a build with the `otlp` feature.
+    pub otlp_endpoint: String,
+}
+
+impl TraceSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        const KEY: &str = "trace.otlp_endpoint";
+        if self.otlp_endpoint.is_empty() {
+            return Ok(());
+        }
+        if !cfg!(feature = "otlp") {
+            return Err(config_error(
+                KEY,
+                "is set, but this keyturn was built without OTLP export (cargo build --features otlp); leave it empty",
+            ));
+        }
+        let url = reqwest::Url::parse(&self.otlp_endpoint)
+            .map_err(|error| config_error(KEY, format!("is not a URL: {error}")))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(config_error(
+                KEY,
+                "must be an http:// or https:// URL of an OTLP/HTTP collector (e.g. http://127.0.0.1:4318)",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// The operations endpoint (contract §7): `/metrics`, `/livez`, `/readyz`.
@@ -519,6 +553,7 @@ impl Settings {
             return Err(config_error("audit.path", "is empty"));
         }
         self.ops.address()?;
+        self.trace.validate()?;
         match self.log.format.as_str() {
             "text" | "json" => {}
             _ => return Err(config_error("log.format", "must be text or json")),
@@ -947,6 +982,25 @@ mod tests {
         assert_eq!(settings.worker.concurrency, 8);
         assert!(settings.api.confirm_after);
         assert_eq!(settings.retry.base_delay, Duration::from_millis(50));
+    }
+
+    #[test]
+    fn an_otlp_endpoint_needs_the_otlp_feature_and_an_http_url() {
+        let load =
+            |value: &str| Settings::load(None, &env(&[("KEYTURN_TRACE__OTLP_ENDPOINT", value)]));
+        assert!(load("").unwrap().trace.otlp_endpoint.is_empty());
+        for bad in ["not a url", "ftp://collector:4318"] {
+            let error = load(bad).unwrap_err();
+            assert_eq!(error.key, "trace.otlp_endpoint", "{bad}: {error}");
+        }
+        let good = load("http://127.0.0.1:4318");
+        if cfg!(feature = "otlp") {
+            assert_eq!(good.unwrap().trace.otlp_endpoint, "http://127.0.0.1:4318");
+        } else {
+            let error = good.unwrap_err();
+            assert_eq!(error.key, "trace.otlp_endpoint");
+            assert!(error.problem.contains("--features otlp"), "{error}");
+        }
     }
 
     #[test]

@@ -68,6 +68,13 @@ pub struct ResultEvent {
     pub subject: Option<String>,
     pub time: String,
     pub datacontenttype: String,
+    /// CloudEvents distributed-tracing extension: the trace and the job's span, so work on the
+    /// event joins the job's trace. Absent in events stored before keyturn carried traces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+    /// The `tracestate` the job arrived with, when it had a valid one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracestate: Option<String>,
     pub data: JobResult,
 }
 
@@ -82,7 +89,18 @@ impl ResultEvent {
             subject: data.instance_id.clone(),
             time: at.to_rfc3339_opts(SecondsFormat::Millis, true),
             datacontenttype: "application/json".into(),
+            traceparent: None,
+            tracestate: None,
             data,
+        }
+    }
+
+    /// The event as sent on behalf of the job in `trace`.
+    pub fn in_trace(self, trace: &crate::trace::TraceContext) -> ResultEvent {
+        ResultEvent {
+            traceparent: Some(trace.traceparent()),
+            tracestate: trace.tracestate.clone(),
+            ..self
         }
     }
 
@@ -142,6 +160,9 @@ pub struct Outgoing<'a> {
     pub body: &'a [u8],
     pub correlation_id: &'a str,
     pub reply_to: Option<&'a str>,
+    /// The event's own `traceparent` / `tracestate`, also sent as AMQP headers.
+    pub traceparent: Option<&'a str>,
+    pub tracestate: Option<&'a str>,
 }
 
 /// Where result events go (the AMQP publisher in production).
@@ -244,6 +265,47 @@ mod tests {
         // What the audit stores reads back unchanged.
         let back: ResultEvent = serde_json::from_str(&json).unwrap();
         assert_eq!(back, rejected);
+    }
+
+    #[test]
+    fn trace_context_is_a_top_level_extension_the_sdk_accepts() {
+        use crate::trace::{TraceContext, TraceHeaders};
+        let headers = TraceHeaders {
+            traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+            tracestate: Some("congo=t61rcWkgMzE".into()),
+        };
+        let trace = TraceContext::continue_with(&headers, 1, 0x1234);
+        let event = ResultEvent::new(
+            "w-1",
+            result(Outcome::Succeeded, Some("cn-north-4")),
+            Utc::now(),
+        )
+        .in_trace(&trace);
+        let json = event.to_json();
+        let parsed = parse_with_the_sdk(&json);
+        let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000001234-01";
+        assert_eq!(
+            parsed
+                .extension("traceparent")
+                .map(ToString::to_string)
+                .as_deref(),
+            Some(traceparent)
+        );
+        assert_eq!(
+            parsed
+                .extension("tracestate")
+                .map(ToString::to_string)
+                .as_deref(),
+            Some("congo=t61rcWkgMzE")
+        );
+        let back: ResultEvent = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, event);
+        // Without a tracestate the attribute is left out, not null.
+        let plain = ResultEvent::new("w-1", result(Outcome::Failed, None), Utc::now())
+            .in_trace(&TraceContext::continue_with(&TraceHeaders::default(), 3, 4));
+        let json = plain.to_json();
+        assert!(!json.contains("tracestate"), "{json}");
+        parse_with_the_sdk(&json);
     }
 
     #[test]

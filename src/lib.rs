@@ -15,6 +15,7 @@
 //! - [`gaussdb`]: the signed HTTP client, the pure SDK-HMAC-SHA256 signer, the region table.
 //! - [`audit`]: the SQLite log and the in-flight markers that make redeliveries safe.
 //! - [`events`]: the CloudEvents result documents.
+//! - [`trace`]: W3C trace context from a job's headers to its span and its result event.
 //! - [`simulator`]: a local stand-in for the cloud API, for the demo, tests and benchmarks.
 //! - [`rollout`] and [`plan_file`]: rollout plans and commands, and the files `submit` reads.
 //! - [`ops`]: Prometheus metrics and the `/metrics`, `/livez`, `/readyz` endpoint.
@@ -37,3 +38,4 @@ pub mod retry;
 pub mod rollout;
 pub mod simulator;
 pub mod telemetry;
+pub mod trace;

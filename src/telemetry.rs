@@ -6,27 +6,89 @@
 //! lapin's own log lines are off unless `log.level` names `lapin`: every lapin error reaches
 //! keyturn as a result, which keyturn logs once, in one line that says what to do; lapin's
 //! lines repeat it several times over with debug dumps. `RUST_LOG` is taken as given.
+//!
+//! `log.format = "json"` writes one flat object per line ([`flat_json`]): a job's span fields
+//! (`job_id`, `trace_id`, …) at the top level, once.
+
+mod flat_json;
+#[cfg(feature = "otlp")]
+mod otlp;
 
 use std::io::IsTerminal;
 
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::format::JsonFields;
+use tracing_subscriber::layer::{Layered, SubscriberExt};
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry};
 
-use crate::config::LogSettings;
+use crate::config::{LogSettings, TraceSettings};
+use crate::trace::{TraceContext, TraceHeaders};
+
+/// The layers under the log line writer: the registry and the level filter.
+type Filtered = Layered<EnvFilter, Registry>;
+
+/// What keeps telemetry running until the command ends: with `trace.otlp_endpoint`, dropping it
+/// flushes the spans not yet exported.
+#[derive(Default)]
+pub struct Telemetry {
+    #[cfg(feature = "otlp")]
+    _export: Option<otlp::Export>,
+}
 
 /// Installs the global subscriber; a second call is a no-op (tests start several workers).
-pub fn init(settings: &LogSettings, colour: bool) {
+pub fn init(settings: &LogSettings, trace: &TraceSettings, colour: bool) -> Telemetry {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(configured_filter(&settings.level)))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(colour)
-        .with_writer(std::io::stderr);
-    let _ = if settings.format == "json" {
-        builder.json().try_init()
+    let subscriber = tracing_subscriber::registry()
+        .with(filter)
+        .with(log_lines(settings, colour));
+    #[cfg(feature = "otlp")]
+    {
+        let (layer, export) = match trace.otlp_endpoint.as_str() {
+            "" => (None, None),
+            endpoint => match otlp::layer(endpoint) {
+                Ok((layer, export)) => (Some(layer), Some(export)),
+                Err(error) => {
+                    eprintln!("keyturn: cannot export spans to {endpoint}: {error:#}");
+                    (None, None)
+                }
+            },
+        };
+        let _ = subscriber.with(layer).try_init();
+        Telemetry { _export: export }
+    }
+    #[cfg(not(feature = "otlp"))]
+    {
+        // Settings refuse an endpoint in a build without export.
+        let _ = trace;
+        let _ = subscriber.try_init();
+        Telemetry::default()
+    }
+}
+
+/// Log lines on stderr: text, or flat JSON.
+fn log_lines(settings: &LogSettings, colour: bool) -> Box<dyn Layer<Filtered> + Send + Sync> {
+    let lines = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    if settings.format == "json" {
+        lines
+            .fmt_fields(JsonFields::new())
+            .event_format(flat_json::FlatJson)
+            .boxed()
     } else {
-        builder.try_init()
-    };
+        lines.with_ansi(colour).boxed()
+    }
+}
+
+/// A job's trace context, from the headers it came with, for its `span`.
+pub fn join_trace(span: &tracing::Span, headers: &TraceHeaders) -> TraceContext {
+    #[allow(unused_mut)]
+    let mut trace = TraceContext::continue_from(headers);
+    #[cfg(feature = "otlp")]
+    otlp::join(span, &mut trace);
+    #[cfg(not(feature = "otlp"))]
+    let _ = span;
+    trace
 }
 
 /// `log.level`, with lapin silenced unless it names lapin itself.

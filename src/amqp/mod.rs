@@ -17,6 +17,12 @@ use lapin::{Connection, ConnectionProperties, DefaultConnectionBuilder, ErrorKin
 
 use crate::config::{AmqpSettings, ConfigError};
 
+/// AMQP header of a job's or an event's W3C `traceparent` (the name OpenTelemetry's AMQP
+/// propagation uses: the HTTP header's, in lowercase).
+pub const TRACEPARENT: &str = "traceparent";
+/// AMQP header of the W3C `tracestate` that goes with it.
+pub const TRACESTATE: &str = "tracestate";
+
 /// Why a connection could not be opened. The broker refusing us (credentials, vhost) or a
 /// listener that does not speak AMQP will not change by retrying: those are settings to fix.
 #[derive(Debug, thiserror::Error)]

@@ -142,7 +142,8 @@ impl EventSink for Publisher {
             .with_correlation_id(short(event.correlation_id))
             .with_type(short(event.kind))
             .with_app_id("keyturn".into())
-            .with_timestamp(chrono::Utc::now().timestamp().max(0) as u64);
+            .with_timestamp(chrono::Utc::now().timestamp().max(0) as u64)
+            .with_headers(trace_headers(event.traceparent, event.tracestate));
         let result = async {
             let channel = self.channel().await?;
             let exchange = self.settings.results_exchange.as_str();
@@ -190,7 +191,7 @@ impl JobQueue for Publisher {
     }
 
     async fn dead_letter(&self, message: &Requeue<'_>, reason: &str) -> anyhow::Result<()> {
-        let mut headers = FieldTable::default();
+        let mut headers = trace_headers(message.traceparent, message.tracestate);
         headers.insert(
             DEAD_LETTER_REASON_HEADER.into(),
             AMQPValue::LongString(LongString::from(reason)),
@@ -240,10 +241,26 @@ impl JobQueue for Publisher {
 /// Header on a dead-lettered control command: why it was refused.
 pub const DEAD_LETTER_REASON_HEADER: &str = "keyturn-error";
 
-/// A job's original properties, persistent.
+/// The W3C trace headers of a message (an empty table without them).
+fn trace_headers(traceparent: Option<&str>, tracestate: Option<&str>) -> FieldTable {
+    let mut headers = FieldTable::default();
+    for (name, value) in [
+        (super::TRACEPARENT, traceparent),
+        (super::TRACESTATE, tracestate),
+    ] {
+        if let Some(value) = value {
+            headers.insert(name.into(), AMQPValue::LongString(LongString::from(value)));
+        }
+    }
+    headers
+}
+
+/// A job's original properties, persistent, with its trace headers.
 fn properties_of(job: &Requeue<'_>) -> BasicProperties {
     let text = |value: Option<&str>| value.map(short);
-    let mut properties = BasicProperties::default().with_delivery_mode(2);
+    let mut properties = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_headers(trace_headers(job.traceparent, job.tracestate));
     if let Some(value) = text(job.message_id) {
         properties = properties.with_message_id(value);
     }
@@ -301,7 +318,7 @@ impl Publisher {
             unrouted_queue = queue,
             "no queue is bound for this result event; kept in the unrouted queue"
         );
-        let mut headers = FieldTable::default();
+        let mut headers = trace_headers(event.traceparent, event.tracestate);
         headers.insert(
             ROUTING_KEY_HEADER.into(),
             AMQPValue::LongString(LongString::from(event.routing_key)),

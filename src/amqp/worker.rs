@@ -15,18 +15,19 @@ use lapin::message::Delivery as AmqpDelivery;
 use lapin::options::{
     BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Acker, Channel, Consumer};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::topology;
+use super::{TRACEPARENT, TRACESTATE, topology};
 use crate::circuit::Scope;
 use crate::ops::metrics::{InFlight, observe};
 use crate::pipeline::{Admitted, Delivery, Disposition, Pipeline};
 use crate::retry::Backoff;
+use crate::trace::TraceHeaders;
 
 /// How a worker run is shaped beyond the settings.
 #[derive(Debug, Clone, Default)]
@@ -498,7 +499,21 @@ fn to_domain(delivery: &mut AmqpDelivery) -> Delivery {
         content_type: text(properties.content_type()),
         redelivered: delivery.redelivered,
         received_at: chrono::Utc::now(),
+        trace: TraceHeaders {
+            traceparent: header_text(properties.headers(), TRACEPARENT),
+            tracestate: header_text(properties.headers(), TRACESTATE),
+        },
     }
+}
+
+/// A text header's value; other types, and text that is not UTF-8, count as absent.
+fn header_text(headers: &Option<FieldTable>, name: &str) -> Option<String> {
+    let bytes = match headers.as_ref()?.inner().get(name)? {
+        AMQPValue::LongString(text) => text.as_bytes(),
+        AMQPValue::ShortString(text) => text.as_str().as_bytes(),
+        _ => return None,
+    };
+    std::str::from_utf8(bytes).ok().map(str::to_owned)
 }
 
 /// Tracks how long the queue has been empty with nothing in flight.

@@ -89,7 +89,11 @@ pub async fn run(cli: Cli) -> ExitCode {
             _ => {}
         }
     }
-    crate::telemetry::init(&settings.log, crate::telemetry::use_colour(&env));
+    let _telemetry = crate::telemetry::init(
+        &settings.log,
+        &settings.trace,
+        crate::telemetry::use_colour(&env),
+    );
     let result = match cli.command {
         Command::Worker { exit_when_idle } => match settings.credentials(&env) {
             Ok(credentials) => run_worker(settings, &source, credentials, exit_when_idle).await,

@@ -180,6 +180,8 @@ impl Pipeline {
                 correlation_id: None,
                 reply_to: None,
                 content_type: Some("application/json"),
+                traceparent: None,
+                tracestate: None,
             };
             self.infra(Infra::JobRequeue, shutdown, || self.jobs.requeue(&copy))
                 .await?;
@@ -225,6 +227,7 @@ impl Pipeline {
                     content_type: parked.content_type.clone(),
                     redelivered: false,
                     received_at: parked.parked_at,
+                    trace: Default::default(),
                 };
                 match self.process(self.admit(delivery.clone()), shutdown).await {
                     Disposition::Abandon => return,
@@ -287,6 +290,8 @@ impl Pipeline {
                     body: event.json.as_bytes(),
                     correlation_id: &subject,
                     reply_to: None,
+                    traceparent: None,
+                    tracestate: None,
                 };
                 self.infra(Infra::ResultPublish, shutdown, || {
                     self.events.publish(&outgoing)

@@ -40,6 +40,7 @@ use crate::job::{self, Identity, Job, ParseContext, Rejection};
 use crate::limits::Limits;
 use crate::ops::metrics::observe;
 use crate::rollout::Admission;
+use crate::trace::{TraceContext, TraceHeaders};
 use calls::Ended;
 use health::Infra;
 
@@ -53,6 +54,8 @@ pub struct Delivery {
     pub content_type: Option<String>,
     pub redelivered: bool,
     pub received_at: DateTime<Utc>,
+    /// The W3C trace headers it came with, unchecked.
+    pub trace: TraceHeaders,
 }
 
 /// What to do with a delivery once processing is over.
@@ -75,6 +78,8 @@ impl Delivery {
             correlation_id: self.correlation_id.as_deref(),
             reply_to: self.reply_to.as_deref(),
             content_type: self.content_type.as_deref(),
+            traceparent: self.trace.traceparent.as_deref(),
+            tracestate: self.trace.tracestate.as_deref(),
         }
     }
 }
@@ -87,6 +92,9 @@ pub struct Requeue<'a> {
     pub correlation_id: Option<&'a str>,
     pub reply_to: Option<&'a str>,
     pub content_type: Option<&'a str>,
+    /// W3C trace headers to send the job with.
+    pub traceparent: Option<&'a str>,
+    pub tracestate: Option<&'a str>,
 }
 
 /// What the pipeline asks of the broker besides result events (the AMQP publisher in
@@ -140,6 +148,8 @@ pub struct Admitted {
 struct Context<'a> {
     delivery: &'a Delivery,
     identity: Identity,
+    /// The job's place in its trace: what its result event and a hand-back carry.
+    trace: TraceContext,
     body_digest: String,
     /// Past this instant the job is handed back to the queue rather than held longer, so no
     /// delivery meets RabbitMQ's consumer timeout.
@@ -233,7 +243,7 @@ impl Pipeline {
 
     /// Processes one admitted delivery to the point where it can be acked or rejected.
     // The span is at WARN so that it stays enabled, and names the job, under a warn-only filter.
-    #[tracing::instrument(level = "warn", skip_all, fields(job_id = tracing::field::Empty, rerun = tracing::field::Empty, rollout_id = tracing::field::Empty, instance_id = tracing::field::Empty, redelivered = admitted.delivery.redelivered))]
+    #[tracing::instrument(level = "warn", skip_all, fields(job_id = tracing::field::Empty, rerun = tracing::field::Empty, rollout_id = tracing::field::Empty, instance_id = tracing::field::Empty, redelivered = admitted.delivery.redelivered, trace_id = tracing::field::Empty, span_id = tracing::field::Empty, parent_span_id = tracing::field::Empty))]
     pub async fn process(
         self: &Arc<Self>,
         admitted: Admitted,
@@ -257,6 +267,7 @@ impl Pipeline {
             "instance_id",
             identity.instance_id.as_deref().unwrap_or("-"),
         );
+        let trace = join_trace(&span, &delivery.trace);
         #[cfg(debug_assertions)]
         injected_panic(&identity.job_id);
         let hold_for = self.settings.worker.max_hold;
@@ -266,6 +277,7 @@ impl Pipeline {
         let ctx = Context {
             delivery: &delivery,
             identity,
+            trace,
             body_digest,
             hold_until: received + hold_for,
             shutdown,
@@ -505,6 +517,9 @@ impl Pipeline {
             body: stored.json.as_bytes(),
             correlation_id: &correlation_id,
             reply_to: ctx.delivery.reply_to.as_deref().filter(|r| !r.is_empty()),
+            // The stored event's own, so a replay sends the same headers as the first time.
+            traceparent: event.traceparent.as_deref(),
+            tracestate: event.tracestate.as_deref(),
         };
         let published = self
             .infra(Infra::ResultPublish, ctx.shutdown, || async {
@@ -539,6 +554,18 @@ fn log_finished(event: &ResultEvent) {
     } else {
         tracing::info!(event_id = %event.id, outcome = data.outcome.as_str(), "job finished");
     }
+}
+
+/// The job's trace context from its headers, recorded on the job span so that every log line of
+/// the job carries it (and, with the `otlp` feature, made the parent of the exported span).
+fn join_trace(span: &tracing::Span, headers: &TraceHeaders) -> TraceContext {
+    let trace = crate::telemetry::join_trace(span, headers);
+    span.record("trace_id", trace.trace_id_hex());
+    span.record("span_id", trace.span_id_hex());
+    if let Some(parent) = trace.parent_id_hex() {
+        span.record("parent_span_id", parent);
+    }
+    trace
 }
 
 /// When the store saw this job key ask for something else, that earlier sighting.

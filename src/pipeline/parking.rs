@@ -96,7 +96,13 @@ impl Pipeline {
         if let Some(turn) = turn {
             turn.hand_back();
         }
-        let copy = ctx.delivery.requeue();
+        // The copy continues the trace from this job's span: the next run is its child.
+        let traceparent = ctx.trace.traceparent();
+        let copy = Requeue {
+            traceparent: Some(&traceparent),
+            tracestate: ctx.trace.tracestate.as_deref(),
+            ..ctx.delivery.requeue()
+        };
         let requeued = self
             .infra(Infra::JobRequeue, ctx.shutdown, || self.jobs.requeue(&copy))
             .await;
@@ -233,6 +239,9 @@ impl Pipeline {
             correlation_id: job.correlation_id.as_deref(),
             reply_to: job.reply_to.as_deref(),
             content_type: job.content_type.as_deref(),
+            // Parked rows do not keep trace headers: a released job starts a new trace.
+            traceparent: None,
+            tracestate: None,
         };
         self.infra(Infra::JobRequeue, shutdown, || self.jobs.requeue(&copy))
             .await

@@ -82,7 +82,7 @@ impl Pipeline {
 
     fn record(&self, result: JobResult, ctx: &Context<'_>) -> FinalRecord {
         FinalRecord {
-            event: ResultEvent::new(&self.worker_id, result, Utc::now()),
+            event: ResultEvent::new(&self.worker_id, result, Utc::now()).in_trace(&ctx.trace),
             kms_key_id: None,
             requested_by: ctx.identity.requested_by.clone(),
             received_at: ctx.delivery.received_at,

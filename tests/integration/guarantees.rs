@@ -428,6 +428,7 @@ async fn a_redelivery_beside_its_first_delivery_waits_and_replays() {
         content_type: Some("application/json".into()),
         redelivered,
         received_at: chrono::Utc::now(),
+        trace: Default::default(),
     };
     let stop = CancellationToken::new();
     let (first, second) = tokio::join!(

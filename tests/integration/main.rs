@@ -18,4 +18,5 @@ mod pipeline;
 mod properties;
 mod rollouts;
 mod submit;
+mod tracing;
 mod watch;
