@@ -67,7 +67,8 @@ impl TraceContext {
             trace_id: parent.trace_id,
             span_id,
             parent_id: Some(parent.span_id),
-            flags: parent.flags,
+            // Only the sampled bit is defined: W3C asks for the others to be sent as zero.
+            flags: parent.flags & SAMPLED,
             tracestate: headers
                 .tracestate
                 .as_deref()
@@ -214,6 +215,21 @@ mod tests {
         TraceHeaders {
             traceparent: Some(traceparent.into()),
             tracestate: tracestate.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn flags_other_than_sampled_are_sent_as_zero() {
+        for (incoming, outgoing) in [("03", "01"), ("fe", "00"), ("00", "00")] {
+            let ctx = TraceContext::continue_with(
+                &headers(&format!("00-{TRACE}-{SPAN}-{incoming}"), None),
+                7,
+                9,
+            );
+            assert!(
+                ctx.traceparent().ends_with(&format!("-{outgoing}")),
+                "{incoming}"
+            );
         }
     }
 

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{TRACEPARENT, TRACESTATE, topology};
 use crate::circuit::Scope;
-use crate::ops::metrics::{InFlight, observe};
+use crate::ops::metrics::InFlight;
 use crate::pipeline::{Admitted, Delivery, Disposition, Pipeline};
 use crate::retry::Backoff;
 use crate::trace::TraceHeaders;
@@ -71,7 +71,6 @@ pub async fn run(
             Ok(SessionEnd::Lost(reason)) => format!("broker connection lost: {reason}"),
             Err(error) => format!("cannot consume: {error:#}"),
         };
-        pipeline.metrics.reconnects.inc();
         let ceiling = reconnects.after(started.elapsed());
         let wait = Backoff {
             base: ceiling,
@@ -239,6 +238,7 @@ async fn session(
             Err(error) => break SessionEnd::Lost(error),
         };
         idle.touch();
+        pipeline.metrics.deliveries.inc();
         // Admitted here, in delivery order: that is what orders the jobs of one instance.
         let admitted = pipeline.admit(to_domain(&mut delivery));
         let pipeline = pipeline.clone();
@@ -277,7 +277,7 @@ struct Connected<'a>(&'a Pipeline);
 
 impl<'a> Connected<'a> {
     fn up(pipeline: &'a Pipeline) -> Connected<'a> {
-        pipeline.metrics.broker_connected.set(1);
+        pipeline.metrics.session_started();
         Connected(pipeline)
     }
 }
@@ -402,7 +402,6 @@ async fn handle(
     acker: Acker,
     stop: &CancellationToken,
 ) {
-    let received = Instant::now();
     let _counted = InFlight::enter(&pipeline.metrics.in_flight);
     let processed = AssertUnwindSafe(pipeline.process(admitted, stop))
         .catch_unwind()
@@ -425,7 +424,7 @@ async fn handle(
         }
     };
     match settled {
-        Ok(true) => observe(&pipeline.metrics.job_duration, received.elapsed()),
+        Ok(true) => {}
         Ok(false) | Err(_) => tracing::warn!(
             "channel closed before the job could be settled; the broker redelivers it and the stored result is replayed"
         ),

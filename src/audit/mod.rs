@@ -413,7 +413,7 @@ impl AuditStore {
         }
     }
 
-    /// Opens and commits an empty write transaction: succeeds once the store takes writes.
+    /// Rewrites the heartbeat row: succeeds once the store takes writes.
     pub async fn ping(&self) -> Result<(), AuditError> {
         self.write(Write::Ping).await.map(|_| ())
     }

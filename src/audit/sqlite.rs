@@ -31,6 +31,10 @@ pub(super) const MIGRATIONS: &[(&str, &str)] = &[
         "0004_rollouts",
         include_str!("../../migrations/0004_rollouts.sql"),
     ),
+    (
+        "0005_heartbeat",
+        include_str!("../../migrations/0005_heartbeat.sql"),
+    ),
 ];
 
 /// Most writes committed in one transaction.
@@ -255,7 +259,13 @@ fn apply(tx: &Transaction<'_>, write: &Write) -> Result<Written, AuditError> {
             rollouts::published(tx, ids)?;
             Written::Done
         }
-        Write::Ping => Written::Done,
+        Write::Ping => {
+            tx.execute(
+                "UPDATE heartbeat SET at = ?1 WHERE id = 1",
+                [timestamp(chrono::Utc::now())],
+            )?;
+            Written::Done
+        }
         Write::Park(job) => {
             park(tx, job)?;
             Written::Done

@@ -89,11 +89,13 @@ pub async fn run(cli: Cli) -> ExitCode {
             _ => {}
         }
     }
-    let _telemetry = crate::telemetry::init(
-        &settings.log,
-        &settings.trace,
-        crate::telemetry::use_colour(&env),
-    );
+    // Spans are exported for the worker only: a `healthcheck` every 10 s has nothing to trace.
+    let trace = match cli.command {
+        Command::Worker { .. } => settings.trace.clone(),
+        _ => crate::config::TraceSettings::default(),
+    };
+    let _telemetry =
+        crate::telemetry::init(&settings.log, &trace, crate::telemetry::use_colour(&env));
     let result = match cli.command {
         Command::Worker { exit_when_idle } => match settings.credentials(&env) {
             Ok(credentials) => run_worker(settings, &source, credentials, exit_when_idle).await,

@@ -69,6 +69,8 @@ pub struct Metrics {
     rollouts: RolloutGauges,
     /// Scopes whose circuit was ever open, so a closed one reads 0 rather than vanishing.
     circuit_scopes: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// Broker sessions started, the first included.
+    sessions: std::sync::atomic::AtomicU64,
 }
 
 /// The per-rollout gauges: the only metrics with a `rollout` label.
@@ -123,6 +125,7 @@ impl Metrics {
             credential_fetches: Counter::default(),
             rollouts: RolloutGauges::default(),
             circuit_scopes: Default::default(),
+            sessions: Default::default(),
         };
         metrics.register();
         metrics
@@ -175,7 +178,7 @@ impl Metrics {
             ),
             (
                 "keyturn_job_duration_seconds",
-                "From delivery to ack or dead-letter",
+                "From delivery until its result is confirmed (final records and replays)",
                 &self.job_duration,
             ),
             (
@@ -205,7 +208,7 @@ impl Metrics {
         );
         r.register(
             "keyturn_broker_reconnects",
-            "Broker sessions started after a lost one",
+            "Broker sessions started after the first (each after a lost one)",
             self.reconnects.clone(),
         );
         r.register(
@@ -290,6 +293,18 @@ impl Metrics {
                 })
                 .set(i64::from(is_open));
         }
+    }
+
+    /// A broker session started: connected, and a reconnect unless it is the first.
+    pub fn session_started(&self) {
+        if self
+            .sessions
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            > 0
+        {
+            self.reconnects.inc();
+        }
+        self.broker_connected.set(1);
     }
 
     /// Brings the fetch counter up to `fetched`, the client's own count.

@@ -76,9 +76,6 @@ async fn readyz(State(pipeline): State<Arc<Pipeline>>) -> Response {
 /// Why the worker is not ready; empty when it is.
 pub async fn unready(pipeline: &Pipeline) -> Vec<String> {
     let mut reasons = Vec::new();
-    if pipeline.stopping.is_cancelled() {
-        reasons.push("the worker is stopping".to_owned());
-    }
     if pipeline.metrics.broker_connected.get() == 0 {
         reasons.push("no broker session".to_owned());
     }

@@ -237,6 +237,13 @@ impl Pipeline {
             .and_then(|_| self.circuits.holding(region))
     }
 
+    /// Waits for `key`'s rate-limit tokens, timed.
+    pub(super) async fn acquire(&self, key: &LimitKey) {
+        let waiting = tokio::time::Instant::now();
+        self.limits.acquire(key).await;
+        observe(&self.metrics.rate_limit_wait, waiting.elapsed());
+    }
+
     /// One API attempt, logged and counted.
     pub(super) async fn api(&self, call: Call, job: &Job) -> Exchange {
         let exchange = match call {
@@ -255,7 +262,7 @@ impl Pipeline {
             return Run::ok(status, exchanges);
         }
         let key: LimitKey = (job.region.to_string(), job.project_id.to_string());
-        self.limits.acquire(&key).await;
+        self.acquire(&key).await;
         let confirmation = self.api(Call::Describe, job).await;
         let confirmed = confirmation.result.clone();
         exchanges.push(confirmation);

@@ -218,7 +218,6 @@ impl Pipeline {
     /// Parses a delivery and takes its instance's ticket. Call in delivery order: the tickets
     /// give jobs of one instance their order.
     pub fn admit(&self, delivery: Delivery) -> Admitted {
-        self.metrics.deliveries.inc();
         let body_digest = job::body_digest(&delivery.body);
         let mut parsed = job::parse(&delivery.body, &self.parse_context(&delivery));
         if let Some(problem) = self.reply_to_problem(delivery.reply_to.as_deref()) {
@@ -529,6 +528,10 @@ impl Pipeline {
                 published
             })
             .await;
+        if published.is_some() {
+            // A job's whole stay: from its delivery to its result confirmed, just before the ack.
+            observe(&self.metrics.job_duration, since(ctx.delivery.received_at));
+        }
         match (published, event.data.outcome) {
             (None, _) => Disposition::Abandon,
             (Some(()), Outcome::Rejected) => Disposition::DeadLetter,

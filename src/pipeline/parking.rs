@@ -136,7 +136,7 @@ impl Pipeline {
             }
             tokio::select! {
                 () = self.stopping.cancelled() => return,
-                () = self.limits.acquire(&key) => {}
+                () = self.acquire(&key) => {}
             }
             let exchange = self.api(crate::gaussdb::Call::Describe, &job).await;
             let signal = circuit::classify(

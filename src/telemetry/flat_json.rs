@@ -43,12 +43,17 @@ where
         let mut own = Fields::default();
         event.record(&mut own);
         let message = own.0.remove("message").unwrap_or_default();
+        // A line from a crate that logs through `log` arrives with target `log` and its real
+        // target, module and file as `log.*` fields: show it as the text format does.
+        let log_target = own.0.remove("log.target");
+        own.0.retain(|key, _| !key.starts_with("log."));
         fields.extend(own.0);
         let meta = event.metadata();
+        let target = log_target.unwrap_or_else(|| Value::from(meta.target()));
         let leading = [
             Value::from(Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true)),
             Value::from(meta.level().as_str()),
-            Value::from(meta.target()),
+            target,
             message,
         ];
         let mut line = String::with_capacity(256);

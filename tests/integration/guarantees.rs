@@ -259,6 +259,11 @@ async fn a_locked_audit_store_holds_jobs_unacked_and_stops_new_toggles_until_it_
         app.credentials(),
         RunOptions::default(),
     );
+    let ops = crate::ops::serve_ops(pipeline.clone()).await;
+    wait_until(Duration::from_secs(20), || async {
+        crate::ops::readyz(&ops).await.0 == 200
+    })
+    .await;
     app.publish_job(&job("J-held", 30, "on")).await;
     // Lock the file while the Modify is in flight: its marker is written, its final row cannot be.
     wait_until(Duration::from_secs(20), || async {
@@ -287,6 +292,10 @@ async fn a_locked_audit_store_holds_jobs_unacked_and_stops_new_toggles_until_it_
         0,
         "both jobs are held, unacked"
     );
+    // An orchestrator sees it: the worker is not ready while its store refuses writes.
+    let (status, body) = crate::ops::readyz(&ops).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body["reasons"].to_string().contains("store"), "{body}");
 
     blocker.execute_batch("ROLLBACK").unwrap();
     let events = app.events(2).await;
@@ -298,6 +307,10 @@ async fn a_locked_audit_store_holds_jobs_unacked_and_stops_new_toggles_until_it_
     assert_eq!(app.stats().instances[&instance(30)].modify_calls, 1);
     assert_eq!(app.toggles().len(), 2);
     assert!(app.dead_letters().await.is_empty());
+    wait_until(Duration::from_secs(20), || async {
+        crate::ops::readyz(&ops).await.0 == 200
+    })
+    .await;
     shutdown.cancel();
     handle.await.unwrap();
     app.cleanup().await;
