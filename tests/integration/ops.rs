@@ -299,6 +299,16 @@ async fn metrics_scraped_during_a_run_are_valid_and_match_the_audit() {
         .await
         .unwrap();
     assert_eq!(live.status(), 200);
+    // The container's healthcheck command agrees with the real endpoint.
+    let healthcheck = app
+        .binary()
+        .arg("healthcheck")
+        .env("KEYTURN_OPS__LISTEN", &address)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&healthcheck.stdout);
+    assert_eq!(healthcheck.status.code(), Some(0), "{said}");
+    assert!(said.starts_with("ready: "), "{said}");
     assert_eq!(
         terminate(&mut worker, Duration::from_secs(30)).await,
         Some(0)
