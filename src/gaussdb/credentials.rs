@@ -544,7 +544,10 @@ struct TokenBody {
 
 impl Iam {
     fn url(&self) -> String {
-        format!("{}/v3/auth/tokens?nocatalog=true", self.user.identity.endpoint)
+        format!(
+            "{}/v3/auth/tokens?nocatalog=true",
+            self.user.identity.endpoint
+        )
     }
 
     fn body(&self) -> serde_json::Value {
@@ -711,7 +714,11 @@ mod tests {
                 .all(|r| r.as_ref().err() == Some(&FetchError("refused".into())))
         );
         assert_eq!(attempts(&cache), 1, "the waiters shared the failure");
-        assert_eq!(cache.fetches(), 0, "the metric counts successful fetches only");
+        assert_eq!(
+            cache.fetches(),
+            0,
+            "the metric counts successful fetches only"
+        );
 
         cache.fetcher.fail.store(false, Ordering::SeqCst);
         cache.lease("p").await.expect("lease");
@@ -719,7 +726,12 @@ mod tests {
         // Past the refresh time (5 s) with IAM refusing: the still-valid one is used meanwhile.
         cache.fetcher.fail.store(true, Ordering::SeqCst);
         tokio::time::advance(Duration::from_secs(6)).await;
-        assert!(lease_all(&cache, 64, &["p"]).await.iter().all(Result::is_ok));
+        assert!(
+            lease_all(&cache, 64, &["p"])
+                .await
+                .iter()
+                .all(Result::is_ok)
+        );
         assert_eq!((attempts(&cache), cache.fetches()), (3, 1));
         tokio::time::advance(Duration::from_secs(5)).await;
         assert!(cache.lease("p").await.is_err(), "expired and not renewed");
@@ -802,7 +814,9 @@ mod tests {
     }
 
     fn at(text: &str) -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339(text).unwrap().with_timezone(&Utc)
+        DateTime::parse_from_rfc3339(text)
+            .unwrap()
+            .with_timezone(&Utc)
     }
 
     #[test]
@@ -816,7 +830,10 @@ mod tests {
         // The local clock an hour and a minute fast: without the Date it looks expired.
         let fast = at("2025-06-03T11:01:00Z");
         assert_eq!(valid_for(expires, None, fast), Duration::ZERO);
-        assert_eq!(valid_for(expires, date, fast), Duration::from_millis(3_599_001));
+        assert_eq!(
+            valid_for(expires, date, fast),
+            Duration::from_millis(3_599_001)
+        );
         // Ten minutes slow: without the Date it would be used ten minutes past its expiry.
         let slow = at("2025-06-03T09:50:00Z");
         assert_eq!(valid_for(expires, None, slow), Duration::from_secs(4_200));

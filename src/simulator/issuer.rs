@@ -48,6 +48,9 @@ pub struct FetchRecord {
     pub at_ms: i64,
     /// The temporary AK a metadata fetch issued.
     pub access_key: Option<String>,
+    /// The project id an IAM token was asked to be scoped to.
+    #[serde(default)]
+    pub project_id: Option<String>,
     pub refused: bool,
 }
 
@@ -137,10 +140,21 @@ impl Simulator {
     }
 
     fn log_fetch(&self, kind: &str, access_key: Option<String>, refused: bool) {
+        self.log_scoped_fetch(kind, access_key, None, refused);
+    }
+
+    fn log_scoped_fetch(
+        &self,
+        kind: &str,
+        access_key: Option<String>,
+        project_id: Option<String>,
+        refused: bool,
+    ) {
         self.world().fetches.push(FetchRecord {
             kind: kind.into(),
             at_ms: Utc::now().timestamp_millis(),
             access_key,
+            project_id,
             refused,
         });
     }
@@ -214,7 +228,9 @@ fn iam_error(status: StatusCode, message: &str) -> Response {
 fn dated(mut response: Response) -> Response {
     let date = Utc::now().format("%a, %d %b %Y %H:%M:%S GMT").to_string();
     if let Ok(value) = HeaderValue::from_str(&date) {
-        response.headers_mut().insert(axum::http::header::DATE, value);
+        response
+            .headers_mut()
+            .insert(axum::http::header::DATE, value);
     }
     response
 }
@@ -243,8 +259,8 @@ pub(super) async fn iam_tokens(State(app): State<App>, body: Bytes) -> Response 
             "The username or password is wrong.",
         );
     }
-    let (token, expires_at) = sim.issue_token(project_id);
-    sim.log_fetch("iam", None, false);
+    let (token, expires_at) = sim.issue_token(project_id.clone());
+    sim.log_scoped_fetch("iam", None, project_id, false);
     let body = json!({"token": {"expires_at": timestamp(expires_at),
         "issued_at": timestamp(Utc::now()), "methods": ["password"]}});
     let mut response = (StatusCode::CREATED, Json(body)).into_response();
@@ -257,11 +273,13 @@ pub(super) async fn iam_tokens(State(app): State<App>, body: Bytes) -> Response 
 /// `PUT /meta-data/latest/api/token`: a metadata API token, when a TTL is asked for.
 pub(super) async fn metadata_token(State(app): State<App>, headers: HeaderMap) -> Response {
     if !headers.contains_key("x-metadata-token-ttl-seconds") {
-        return dated((
-            StatusCode::BAD_REQUEST,
-            "X-Metadata-Token-Ttl-Seconds is required",
-        )
-            .into_response());
+        return dated(
+            (
+                StatusCode::BAD_REQUEST,
+                "X-Metadata-Token-Ttl-Seconds is required",
+            )
+                .into_response(),
+        );
     }
     let token = random(48);
     app.sim
@@ -335,7 +353,10 @@ mod tests {
             .await
             .expect("sent");
         assert_eq!(answer.status(), 200);
-        assert!(answer.headers().contains_key("date"), "metadata answers carry a Date");
+        assert!(
+            answer.headers().contains_key("date"),
+            "metadata answers carry a Date"
+        );
         json_of(answer).await["credential"].clone()
     }
 
@@ -438,7 +459,10 @@ mod tests {
             .await
             .expect("sent");
         assert_eq!(issued.status(), 201);
-        assert!(issued.headers().contains_key("date"), "IAM answers carry a Date");
+        assert!(
+            issued.headers().contains_key("date"),
+            "IAM answers carry a Date"
+        );
         issued.headers()["x-subject-token"]
             .to_str()
             .unwrap()
@@ -462,7 +486,10 @@ mod tests {
                 .send()
         };
         let scoped = token_for(&server, Some(PROJECT)).await;
-        assert_eq!(call(scoped.clone(), PROJECT).await.expect("sent").status(), 200);
+        assert_eq!(
+            call(scoped.clone(), PROJECT).await.expect("sent").status(),
+            200
+        );
         let unscoped = token_for(&server, None).await;
         for (token, project) in [(scoped, other), (unscoped, PROJECT)] {
             let (status, code, msg) = error_of(call(token, project).await.expect("sent")).await;
