@@ -91,7 +91,7 @@ impl AuthMode {
             }
             AuthMode::Token => "check the IAM token (KEYTURN_API__TOKEN)",
             AuthMode::Iam => {
-                "check the IAM user's permissions (api.iam_user, api.iam_project); probes fetch a fresh token"
+                "check the IAM user's permissions in the job's project (api.iam_user); probes fetch a fresh token"
             }
         }
     }
@@ -103,7 +103,7 @@ impl AuthMode {
                 "check the ECS metadata service (api.metadata_url) and that the instance has an agency"
             }
             AuthMode::Iam => {
-                "check api.iam_endpoint, api.iam_domain, api.iam_user, api.iam_project and KEYTURN_API__IAM_PASSWORD"
+                "check api.iam_endpoint, api.iam_domain, api.iam_user and KEYTURN_API__IAM_PASSWORD"
             }
             other => other.refused_fix(),
         }

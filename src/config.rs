@@ -132,9 +132,9 @@ pub struct ApiSettings {
     pub iam_endpoint: String,
     /// The account (domain) name of the IAM user.
     pub iam_domain: String,
+    /// The IAM user. Each token is scoped to the project of the job it is for (by the job's
+    /// `project_id`), so there is no project setting.
     pub iam_user: String,
-    /// The project (scope) name the token is for, usually the region, e.g. `cn-north-4`.
-    pub iam_project: String,
     /// The IAM user's password, only from KEYTURN_API__IAM_PASSWORD (refused in a file, like
     /// `api.token`). Never serialized.
     #[serde(skip_serializing, deserialize_with = "secret_text::deserialize")]
@@ -311,7 +311,6 @@ impl Default for ApiSettings {
             iam_endpoint: "https://iam.myhuaweicloud.com".into(),
             iam_domain: String::new(),
             iam_user: String::new(),
-            iam_project: String::new(),
             iam_password: SecretString::from(""),
             refresh_before: Duration::from_secs(5 * 60),
             token: SecretString::from(""),
@@ -392,7 +391,6 @@ pub struct IamIdentity {
     pub endpoint: String,
     pub domain: String,
     pub user: String,
-    pub project: String,
     pub password: SecretString,
 }
 
@@ -671,7 +669,6 @@ impl ApiSettings {
             endpoint: self.iam_endpoint.trim_end_matches('/').to_owned(),
             domain: required("api.iam_domain", &self.iam_domain)?,
             user: required("api.iam_user", &self.iam_user)?,
-            project: required("api.iam_project", &self.iam_project)?,
             password: self.iam_password.clone(),
         };
         if identity.password.expose_secret().is_empty() {
@@ -1232,7 +1229,6 @@ mod tests {
             ("KEYTURN_API__CREDENTIALS", "iam"),
             ("KEYTURN_API__IAM_DOMAIN", "acct"),
             ("KEYTURN_API__IAM_USER", "worker"),
-            ("KEYTURN_API__IAM_PROJECT", "cn-north-4"),
             ("KEYTURN_API__IAM_PASSWORD", "iam-password-never-show"),
         ];
         for missing in 1..iam.len() {
@@ -1280,6 +1276,11 @@ mod tests {
             let error = Settings::load(None, &env(&[(name, value)])).expect_err(name);
             assert_eq!(error.key, key, "{error}");
         }
+        // Gone (each token is scoped to its job's project): an old setting is refused, not ignored.
+        let error = load_file("[api]\niam_project = \"cn-north-4\"\n", &[]).unwrap_err();
+        assert_eq!(error.key, "api.iam_project", "{error}");
+        let error = Settings::load(None, &env(&[("KEYTURN_API__IAM_PROJECT", "x")])).unwrap_err();
+        assert_eq!(error.key, "KEYTURN_API__IAM_PROJECT", "{error}");
         let error = load_file("[api]\niam_password = \"x\"\n", &[]).unwrap_err();
         assert_eq!(
             error.to_string(),

@@ -164,7 +164,7 @@ impl Client {
         })
     }
 
-    /// Credentials fetched so far (metadata or IAM; 0 for static ones), for metrics.
+    /// Credentials fetched successfully so far (metadata or IAM; 0 for static ones), for metrics.
     pub fn credential_fetches(&self) -> u64 {
         self.provider.fetches()
     }
@@ -209,9 +209,10 @@ impl Client {
             Call::Modify => reqwest::Method::POST,
             Call::Describe => reqwest::Method::GET,
         };
+        let project_id = job.project_id.as_str();
         let lease = self
             .provider
-            .lease()
+            .lease(project_id)
             .await
             .map_err(|error| CallError::Credentials(error.0))?;
         let headers = self.headers(&method, &url, job, &body, &lease.credential)?;
@@ -225,7 +226,7 @@ impl Client {
             .map_err(transport_error)?;
         let status = response.status().as_u16();
         if status == 401 {
-            self.provider.refused(&lease);
+            self.provider.refused(project_id, &lease);
         }
         let request_id = header_text(response.headers(), "x-request-id");
         let retry_after = header_text(response.headers(), "retry-after")

@@ -7,7 +7,13 @@
 //! expire, one fetch at a time however many attempts want one (single-flight). A fetch that fails
 //! while the old credential is still valid keeps the old one; with nothing valid left the client
 //! gets a [`FetchError`], sends nothing, and the pipeline opens the credentials circuit.
+//!
+//! An IAM token is scoped to one project, and jobs name many: [`PerProject`] keeps one cache per
+//! job `project_id`, each fetching a token scoped to that project by id. Expiry is measured
+//! against the fetch answer's `Date` header when there is one, so a skewed local clock neither
+//! keeps an expired credential nor throws away a fresh one.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -49,11 +55,12 @@ pub struct FetchError(pub String);
 /// Where an attempt gets its credential.
 #[async_trait]
 pub trait Provider: Send + Sync {
-    async fn lease(&self) -> Result<Lease, FetchError>;
-    /// The API answered 401 to `lease`: a fetched credential is dropped, so the next lease (the
-    /// circuit's probe) fetches afresh.
-    fn refused(&self, _lease: &Lease) {}
-    /// Fetches made so far (0 for static credentials): a counter for metrics.
+    /// A credential for a call on `project_id`'s resources (only IAM tokens depend on it).
+    async fn lease(&self, project_id: &str) -> Result<Lease, FetchError>;
+    /// The API answered 401 to `lease` (leased for `project_id`): a fetched credential is
+    /// dropped, so the next lease (the circuit's probe) fetches afresh.
+    fn refused(&self, _project_id: &str, _lease: &Lease) {}
+    /// Successful fetches so far (0 for static credentials): a monotonic counter for metrics.
     fn fetches(&self) -> u64 {
         0
     }
@@ -85,9 +92,10 @@ pub fn provider(
         Credentials::Metadata { url } => {
             Arc::new(Refreshing::new(Metadata::new(http, url), refresh_before))
         }
-        Credentials::Iam(identity) => {
-            Arc::new(Refreshing::new(Iam { http, identity }, refresh_before))
-        }
+        Credentials::Iam(identity) => Arc::new(PerProject::new(
+            Arc::new(IamUser { http, identity }),
+            refresh_before,
+        )),
     }
 }
 
@@ -105,7 +113,7 @@ impl Static {
 
 #[async_trait]
 impl Provider for Static {
-    async fn lease(&self) -> Result<Lease, FetchError> {
+    async fn lease(&self, _project_id: &str) -> Result<Lease, FetchError> {
         Ok(self.0.clone())
     }
 }
@@ -134,6 +142,8 @@ pub struct Refreshing<F> {
     state: Mutex<Cached>,
     /// Fetches started; the generation of what each one fetched.
     attempts: AtomicU64,
+    /// Fetches that brought a usable credential: what the metric counts.
+    succeeded: AtomicU64,
     /// Fetches finished; read before waiting for `state`, to see whether one ended meanwhile.
     finished: AtomicU64,
     /// The newest generation the API refused (0: none).
@@ -160,6 +170,7 @@ impl<F: Fetch> Refreshing<F> {
             refresh_before,
             state: Mutex::new(Cached::default()),
             attempts: AtomicU64::new(0),
+            succeeded: AtomicU64::new(0),
             finished: AtomicU64::new(0),
             refused: AtomicU64::new(0),
         }
@@ -176,9 +187,9 @@ impl<F: Fetch> Refreshing<F> {
         let generation = self.attempts.fetch_add(1, Ordering::SeqCst) + 1;
         let fetched = self.fetcher.fetch().await.and_then(|fetched| {
             if fetched.valid_for.is_zero() {
-                Err(FetchError(
-                    "the fetched credential has already expired".into(),
-                ))
+                Err(FetchError(format!(
+                    "the fetched credential has already expired; {CLOCK_HINT}"
+                )))
             } else {
                 Ok(fetched)
             }
@@ -186,6 +197,7 @@ impl<F: Fetch> Refreshing<F> {
         self.finished.fetch_add(1, Ordering::SeqCst);
         match fetched {
             Ok(fetched) => {
+                self.succeeded.fetch_add(1, Ordering::SeqCst);
                 let lease = Lease {
                     credential: fetched.credential,
                     generation,
@@ -224,7 +236,8 @@ impl<F: Fetch> Refreshing<F> {
 
 #[async_trait]
 impl<F: Fetch> Provider for Refreshing<F> {
-    async fn lease(&self) -> Result<Lease, FetchError> {
+    /// One cache whatever the project: metadata credentials are not project-scoped.
+    async fn lease(&self, _project_id: &str) -> Result<Lease, FetchError> {
         let seen = self.finished.load(Ordering::SeqCst);
         let mut cached = self.state.lock().await;
         if let Some(fresh) = self.held(&cached, |held| held.refresh_at) {
@@ -248,22 +261,121 @@ impl<F: Fetch> Provider for Refreshing<F> {
         self.fetch_into(&mut cached).await
     }
 
-    fn refused(&self, lease: &Lease) {
+    fn refused(&self, _project_id: &str, lease: &Lease) {
         self.refused.fetch_max(lease.generation, Ordering::SeqCst);
     }
 
     fn fetches(&self) -> u64 {
-        self.attempts.load(Ordering::SeqCst)
+        self.succeeded.load(Ordering::SeqCst)
     }
 }
 
-/// How long until `expires_at`; zero when it is past.
-fn remaining(expires_at: &str, source: &str) -> Result<Duration, FetchError> {
+/// A fetcher for credentials scoped to one project.
+pub trait Scoped: Send + Sync + 'static {
+    type Fetcher: Fetch + 'static;
+    fn for_project(self: &Arc<Self>, project_id: &str) -> Self::Fetcher;
+}
+
+/// One [`Refreshing`] cache per project id, created on first use: each is single-flight on its
+/// own, so jobs of two projects fetch one credential each and never wait on each other's fetch.
+/// Projects are few (an account's), so caches are kept for the life of the worker.
+pub struct PerProject<S: Scoped> {
+    scoped: Arc<S>,
+    refresh_before: Duration,
+    caches: std::sync::Mutex<HashMap<String, Arc<Refreshing<S::Fetcher>>>>,
+}
+
+impl<S: Scoped> PerProject<S> {
+    pub fn new(scoped: Arc<S>, refresh_before: Duration) -> PerProject<S> {
+        PerProject {
+            scoped,
+            refresh_before,
+            caches: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn cache(&self, project_id: &str) -> Arc<Refreshing<S::Fetcher>> {
+        let mut caches = self.caches.lock().expect("per-project caches lock");
+        caches
+            .entry(project_id.to_owned())
+            .or_insert_with(|| {
+                let fetcher = self.scoped.for_project(project_id);
+                Arc::new(Refreshing::new(fetcher, self.refresh_before))
+            })
+            .clone()
+    }
+}
+
+#[async_trait]
+impl<S: Scoped> Provider for PerProject<S> {
+    async fn lease(&self, project_id: &str) -> Result<Lease, FetchError> {
+        self.cache(project_id).lease(project_id).await
+    }
+
+    fn refused(&self, project_id: &str, lease: &Lease) {
+        self.cache(project_id).refused(project_id, lease);
+    }
+
+    /// The sum over projects; caches are never dropped, so it never goes down.
+    fn fetches(&self) -> u64 {
+        let caches = self.caches.lock().expect("per-project caches lock");
+        caches.values().map(|cache| cache.fetches()).sum()
+    }
+}
+
+/// Appended to "already expired": the usual cause is a wrong clock, not a bad service.
+const CLOCK_HINT: &str = "check the clocks of this host and of the credential service (NTP)";
+
+/// The server's clock when it answered, from the `Date` header (an HTTP date, RFC 2822 form).
+fn server_date(headers: &reqwest::header::HeaderMap) -> Option<DateTime<Utc>> {
+    let text = headers.get(reqwest::header::DATE)?.to_str().ok()?;
+    DateTime::parse_from_rfc2822(text)
+        .ok()
+        .map(|date| date.with_timezone(&Utc))
+}
+
+/// How long a credential expiring at `expires_at` (server time) stays valid, as a duration the
+/// local monotonic clock can count down.
+///
+/// With a `Date` from the server, the server's "now" is within `[date, date + 1 s)` (the header
+/// has whole seconds): the local clock is used when it falls in that window (it is finer), else
+/// the nearest end of it, so a local clock that is minutes off changes nothing. Without a `Date`
+/// the local clock is all there is.
+fn valid_for(
+    expires_at: DateTime<Utc>,
+    server_date: Option<DateTime<Utc>>,
+    local_now: DateTime<Utc>,
+) -> Duration {
+    let now = match server_date {
+        Some(date) => {
+            let latest = date + chrono::TimeDelta::milliseconds(999);
+            local_now.clamp(date, latest)
+        }
+        None => local_now,
+    };
+    (expires_at - now).to_std().unwrap_or(Duration::ZERO)
+}
+
+/// `valid_for` of an answer's `expires_at` text; an error when it is unreadable or already past.
+fn remaining(
+    expires_at: &str,
+    server_date: Option<DateTime<Utc>>,
+    source: &str,
+) -> Result<Duration, FetchError> {
     let at = DateTime::parse_from_rfc3339(expires_at)
         .map_err(|_| FetchError(format!("{source} gave an expires_at that is not RFC 3339")))?;
-    Ok((at.with_timezone(&Utc) - Utc::now())
-        .to_std()
-        .unwrap_or(Duration::ZERO))
+    let left = valid_for(at.with_timezone(&Utc), server_date, Utc::now());
+    if left.is_zero() {
+        let against = match server_date {
+            Some(date) => format!("its Date header says {}", date.to_rfc2822()),
+            None => "it sent no Date header, so this host's clock was used".into(),
+        };
+        return Err(FetchError(format!(
+            "{source} gave a credential that has already expired (expires_at {expires_at}; \
+             {against}); {CLOCK_HINT}"
+        )));
+    }
+    Ok(left)
 }
 
 fn unreachable(source: &str, error: reqwest::Error) -> FetchError {
@@ -378,13 +490,14 @@ impl Fetch for Metadata {
         if response.status() != 200 {
             return Err(refused_by(&self.source(), response).await);
         }
+        let date = server_date(response.headers());
         let key: SecurityKey = response
             .json()
             .await
             .map_err(|_| FetchError(format!("{} gave no credential JSON", self.source())))?;
         let key = key.credential;
         Ok(Fetched {
-            valid_for: remaining(&key.expires_at, &self.source())?,
+            valid_for: remaining(&key.expires_at, date, &self.source())?,
             credential: Credential::AkSk {
                 ak: key.access,
                 sk: key.secret,
@@ -394,12 +507,29 @@ impl Fetch for Metadata {
     }
 }
 
-/// An IAM token for a user and password (`POST /v3/auth/tokens`, password identity, scoped to a
-/// project by name): the `X-Subject-Token` header of a 201, valid until the body's
-/// `token.expires_at`.
-pub struct Iam {
+/// The IAM user whose password fetches tokens: one [`Iam`] fetcher per project.
+pub struct IamUser {
     http: reqwest::Client,
     identity: IamIdentity,
+}
+
+impl Scoped for IamUser {
+    type Fetcher = Iam;
+
+    fn for_project(self: &Arc<Self>, project_id: &str) -> Iam {
+        Iam {
+            user: self.clone(),
+            project_id: project_id.to_owned(),
+        }
+    }
+}
+
+/// An IAM token for a user and password (`POST /v3/auth/tokens`, password identity, scoped to
+/// one project by id: a token is refused on any other project's resources): the
+/// `X-Subject-Token` header of a 201, valid until the body's `token.expires_at`.
+pub struct Iam {
+    user: Arc<IamUser>,
+    project_id: String,
 }
 
 #[derive(Deserialize)]
@@ -414,18 +544,21 @@ struct TokenBody {
 
 impl Iam {
     fn url(&self) -> String {
-        format!("{}/v3/auth/tokens?nocatalog=true", self.identity.endpoint)
+        format!(
+            "{}/v3/auth/tokens?nocatalog=true",
+            self.user.identity.endpoint
+        )
     }
 
     fn body(&self) -> serde_json::Value {
-        let identity = &self.identity;
+        let identity = &self.user.identity;
         serde_json::json!({"auth": {
             "identity": {"methods": ["password"], "password": {"user": {
                 "domain": {"name": identity.domain},
                 "name": identity.user,
                 "password": identity.password.expose_secret(),
             }}},
-            "scope": {"project": {"name": identity.project}},
+            "scope": {"project": {"id": self.project_id}},
         }})
     }
 }
@@ -433,8 +566,9 @@ impl Iam {
 #[async_trait]
 impl Fetch for Iam {
     async fn fetch(&self) -> Result<Fetched, FetchError> {
-        let source = format!("IAM at {}/v3/auth/tokens", self.identity.endpoint);
+        let source = format!("IAM at {}/v3/auth/tokens", self.user.identity.endpoint);
         let response = self
+            .user
             .http
             .post(self.url())
             .json(&self.body())
@@ -450,12 +584,13 @@ impl Fetch for Iam {
             .and_then(|value| value.to_str().ok())
             .map(|value| SecretString::from(value.to_owned()))
             .ok_or_else(|| FetchError(format!("{source} answered 201 without X-Subject-Token")))?;
+        let date = server_date(response.headers());
         let answer: TokenAnswer = response
             .json()
             .await
             .map_err(|_| FetchError(format!("{source} answered 201 without token.expires_at")))?;
         Ok(Fetched {
-            valid_for: remaining(&answer.token.expires_at, &source)?,
+            valid_for: remaining(&answer.token.expires_at, date, &source)?,
             credential: Credential::Token(token),
         })
     }
@@ -497,14 +632,17 @@ mod tests {
         ))
     }
 
-    async fn lease_all(
-        cache: &Arc<Refreshing<Counting>>,
+    /// `n` concurrent leases, spread round-robin over `projects`.
+    async fn lease_all<P: Provider + 'static>(
+        provider: &Arc<P>,
         n: usize,
+        projects: &[&str],
     ) -> Vec<Result<Lease, FetchError>> {
         let tasks: Vec<_> = (0..n)
-            .map(|_| {
-                let cache = cache.clone();
-                tokio::spawn(async move { cache.lease().await })
+            .map(|i| {
+                let provider = provider.clone();
+                let project = projects[i % projects.len()].to_owned();
+                tokio::spawn(async move { provider.lease(&project).await })
             })
             .collect();
         let mut results = Vec::new();
@@ -517,16 +655,16 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn sixty_four_callers_at_expiry_cause_one_fetch() {
         let cache = cache(Duration::from_secs(3), Duration::from_secs(300));
-        let first = lease_all(&cache, 64).await;
+        let first = lease_all(&cache, 64, &["p"]).await;
         assert!(first.iter().all(Result::is_ok));
         assert_eq!(cache.fetches(), 1);
         // Half of a 3 s life is the margin: at 1.4 s the credential is still used...
         tokio::time::advance(Duration::from_millis(1_400)).await;
-        lease_all(&cache, 64).await;
+        lease_all(&cache, 64, &["p"]).await;
         assert_eq!(cache.fetches(), 1);
         // ...and at 1.6 s it is replaced, once.
         tokio::time::advance(Duration::from_millis(200)).await;
-        let renewed = lease_all(&cache, 64).await;
+        let renewed = lease_all(&cache, 64, &["p"]).await;
         assert_eq!(cache.fetches(), 2);
         let generations: std::collections::BTreeSet<u64> = renewed
             .iter()
@@ -538,28 +676,28 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_margin_is_refresh_before_when_that_is_shorter() {
         let cache = cache(Duration::from_secs(3600), Duration::from_secs(300));
-        cache.lease().await.expect("lease");
+        cache.lease("p").await.expect("lease");
         tokio::time::advance(Duration::from_secs(3600 - 301)).await;
-        cache.lease().await.expect("lease");
+        cache.lease("p").await.expect("lease");
         assert_eq!(cache.fetches(), 1);
         tokio::time::advance(Duration::from_secs(2)).await;
-        cache.lease().await.expect("lease");
+        cache.lease("p").await.expect("lease");
         assert_eq!(cache.fetches(), 2);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_refused_lease_is_fetched_afresh_once() {
         let cache = cache(Duration::from_secs(3600), Duration::from_secs(300));
-        let lease = cache.lease().await.expect("lease");
+        let lease = cache.lease("p").await.expect("lease");
         for _ in 0..10 {
-            cache.refused(&lease);
+            cache.refused("p", &lease);
         }
-        let next = cache.lease().await.expect("lease");
+        let next = cache.lease("p").await.expect("lease");
         assert_eq!(cache.fetches(), 2);
         // A late 401 for the old lease does not drop the new one.
-        cache.refused(&lease);
+        cache.refused("p", &lease);
         assert_eq!(
-            cache.lease().await.expect("lease").generation,
+            cache.lease("p").await.expect("lease").generation,
             next.generation
         );
         assert_eq!(cache.fetches(), 2);
@@ -569,23 +707,153 @@ mod tests {
     async fn a_failed_fetch_is_shared_by_its_waiters_and_keeps_a_valid_credential() {
         let cache = cache(Duration::from_secs(10), Duration::from_secs(300));
         cache.fetcher.fail.store(true, Ordering::SeqCst);
-        let failed = lease_all(&cache, 64).await;
+        let failed = lease_all(&cache, 64, &["p"]).await;
         assert!(
             failed
                 .iter()
                 .all(|r| r.as_ref().err() == Some(&FetchError("refused".into())))
         );
-        assert_eq!(cache.fetches(), 1, "the waiters shared the failure");
+        assert_eq!(attempts(&cache), 1, "the waiters shared the failure");
+        assert_eq!(
+            cache.fetches(),
+            0,
+            "the metric counts successful fetches only"
+        );
 
         cache.fetcher.fail.store(false, Ordering::SeqCst);
-        cache.lease().await.expect("lease");
-        assert_eq!(cache.fetches(), 2);
+        cache.lease("p").await.expect("lease");
+        assert_eq!((attempts(&cache), cache.fetches()), (2, 1));
         // Past the refresh time (5 s) with IAM refusing: the still-valid one is used meanwhile.
         cache.fetcher.fail.store(true, Ordering::SeqCst);
         tokio::time::advance(Duration::from_secs(6)).await;
-        assert!(lease_all(&cache, 64).await.iter().all(Result::is_ok));
-        assert_eq!(cache.fetches(), 3);
+        assert!(
+            lease_all(&cache, 64, &["p"])
+                .await
+                .iter()
+                .all(Result::is_ok)
+        );
+        assert_eq!((attempts(&cache), cache.fetches()), (3, 1));
         tokio::time::advance(Duration::from_secs(5)).await;
-        assert!(cache.lease().await.is_err(), "expired and not renewed");
+        assert!(cache.lease("p").await.is_err(), "expired and not renewed");
+    }
+
+    fn attempts<F: Fetch>(cache: &Refreshing<F>) -> u64 {
+        cache.attempts.load(Ordering::SeqCst)
+    }
+
+    /// Hands out fetchers that log the project each fetch was scoped to.
+    #[derive(Default)]
+    struct ScopedLog(std::sync::Mutex<Vec<String>>);
+
+    struct ProjectFetch {
+        log: Arc<ScopedLog>,
+        project_id: String,
+    }
+
+    impl Scoped for ScopedLog {
+        type Fetcher = ProjectFetch;
+
+        fn for_project(self: &Arc<Self>, project_id: &str) -> ProjectFetch {
+            ProjectFetch {
+                log: self.clone(),
+                project_id: project_id.to_owned(),
+            }
+        }
+    }
+
+    #[async_trait]
+    impl Fetch for ProjectFetch {
+        async fn fetch(&self) -> Result<Fetched, FetchError> {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            self.log.0.lock().unwrap().push(self.project_id.clone());
+            Ok(Fetched {
+                credential: Credential::Token(SecretString::from(format!("t-{}", self.project_id))),
+                valid_for: Duration::from_secs(3),
+            })
+        }
+    }
+
+    fn token_of(lease: &Lease) -> &str {
+        match &lease.credential {
+            Credential::Token(token) => token.expose_secret(),
+            Credential::AkSk { .. } => panic!("a token"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_project_has_its_own_single_flight_cache() {
+        let log = Arc::new(ScopedLog::default());
+        let provider = Arc::new(PerProject::new(log.clone(), Duration::from_secs(300)));
+        let projects = ["project-a", "project-b"];
+        for round in 1..=2 {
+            if round == 2 {
+                // Past the refresh time (half of 3 s) of both tokens.
+                tokio::time::advance(Duration::from_millis(1_600)).await;
+            }
+            let leases = lease_all(&provider, 64, &projects).await;
+            for (i, lease) in leases.iter().enumerate() {
+                let expected = format!("t-{}", projects[i % 2]);
+                assert_eq!(token_of(lease.as_ref().expect("lease")), expected);
+            }
+            let mut fetched = log.0.lock().unwrap().clone();
+            fetched.sort();
+            let once_each: Vec<String> = projects
+                .iter()
+                .flat_map(|p| std::iter::repeat_n(p.to_string(), round))
+                .collect();
+            assert_eq!(fetched, once_each, "one fetch per project per expiry");
+            assert_eq!(provider.fetches(), 2 * round as u64);
+        }
+        // A 401 on one project drops that project's token only.
+        let a = provider.lease("project-a").await.expect("lease");
+        provider.refused("project-a", &a);
+        provider.lease("project-b").await.expect("lease");
+        assert_eq!(provider.fetches(), 4);
+        provider.lease("project-a").await.expect("lease");
+        assert_eq!(provider.fetches(), 5);
+    }
+
+    fn at(text: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(text)
+            .unwrap()
+            .with_timezone(&Utc)
+    }
+
+    #[test]
+    fn expiry_is_measured_against_the_servers_date_not_a_skewed_local_clock() {
+        let date = server_date(&reqwest::header::HeaderMap::from_iter([(
+            reqwest::header::DATE,
+            "Tue, 03 Jun 2025 10:00:00 GMT".parse().unwrap(),
+        )]));
+        assert_eq!(date, Some(at("2025-06-03T10:00:00Z")));
+        let expires = at("2025-06-03T11:00:00Z");
+        // The local clock an hour and a minute fast: without the Date it looks expired.
+        let fast = at("2025-06-03T11:01:00Z");
+        assert_eq!(valid_for(expires, None, fast), Duration::ZERO);
+        assert_eq!(
+            valid_for(expires, date, fast),
+            Duration::from_millis(3_599_001)
+        );
+        // Ten minutes slow: without the Date it would be used ten minutes past its expiry.
+        let slow = at("2025-06-03T09:50:00Z");
+        assert_eq!(valid_for(expires, None, slow), Duration::from_secs(4_200));
+        assert_eq!(valid_for(expires, date, slow), Duration::from_secs(3_600));
+        // Within the second the Date names, the finer local clock is kept.
+        let agreeing = at("2025-06-03T10:00:00.400Z");
+        assert_eq!(
+            valid_for(expires, date, agreeing),
+            Duration::from_millis(3_599_600)
+        );
+    }
+
+    #[test]
+    fn a_credential_expired_on_arrival_names_the_clock() {
+        let date = Some(at("2025-06-03T10:00:00Z"));
+        let error = remaining("2025-06-03T09:59:00Z", date, "IAM at x").unwrap_err();
+        assert!(error.0.contains("already expired"), "{error}");
+        assert!(error.0.contains("clocks"), "{error}");
+        assert!(error.0.contains("Date header"), "{error}");
+        let error = remaining("2020-01-01T00:00:00Z", None, "IAM at x").unwrap_err();
+        assert!(error.0.contains("clocks"), "{error}");
     }
 }

@@ -251,8 +251,11 @@ impl Pipeline {
             Call::Describe => self.client.describe(job).await,
         };
         super::results::log_exchange(&exchange);
-        self.metrics
-            .api_call(call.as_str(), exchange.http_status, job.region.as_str());
+        // Without a credential nothing was sent: that is not an API call.
+        if !matches!(exchange.result, Err(CallError::Credentials(_))) {
+            self.metrics
+                .api_call(call.as_str(), exchange.http_status, job.region.as_str());
+        }
         exchange
     }
 

@@ -302,6 +302,7 @@ impl Simulator {
             &self.issued(),
             self.config.max_clock_skew,
             &received,
+            &route.project_id,
             chrono::Utc::now(),
         );
         let decision = match (verdict.result, route.problem()) {

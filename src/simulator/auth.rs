@@ -2,7 +2,8 @@
 //! signature recomputed with the project's [`signer`] over exactly what was received.
 //!
 //! Issued credentials ([`Issued`]: fetched IAM tokens, temporary AK/SK) pass only until their
-//! expiry; a temporary AK must come with its own security token in a signed `X-Security-Token`.
+//! expiry; a temporary AK must come with its own security token in a signed `X-Security-Token`;
+//! a fetched IAM token only on the path of the project it was scoped to.
 
 use std::time::Duration;
 
@@ -40,6 +41,8 @@ pub(super) struct Received<'a> {
 pub(super) enum AuthError {
     #[error("Incorrect token or token resolution failed")]
     BadToken,
+    #[error("{IAM_PREFIX}: the token is not scoped to the project in the path")]
+    OtherProject,
     #[error("{IAM_PREFIX}: Authorization not found")]
     Missing,
     #[error("{IAM_PREFIX}: {0}")]
@@ -85,29 +88,20 @@ pub(super) struct Verdict {
     pub result: Result<(), AuthError>,
 }
 
-/// Checks a token when one is sent, else the signature.
+/// Checks a token when one is sent, else the signature. `project_id` is the one in the path.
 pub(super) fn authenticate(
     keys: &Keys,
     issued: &Issued,
     max_skew: Duration,
     request: &Received<'_>,
+    project_id: &str,
     now: DateTime<Utc>,
 ) -> Verdict {
     if let Some(token) = request.headers.get(TOKEN_HEADER) {
-        let offered = token.as_bytes();
-        let accepted = keys.tokens.iter().any(|known| same_secret(known, offered))
-            || issued
-                .tokens
-                .iter()
-                .any(|(known, expires_at)| now < *expires_at && same_secret(known, offered));
         return Verdict {
             signed_headers: None,
             access_key: None,
-            result: if accepted {
-                Ok(())
-            } else {
-                Err(AuthError::BadToken)
-            },
+            result: check_token(keys, issued, token.as_bytes(), project_id, now),
         };
     }
     let Some(value) = request.headers.get(AUTHORIZATION_HEADER) else {
@@ -132,6 +126,28 @@ pub(super) fn authenticate(
         signed_headers: Some(parsed.signed_headers.clone()),
         access_key: Some(parsed.access.clone()),
         result: sk.and_then(|sk| check_signature(&sk, max_skew, request, &parsed, now)),
+    }
+}
+
+/// A configured token passes on any project; a fetched one until its expiry, on its project only.
+fn check_token(
+    keys: &Keys,
+    issued: &Issued,
+    offered: &[u8],
+    project_id: &str,
+    now: DateTime<Utc>,
+) -> Result<(), AuthError> {
+    if keys.tokens.iter().any(|known| same_secret(known, offered)) {
+        return Ok(());
+    }
+    let fetched = issued
+        .tokens
+        .iter()
+        .find(|token| now < token.expires_at && same_secret(&token.token, offered))
+        .ok_or(AuthError::BadToken)?;
+    match &fetched.project_id {
+        Some(scope) if scope == project_id => Ok(()),
+        _ => Err(AuthError::OtherProject),
     }
 }
 

@@ -3,7 +3,10 @@
 //! (`PUT /meta-data/latest/api/token`, then `GET /openstack/latest/securitykey` with that token).
 //!
 //! Every fetch issues something new (a token, or a temporary AK/SK with its security token) that
-//! the gateway ([`super::auth`]) accepts until its expiry, `credential_life` after issue. Each
+//! the gateway ([`super::auth`]) accepts until its expiry, `credential_life` after issue; a token
+//! only on the project its request scoped it to by id (`"scope":{"project":{"id":…}}`; a token
+//! without one is good for no project, as an unscoped IAM token is). Every answer carries a
+//! `Date` from the simulator's clock, which clients measure `expires_at` against. Each
 //! fetch is logged in [`super::Stats::credential_fetches`] (kind, time, the temporary AK; never a
 //! secret); `Faults::refuse_credential_fetches` makes both services refuse.
 
@@ -45,6 +48,9 @@ pub struct FetchRecord {
     pub at_ms: i64,
     /// The temporary AK a metadata fetch issued.
     pub access_key: Option<String>,
+    /// The project id an IAM token was asked to be scoped to.
+    #[serde(default)]
+    pub project_id: Option<String>,
     pub refused: bool,
 }
 
@@ -56,11 +62,18 @@ pub(super) struct TemporaryKey {
     pub expires_at: DateTime<Utc>,
 }
 
+/// An IAM token and the project it was scoped to.
+pub(super) struct IssuedToken {
+    pub token: SecretString,
+    pub expires_at: DateTime<Utc>,
+    pub project_id: Option<String>,
+}
+
 /// What the services issued and the gateway accepts until expiry.
 #[derive(Default)]
 pub(super) struct Issued {
     pub temporary: Vec<TemporaryKey>,
-    pub tokens: Vec<(SecretString, DateTime<Utc>)>,
+    pub tokens: Vec<IssuedToken>,
     pub metadata_tokens: Vec<SecretString>,
 }
 
@@ -68,7 +81,8 @@ impl Issued {
     fn forget_expired(&mut self, now: DateTime<Utc>) {
         self.temporary
             .retain(|key| key.expires_at + FORGET_AFTER > now);
-        self.tokens.retain(|(_, at)| *at + FORGET_AFTER > now);
+        self.tokens
+            .retain(|token| token.expires_at + FORGET_AFTER > now);
     }
 }
 
@@ -112,20 +126,35 @@ impl Simulator {
         issued
     }
 
-    fn issue_token(&self) -> (SecretString, DateTime<Utc>) {
+    fn issue_token(&self, project_id: Option<String>) -> (SecretString, DateTime<Utc>) {
         let token = SecretString::from(format!("MIIissued-{}", random(64)));
         let expires_at = self.expiry();
         let mut store = self.issued();
         store.forget_expired(Utc::now());
-        store.tokens.push((token.clone(), expires_at));
+        store.tokens.push(IssuedToken {
+            token: token.clone(),
+            expires_at,
+            project_id,
+        });
         (token, expires_at)
     }
 
     fn log_fetch(&self, kind: &str, access_key: Option<String>, refused: bool) {
+        self.log_scoped_fetch(kind, access_key, None, refused);
+    }
+
+    fn log_scoped_fetch(
+        &self,
+        kind: &str,
+        access_key: Option<String>,
+        project_id: Option<String>,
+        refused: bool,
+    ) {
         self.world().fetches.push(FetchRecord {
             kind: kind.into(),
             at_ms: Utc::now().timestamp_millis(),
             access_key,
+            project_id,
             refused,
         });
     }
@@ -151,6 +180,18 @@ struct TokenRequest {
 #[derive(Deserialize)]
 struct TokenAuth {
     identity: Identity,
+    scope: Option<TokenScope>,
+}
+
+#[derive(Deserialize)]
+struct TokenScope {
+    project: Option<ProjectRef>,
+}
+
+/// A project by id (the one the gateway checks) or by name (which the simulator cannot resolve).
+#[derive(Deserialize)]
+struct ProjectRef {
+    id: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -179,7 +220,19 @@ struct Named {
 fn iam_error(status: StatusCode, message: &str) -> Response {
     let body = json!({"error": {"code": status.as_u16().to_string(), "message": message,
         "title": status.canonical_reason().unwrap_or_default()}});
-    (status, Json(body)).into_response()
+    dated((status, Json(body)).into_response())
+}
+
+/// Adds `Date` (an HTTP date) from the simulator's clock. hyper adds one too when it serves
+/// the router, but not every way of serving it does, and clients depend on it.
+fn dated(mut response: Response) -> Response {
+    let date = Utc::now().format("%a, %d %b %Y %H:%M:%S GMT").to_string();
+    if let Ok(value) = HeaderValue::from_str(&date) {
+        response
+            .headers_mut()
+            .insert(axum::http::header::DATE, value);
+    }
+    response
 }
 
 /// `POST /v3/auth/tokens`: 201 with `X-Subject-Token` for a known user's password.
@@ -189,6 +242,11 @@ pub(super) async fn iam_tokens(State(app): State<App>, body: Bytes) -> Response 
         sim.log_fetch("iam", None, true);
         return iam_error(StatusCode::BAD_REQUEST, "The request body is invalid.");
     };
+    let project_id = request
+        .auth
+        .scope
+        .and_then(|scope| scope.project)
+        .and_then(|project| project.id);
     let identity = request.auth.identity;
     let known = identity.methods.iter().any(|m| m == "password")
         && identity
@@ -201,32 +259,34 @@ pub(super) async fn iam_tokens(State(app): State<App>, body: Bytes) -> Response 
             "The username or password is wrong.",
         );
     }
-    let (token, expires_at) = sim.issue_token();
-    sim.log_fetch("iam", None, false);
+    let (token, expires_at) = sim.issue_token(project_id.clone());
+    sim.log_scoped_fetch("iam", None, project_id, false);
     let body = json!({"token": {"expires_at": timestamp(expires_at),
         "issued_at": timestamp(Utc::now()), "methods": ["password"]}});
     let mut response = (StatusCode::CREATED, Json(body)).into_response();
     if let Ok(value) = HeaderValue::from_str(token.expose_secret()) {
         response.headers_mut().insert("x-subject-token", value);
     }
-    response
+    dated(response)
 }
 
 /// `PUT /meta-data/latest/api/token`: a metadata API token, when a TTL is asked for.
 pub(super) async fn metadata_token(State(app): State<App>, headers: HeaderMap) -> Response {
     if !headers.contains_key("x-metadata-token-ttl-seconds") {
-        return (
-            StatusCode::BAD_REQUEST,
-            "X-Metadata-Token-Ttl-Seconds is required",
-        )
-            .into_response();
+        return dated(
+            (
+                StatusCode::BAD_REQUEST,
+                "X-Metadata-Token-Ttl-Seconds is required",
+            )
+                .into_response(),
+        );
     }
     let token = random(48);
     app.sim
         .issued()
         .metadata_tokens
         .push(SecretString::from(token.clone()));
-    (StatusCode::OK, token).into_response()
+    dated((StatusCode::OK, token).into_response())
 }
 
 /// `GET /openstack/latest/securitykey`: a new temporary AK/SK, for a known metadata token.
@@ -242,25 +302,29 @@ pub(super) async fn security_key(State(app): State<App>, headers: HeaderMap) -> 
         .iter()
         .any(|token| super::auth::same_secret(token, &offered));
     if !known {
-        return (
-            StatusCode::UNAUTHORIZED,
-            "metadata token missing or unknown",
-        )
-            .into_response();
+        return dated(
+            (
+                StatusCode::UNAUTHORIZED,
+                "metadata token missing or unknown",
+            )
+                .into_response(),
+        );
     }
     if sim.refusing_fetches() {
         sim.log_fetch("metadata", None, true);
-        return (
-            StatusCode::NOT_FOUND,
-            Json(json!({"error": "Please configure Cloud Service Agency first"})),
-        )
-            .into_response();
+        return dated(
+            (
+                StatusCode::NOT_FOUND,
+                Json(json!({"error": "Please configure Cloud Service Agency first"})),
+            )
+                .into_response(),
+        );
     }
     let (ak, sk, security_token, expires_at) = sim.issue_temporary();
     sim.log_fetch("metadata", Some(ak.clone()), false);
     let body = json!({"credential": {"access": ak, "secret": sk.expose_secret(),
         "securitytoken": security_token.expose_secret(), "expires_at": timestamp(expires_at)}});
-    (StatusCode::OK, Json(body)).into_response()
+    dated((StatusCode::OK, Json(body)).into_response())
 }
 
 #[cfg(test)]
@@ -289,6 +353,10 @@ mod tests {
             .await
             .expect("sent");
         assert_eq!(answer.status(), 200);
+        assert!(
+            answer.headers().contains_key("date"),
+            "metadata answers carry a Date"
+        );
         json_of(answer).await["credential"].clone()
     }
 
@@ -340,12 +408,7 @@ mod tests {
     async fn an_expired_temporary_key_or_token_is_refused() {
         let server = Server::start(SimulatorConfig {
             credential_life: Duration::ZERO,
-            iam_users: vec![IamUser {
-                domain: "d".into(),
-                name: "u".into(),
-                password: SecretString::from("p"),
-            }],
-            ..config()
+            ..with_user()
         })
         .await;
         let (ak, sk, token, _) = server.sim.issue_temporary();
@@ -359,25 +422,82 @@ mod tests {
         assert_eq!((status, code.as_str()), (401, "APIGW.0301"));
         assert!(msg.contains("expired"), "{msg}");
 
-        let body = serde_json::json!({"auth": {"identity": {"methods": ["password"],
-            "password": {"user": {"domain": {"name": "d"}, "name": "u", "password": "p"}}}}});
         let client = reqwest::Client::new();
-        let issued = client
-            .post(server.url("/v3/auth/tokens"))
-            .json(&body)
-            .send()
-            .await;
-        let issued = issued.expect("sent");
-        assert_eq!(issued.status(), 201);
-        let token = issued.headers()["x-subject-token"]
-            .to_str()
-            .unwrap()
-            .to_owned();
+        let token = token_for(&server, Some(PROJECT)).await;
         let refused = client
             .get(server.url(modify_path()))
             .header("X-Auth-Token", token)
             .send();
-        assert_eq!(error_of(refused.await.expect("sent")).await.1, "APIGW.0301");
+        let (status, code, msg) = error_of(refused.await.expect("sent")).await;
+        assert_eq!((status, code.as_str()), (401, "APIGW.0301"));
+        assert_eq!(msg, "Incorrect token or token resolution failed");
+        server.stop().await;
+    }
+
+    fn with_user() -> SimulatorConfig {
+        SimulatorConfig {
+            iam_users: vec![IamUser {
+                domain: "d".into(),
+                name: "u".into(),
+                password: SecretString::from("p"),
+            }],
+            ..config()
+        }
+    }
+
+    /// A token of user d/u, scoped to `project` by id (or unscoped).
+    async fn token_for(server: &Server, project: Option<&str>) -> String {
+        let mut body = serde_json::json!({"auth": {"identity": {"methods": ["password"],
+            "password": {"user": {"domain": {"name": "d"}, "name": "u", "password": "p"}}}}});
+        if let Some(project) = project {
+            body["auth"]["scope"] = serde_json::json!({"project": {"id": project}});
+        }
+        let issued = reqwest::Client::new()
+            .post(server.url("/v3/auth/tokens"))
+            .json(&body)
+            .send()
+            .await
+            .expect("sent");
+        assert_eq!(issued.status(), 201);
+        assert!(
+            issued.headers().contains_key("date"),
+            "IAM answers carry a Date"
+        );
+        issued.headers()["x-subject-token"]
+            .to_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    #[tokio::test]
+    async fn an_iam_token_passes_only_on_the_project_it_is_scoped_to() {
+        let server = Server::start(with_user()).await;
+        let other = "ffffffffffffffffffffffffffffffff";
+        // Each project's own instance (an instance id belongs to one project).
+        let call = |token: String, project: &str| {
+            let instance = if project == PROJECT {
+                INSTANCE
+            } else {
+                "8033e7c3cf93438797d44ad7ae0a7d95in07"
+            };
+            reqwest::Client::new()
+                .get(server.url(&path_for(project, instance)))
+                .header("X-Auth-Token", token)
+                .send()
+        };
+        let scoped = token_for(&server, Some(PROJECT)).await;
+        assert_eq!(
+            call(scoped.clone(), PROJECT).await.expect("sent").status(),
+            200
+        );
+        let unscoped = token_for(&server, None).await;
+        for (token, project) in [(scoped, other), (unscoped, PROJECT)] {
+            let (status, code, msg) = error_of(call(token, project).await.expect("sent")).await;
+            assert_eq!((status, code.as_str()), (401, "APIGW.0301"));
+            assert!(msg.contains("not scoped to the project"), "{msg}");
+        }
+        let other_token = token_for(&server, Some(other)).await;
+        assert_eq!(call(other_token, other).await.expect("sent").status(), 200);
         server.stop().await;
     }
 

@@ -19,7 +19,6 @@ fn use_iam(settings: &mut Settings, endpoint: &str) {
     settings.api.iam_endpoint = endpoint.into();
     settings.api.iam_domain = IAM_DOMAIN.into();
     settings.api.iam_user = IAM_USER.into();
-    settings.api.iam_project = "cn-north-4".into();
     settings.api.iam_password = IAM_PASSWORD.to_owned().into();
 }
 
@@ -117,6 +116,63 @@ async fn a_three_second_iam_token_is_fetched_once_per_refresh_with_64_jobs_in_fl
     app.cleanup().await;
 }
 
+/// A second project of the same account, besides `PROJECT`.
+const OTHER_PROJECT: &str = "5d3c1b2a0f9e8d7c6b5a4f3e2d1c0b9a";
+
+#[tokio::test]
+async fn iam_tokens_are_scoped_per_project_one_fetch_each_for_jobs_of_two_projects() {
+    let app = app_with(Duration::from_secs(3600), 100, 64).await;
+    let mut settings = app.settings.clone();
+    use_iam(&mut settings, &app.simulator_url);
+    let credentials = settings.credentials(&[]).unwrap();
+    // 64 in flight from the first moment, interleaved: both projects want a token at once.
+    let mut jobs = Vec::new();
+    for i in 0..200u32 {
+        let job_id = format!("J-6000-{i}");
+        let mut body = job(&job_id, 6000 + i, "on");
+        if i % 2 == 1 {
+            body["project_id"] = serde_json::json!(OTHER_PROJECT);
+        }
+        app.publish_job(&body).await;
+        jobs.push((job_id, 6000 + i, "on"));
+    }
+    let (stop, worker, pipeline) =
+        app.start_worker_watched(settings, credentials, RunOptions::default());
+    assert_all_succeeded(&app, &jobs).await;
+    let ops = crate::ops::serve_ops(pipeline).await;
+    let scrape = crate::ops::Scrape::of(&ops).await;
+    stop.cancel();
+    worker.await.unwrap();
+
+    let stats = app.stats();
+    assert_eq!(
+        stats.auth_failures, 0,
+        "no token was used on another project"
+    );
+    for i in 0..200u32 {
+        let project = if i % 2 == 1 { OTHER_PROJECT } else { PROJECT };
+        assert_eq!(
+            app.simulator
+                .status_of(project, &instance(6000 + i))
+                .as_deref(),
+            Some("on")
+        );
+    }
+    let mut scoped: Vec<String> = fetches(&app, "iam")
+        .into_iter()
+        .map(|fetch| {
+            assert!(!fetch.refused, "{fetch:?}");
+            fetch.project_id.expect("scoped by project id")
+        })
+        .collect();
+    scoped.sort();
+    let mut expected = vec![PROJECT.to_owned(), OTHER_PROJECT.to_owned()];
+    expected.sort();
+    assert_eq!(scoped, expected, "exactly one fetch per project");
+    assert_eq!(scrape.value("keyturn_credential_fetches", &[]), Some(2.0));
+    app.cleanup().await;
+}
+
 #[tokio::test]
 async fn metadata_keys_rotate_during_a_run_each_used_with_its_own_security_token() {
     let app = app_with(Duration::from_secs(2), 50, 16).await;
@@ -211,13 +267,14 @@ async fn refused_iam_fetches_hold_jobs_until_iam_answers_then_all_succeed_and_no
         ..Faults::default()
     });
     let jobs = publish_fleet(&app, 20, 4000).await;
+    let ops = crate::ops::free_address();
     let mut worker = app
         .worker_process(&[
+            ("KEYTURN_OPS__LISTEN", &ops),
             ("KEYTURN_API__CREDENTIALS", "iam"),
             ("KEYTURN_API__IAM_ENDPOINT", &app.simulator_url),
             ("KEYTURN_API__IAM_DOMAIN", IAM_DOMAIN),
             ("KEYTURN_API__IAM_USER", IAM_USER),
-            ("KEYTURN_API__IAM_PROJECT", "cn-north-4"),
             ("KEYTURN_API__IAM_PASSWORD", IAM_PASSWORD),
             ("KEYTURN_WORKER__CONCURRENCY", "4"),
             ("KEYTURN_CIRCUIT__PROBE_INTERVAL", "200ms"),
@@ -237,9 +294,29 @@ async fn refused_iam_fetches_hold_jobs_until_iam_answers_then_all_succeed_and_no
     assert!(app.toggles().is_empty(), "no job ended while IAM refused");
     assert_eq!(app.stats().requests, 0, "nothing reached the API");
     assert!(fetches(&app, "iam").iter().all(|fetch| fetch.refused));
+    let scrape = crate::ops::Scrape::of(&ops).await;
+    assert_eq!(
+        scrape.sum("keyturn_api_calls"),
+        0.0,
+        "attempts that sent nothing are not API calls"
+    );
+    assert_eq!(scrape.value("keyturn_credential_fetches", &[]), Some(0.0));
 
     app.simulator.set_faults(Faults::default());
     assert_all_succeeded(&app, &jobs).await;
+    let scrape = crate::ops::Scrape::of(&ops).await;
+    let stats = app.stats();
+    assert_eq!(
+        scrape.sum("keyturn_api_calls"),
+        stats.requests as f64,
+        "one API call per request the API saw"
+    );
+    let issued = fetches(&app, "iam").iter().filter(|f| !f.refused).count();
+    assert_eq!(
+        scrape.value("keyturn_credential_fetches", &[]),
+        Some(issued as f64),
+        "refused fetches are not counted"
+    );
     assert_eq!(
         terminate(&mut worker, Duration::from_secs(30)).await,
         Some(0)

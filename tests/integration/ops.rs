@@ -74,7 +74,7 @@ impl Scrape {
             .map(|(_, value)| value)
     }
 
-    fn sum(&self, family: &str) -> f64 {
+    pub fn sum(&self, family: &str) -> f64 {
         self.samples(family).iter().map(|(_, value)| value).sum()
     }
 }
@@ -108,7 +108,7 @@ pub async fn serve_ops(pipeline: std::sync::Arc<keyturn::pipeline::Pipeline>) ->
     address
 }
 
-fn free_address() -> String {
+pub fn free_address() -> String {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap().to_string()
 }
