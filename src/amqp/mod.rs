@@ -282,7 +282,33 @@ pub async fn publish_jobs(
 
 #[cfg(test)]
 mod tests {
-    use super::redacted_url;
+    use super::{ConnectError, connect_node, redacted_url};
+    use crate::config::AmqpSettings;
+
+    /// A loopback port nothing listens on (bound, then released).
+    fn closed_port() -> u16 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    }
+
+    #[tokio::test]
+    async fn when_no_node_answers_the_error_names_each_without_its_password() {
+        let urls: Vec<String> = (0..2)
+            .map(|_| format!("amqp://ops:s3cret@127.0.0.1:{}/%2f", closed_port()))
+            .collect();
+        let settings = AmqpSettings {
+            urls: urls.clone(),
+            ..AmqpSettings::default()
+        };
+        let error = connect_node(&settings, "keyturn-test").await.unwrap_err();
+        assert!(matches!(error, ConnectError::Unavailable { .. }), "{error}");
+        let shown = error.to_string();
+        assert!(shown.contains("any of 2 nodes"), "{shown}");
+        for url in &urls {
+            assert!(shown.contains(&redacted_url(url)), "{shown}");
+        }
+        assert!(!shown.contains("s3cret"), "{shown}");
+    }
 
     #[test]
     fn a_redacted_url_keeps_where_but_never_the_password() {
