@@ -46,7 +46,11 @@ pub struct Settings {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AmqpSettings {
+    /// The broker, one node; ignored when `urls` is set.
     pub url: String,
+    /// The nodes of one broker cluster, tried in order (see `amqp::nodes`); when non-empty it
+    /// replaces `url`.
+    pub urls: Vec<String>,
     pub jobs_queue: String,
     pub dead_letter_exchange: String,
     pub dead_queue: String,
@@ -274,6 +278,7 @@ impl Default for AmqpSettings {
     fn default() -> Self {
         AmqpSettings {
             url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            urls: Vec::new(),
             jobs_queue: "keyturn.jobs".into(),
             dead_letter_exchange: "keyturn.dlx".into(),
             dead_queue: "keyturn.jobs.dead".into(),
@@ -472,9 +477,10 @@ impl Settings {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let amqp = &self.amqp;
-        amqp.url.parse::<lapin::uri::AMQPUri>().map_err(|problem| {
-            config_error("amqp.url", format!("is not an AMQP URL: {problem}"))
-        })?;
+        for (key, url) in amqp.nodes() {
+            url.parse::<lapin::uri::AMQPUri>()
+                .map_err(|problem| config_error(key, format!("is not an AMQP URL: {problem}")))?;
+        }
         for (key, name) in [
             ("amqp.jobs_queue", &amqp.jobs_queue),
             ("amqp.dead_letter_exchange", &amqp.dead_letter_exchange),
@@ -736,6 +742,19 @@ fn refuse_secrets_in_file(table: &toml::Table) -> Result<(), ConfigError> {
 const SECRET_API_KEYS: [&str; 2] = ["token", "iam_password"];
 
 impl AmqpSettings {
+    /// The broker nodes to connect to, each with the key that names it in errors: the entries
+    /// of `amqp.urls` (`amqp.urls[0]`, ...) when there are any, else `amqp.url`.
+    pub fn nodes(&self) -> Vec<(String, &str)> {
+        if self.urls.is_empty() {
+            return vec![("amqp.url".into(), self.url.as_str())];
+        }
+        self.urls
+            .iter()
+            .enumerate()
+            .map(|(index, url)| (format!("amqp.urls[{index}]"), url.as_str()))
+            .collect()
+    }
+
     /// The PEM text of `amqp.ca_file`, checked to hold at least one certificate.
     pub fn ca_bundle(&self) -> Result<String, ConfigError> {
         let path = std::path::absolute(&self.ca_file).unwrap_or_else(|_| self.ca_file.clone());
@@ -903,6 +922,13 @@ fn typed_value(like: &toml::Value, text: &str) -> Option<toml::Value> {
         toml::Value::Integer(_) => toml::Value::Integer(text.trim().parse().ok()?),
         toml::Value::Float(_) => toml::Value::Float(text.trim().parse().ok()?),
         toml::Value::Boolean(_) => toml::Value::Boolean(text.trim().parse().ok()?),
+        // Lists (`KEYTURN_AMQP__URLS`) are comma-separated; empty text is the empty list.
+        toml::Value::Array(_) if text.trim().is_empty() => toml::Value::Array(Vec::new()),
+        toml::Value::Array(_) => toml::Value::Array(
+            text.split(',')
+                .map(|item| toml::Value::String(item.trim().to_owned()))
+                .collect(),
+        ),
         _ => toml::Value::String(text.to_owned()),
     })
 }
@@ -979,6 +1005,59 @@ mod tests {
         assert_eq!(settings.worker.concurrency, 8);
         assert!(settings.api.confirm_after);
         assert_eq!(settings.retry.base_delay, Duration::from_millis(50));
+    }
+
+    #[test]
+    fn amqp_urls_come_comma_separated_from_the_env_and_win_over_url() {
+        let load = |value: &str| Settings::load(None, &env(&[("KEYTURN_AMQP__URLS", value)]));
+        let settings =
+            load(" amqp://a:pw@n1:5701/%2f , amqp://a:pw@n2:5702/%2f,amqps://n3/v").unwrap();
+        assert_eq!(
+            settings.amqp.urls,
+            [
+                "amqp://a:pw@n1:5701/%2f",
+                "amqp://a:pw@n2:5702/%2f",
+                "amqps://n3/v"
+            ]
+        );
+        let keys: Vec<_> = settings
+            .amqp
+            .nodes()
+            .into_iter()
+            .map(|(key, _)| key)
+            .collect();
+        assert_eq!(keys, ["amqp.urls[0]", "amqp.urls[1]", "amqp.urls[2]"]);
+        // Empty: the single `amqp.url` is the one node.
+        let single = load("").unwrap();
+        assert!(single.amqp.urls.is_empty());
+        assert_eq!(
+            single.amqp.nodes(),
+            [(
+                "amqp.url".to_owned(),
+                "amqp://guest:guest@127.0.0.1:5672/%2f"
+            )]
+        );
+    }
+
+    #[test]
+    fn a_bad_node_in_amqp_urls_is_named_by_its_index() {
+        let load = |value: &str| Settings::load(None, &env(&[("KEYTURN_AMQP__URLS", value)]));
+        for (value, key) in [
+            ("amqp://n1:5701/%2f,http://n2:5702", "amqp.urls[1]"),
+            ("amqp://n1:5701/%2f,,amqp://n3", "amqp.urls[1]"),
+            ("nope", "amqp.urls[0]"),
+        ] {
+            let error = load(value).unwrap_err();
+            assert_eq!(error.key, key, "{value}: {error}");
+            assert!(error.problem.contains("is not an AMQP URL"), "{error}");
+        }
+        let file = load_file(
+            "[amqp]\nurls = [\"amqp://n1:5701/%2f\", \"ftp://n2\"]\n",
+            &[],
+        );
+        assert_eq!(file.unwrap_err().key, "amqp.urls[1]");
+        let file = load_file("[amqp]\nurls = \"amqp://n1:5701/%2f\"\n", &[]);
+        assert_eq!(file.unwrap_err().key, "amqp.urls");
     }
 
     #[test]

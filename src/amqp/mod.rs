@@ -6,6 +6,7 @@
 //! the topology, applies its prefetch and consumes again (see `broker-and-storage-notes`).
 
 pub mod control;
+pub mod nodes;
 pub mod publisher;
 pub mod topology;
 pub mod worker;
@@ -42,15 +43,81 @@ impl ConnectError {
     }
 }
 
-/// Opens a connection named `name` (visible in the management UI and `rabbitmqctl`), with the
-/// configured heartbeat unless the URL sets one, trusting `amqp.ca_file` for `amqps://`.
+/// Opens a connection named `name` (visible in the management UI and `rabbitmqctl`) to the first
+/// broker node that answers, in the order of [`nodes`]; see [`connect_node`].
 pub async fn connect(settings: &AmqpSettings, name: &str) -> Result<Connection, ConnectError> {
+    connect_node(settings, name)
+        .await
+        .map(|(connection, _)| connection)
+}
+
+/// Tries each node of `amqp.urls` (or the one `amqp.url`) once, starting from the one the
+/// process last reached, and returns the connection with the node it reached. A node that
+/// refuses the settings (credentials, vhost, not AMQP) stops the attempt: every node of a
+/// cluster would say the same. When no node answers, the error names each with its cause.
+pub async fn connect_node(
+    settings: &AmqpSettings,
+    name: &str,
+) -> Result<(Connection, nodes::Node), ConnectError> {
+    let listed = settings.nodes();
+    let urls: Vec<&str> = listed.iter().map(|(_, url)| *url).collect();
+    let rotation = nodes::rotation(&urls);
+    let mut failures = Vec::new();
+    for index in rotation.order() {
+        let (key, url) = &listed[index];
+        match connect_one(settings, key, url, name).await {
+            Ok(connection) => {
+                rotation.reached(index);
+                let node = nodes::Node::new(rotation.clone(), index, redacted_url(url));
+                return Ok((connection, node));
+            }
+            Err(ConnectError::Unavailable { url, cause }) => {
+                rotation.failed(index);
+                if listed.len() > 1 {
+                    tracing::info!(node = %url, "cannot connect to this RabbitMQ node: {cause}");
+                }
+                failures.push((url, cause));
+            }
+            Err(permanent) => {
+                // The supervisor retries even these after its start check: next time, another
+                // node first (one that is still booting may refuse logins).
+                rotation.failed(index);
+                return Err(permanent);
+            }
+        }
+    }
+    Err(unavailable(failures))
+}
+
+/// One node's failure as it always was; several as "any of N nodes" with each node's cause.
+fn unavailable(mut failures: Vec<(String, String)>) -> ConnectError {
+    if failures.len() == 1 {
+        let (url, cause) = failures.remove(0);
+        return ConnectError::Unavailable { url, cause };
+    }
+    ConnectError::Unavailable {
+        url: format!("any of {} nodes", failures.len()),
+        cause: failures
+            .iter()
+            .map(|(url, cause)| format!("{url}: {cause}"))
+            .collect::<Vec<_>>()
+            .join("; "),
+    }
+}
+
+/// Connects to the node at `url` (named `key` in errors), with the configured heartbeat unless
+/// the URL sets one, trusting `amqp.ca_file` for `amqps://`.
+async fn connect_one(
+    settings: &AmqpSettings,
+    key: &str,
+    url: &str,
+    name: &str,
+) -> Result<Connection, ConnectError> {
     let url_error = |problem: String| ConfigError {
-        key: "amqp.url".into(),
+        key: key.into(),
         problem,
     };
-    let mut uri: AMQPUri = settings
-        .url
+    let mut uri: AMQPUri = url
         .parse()
         .map_err(|problem: String| url_error(format!("is not an AMQP URL: {problem}")))?;
     if uri.query.heartbeat.is_none() {
@@ -72,7 +139,7 @@ pub async fn connect(settings: &AmqpSettings, name: &str) -> Result<Connection, 
         },
     };
     let properties = ConnectionProperties::default().with_connection_name(name.into());
-    let url = redacted_url(&settings.url);
+    let url = redacted_url(url);
     let builder = DefaultConnectionBuilder::new().map_err(|error| ConnectError::Unavailable {
         url: url.clone(),
         cause: one_line(&error.to_string()),
@@ -82,7 +149,7 @@ pub async fn connect(settings: &AmqpSettings, name: &str) -> Result<Connection, 
         .with_properties(properties)
         .with_tls_config(tls);
     match tokio::time::timeout(limit, handshake.connect()).await {
-        Ok(connected) => connected.map_err(|error| classify(&url, &error)),
+        Ok(connected) => connected.map_err(|error| classify(key, &url, &error)),
         Err(_) => Err(ConnectError::Unavailable {
             url,
             cause: format!("no AMQP handshake within {limit:?}"),
@@ -91,10 +158,10 @@ pub async fn connect(settings: &AmqpSettings, name: &str) -> Result<Connection, 
 }
 
 /// Sorts a connect failure into "fix the settings" or "try again", with one line saying which.
-fn classify(url: &str, error: &lapin::Error) -> ConnectError {
+fn classify(key: &str, url: &str, error: &lapin::Error) -> ConnectError {
     let refused = |what: String, fix: &str| {
         ConnectError::Settings(ConfigError {
-            key: "amqp.url".into(),
+            key: key.into(),
             problem: format!("the broker at {url} {what}; {fix}"),
         })
     };
@@ -168,6 +235,16 @@ pub fn redacted_url(url: &str) -> String {
     }
 }
 
+/// Every node of `settings` without its password, for logs: `amqp://guest@host:5672/%2f, ...`.
+pub fn redacted_nodes(settings: &AmqpSettings) -> String {
+    settings
+        .nodes()
+        .iter()
+        .map(|(_, url)| redacted_url(url))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Publishes jobs `(job_id, body)` to `queue` through the default exchange, persistent, as JSON
 /// with `message_id` = job id, and waits for every confirm.
 pub async fn publish_jobs(
@@ -205,7 +282,33 @@ pub async fn publish_jobs(
 
 #[cfg(test)]
 mod tests {
-    use super::redacted_url;
+    use super::{ConnectError, connect_node, redacted_url};
+    use crate::config::AmqpSettings;
+
+    /// A loopback port nothing listens on (bound, then released).
+    fn closed_port() -> u16 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    }
+
+    #[tokio::test]
+    async fn when_no_node_answers_the_error_names_each_without_its_password() {
+        let urls: Vec<String> = (0..2)
+            .map(|_| format!("amqp://ops:s3cret@127.0.0.1:{}/%2f", closed_port()))
+            .collect();
+        let settings = AmqpSettings {
+            urls: urls.clone(),
+            ..AmqpSettings::default()
+        };
+        let error = connect_node(&settings, "keyturn-test").await.unwrap_err();
+        assert!(matches!(error, ConnectError::Unavailable { .. }), "{error}");
+        let shown = error.to_string();
+        assert!(shown.contains("any of 2 nodes"), "{shown}");
+        for url in &urls {
+            assert!(shown.contains(&redacted_url(url)), "{shown}");
+        }
+        assert!(!shown.contains("s3cret"), "{shown}");
+    }
 
     #[test]
     fn a_redacted_url_keeps_where_but_never_the_password() {

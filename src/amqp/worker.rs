@@ -149,12 +149,30 @@ async fn session(
     stop: &CancellationToken,
     housekeeping_task: &mut Option<tokio::task::JoinHandle<()>>,
 ) -> anyhow::Result<SessionEnd> {
-    let settings = &pipeline.settings;
-    let connection = super::connect(
-        &settings.amqp,
+    let (connection, node) = super::connect_node(
+        &pipeline.settings.amqp,
         &format!("keyturn-worker-{}", pipeline.worker_id),
     )
     .await?;
+    tracing::info!(node = %node.shown, "connected to RabbitMQ");
+    let ended = session_on(pipeline, options, stop, housekeeping_task, connection).await;
+    if !matches!(ended, Ok(SessionEnd::Shutdown)) {
+        // The next session starts at the next node: with a cluster, the one that lost us may
+        // be down for a while.
+        node.lost();
+    }
+    ended
+}
+
+/// The session on an open connection.
+async fn session_on(
+    pipeline: &Arc<Pipeline>,
+    options: &RunOptions,
+    stop: &CancellationToken,
+    housekeeping_task: &mut Option<tokio::task::JoinHandle<()>>,
+    connection: lapin::Connection,
+) -> anyhow::Result<SessionEnd> {
+    let settings = &pipeline.settings;
     let channel = connection.create_channel().await?;
     topology::declare(&channel, &settings.amqp).await?;
     let concurrency = settings.worker.concurrency;

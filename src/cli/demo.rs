@@ -61,7 +61,7 @@ const STAGE: Duration = Duration::from_secs(30);
 pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
-    let broker = amqp::redacted_url(&settings.amqp.url);
+    let broker = amqp::redacted_nodes(&settings.amqp);
     let connection = tokio::time::timeout(
         Duration::from_secs(10),
         amqp::connect(&settings.amqp, "keyturn-demo"),

@@ -290,7 +290,7 @@ fn log_start(settings: &Settings, source: &str, worker_id: &str) {
         per_second = limits.per_second,
         per_project_per_second = limits.per_project_per_second,
         worker_id,
-        broker = %crate::amqp::redacted_url(&settings.amqp.url),
+        broker = %crate::amqp::redacted_nodes(&settings.amqp),
         audit = %absolute(&settings.audit.path).display(),
         "keyturn worker starting"
     );
