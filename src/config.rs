@@ -12,6 +12,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::gaussdb::regions;
 
+/// What a URL that does not parse is told. The parser's own message quotes the text, which may
+/// hold a password (or part of one, when a comma split it), so it is not repeated.
+pub const NOT_AN_AMQP_URL: &str = "is not an AMQP URL: expected amqp://user:password@host:port/vhost (or amqps://); the text is not shown, it may hold a password; in a password write , as %2C and @ as %40";
+
 /// A configuration problem, always tied to the key that caused it.
 #[derive(Debug, thiserror::Error)]
 #[error("config key {key}: {problem}")]
@@ -479,7 +483,7 @@ impl Settings {
         let amqp = &self.amqp;
         for (key, url) in amqp.nodes() {
             url.parse::<lapin::uri::AMQPUri>()
-                .map_err(|problem| config_error(key, format!("is not an AMQP URL: {problem}")))?;
+                .map_err(|_| config_error(key, NOT_AN_AMQP_URL))?;
         }
         for (key, name) in [
             ("amqp.jobs_queue", &amqp.jobs_queue),
@@ -1051,6 +1055,11 @@ mod tests {
             assert_eq!(error.key, key, "{value}: {error}");
             assert!(error.problem.contains("is not an AMQP URL"), "{error}");
         }
+        // A comma in a password splits the entry; the error never repeats the text.
+        let split = load("amqp://u:secret-part,x@h:5672/%2f").unwrap_err();
+        assert_eq!(split.key, "amqp.urls[0]");
+        assert!(!split.to_string().contains("secret-part"), "{split}");
+        assert!(split.problem.contains("%2C"), "{split}");
         let file = load_file(
             "[amqp]\nurls = [\"amqp://n1:5701/%2f\", \"ftp://n2\"]\n",
             &[],

@@ -67,17 +67,22 @@ start_node() {
     RABBITMQ_ENABLED_PLUGINS_FILE="$dir/enabled_plugins" \
     RABBITMQ_MNESIA_BASE="$dir/mnesia" \
     RABBITMQ_LOG_BASE="$dir/log" \
+    RABBITMQ_PID_FILE="$dir/os.pid" \
     RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}" \
     "$bin/rabbitmq-server" -detached
   started+=("$i")
 }
 
+# Nodes an earlier run could not stop (killed mid-run) would hold these names and ports.
+# Their VMs' command lines name their temporary directory; the shared broker's does not.
+pkill -KILL -f -- '/keyturn-cluster\.[A-Za-z0-9]+' 2>/dev/null || true
 echo "cluster: starting ${nodes[*]} in $base"
 for i in 1 2 3; do start_node "$i"; done
 # A node is reachable only once its VM runs, a few seconds after -detached returns.
 for i in 1 2 3; do
-  for _ in $(seq 1 90); do
-    ctl -n "${nodes[i - 1]}" await_startup --timeout 90 >/dev/null 2>&1 && break
+  # At most about two minutes per node, whatever happens.
+  for _ in $(seq 1 40); do
+    ctl -n "${nodes[i - 1]}" await_startup --timeout 2 >/dev/null 2>&1 && break
     sleep 1
   done
   ctl -n "${nodes[i - 1]}" await_startup --timeout 5 >/dev/null

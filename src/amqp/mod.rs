@@ -53,8 +53,9 @@ pub async fn connect(settings: &AmqpSettings, name: &str) -> Result<Connection, 
 
 /// Tries each node of `amqp.urls` (or the one `amqp.url`) once, starting from the one the
 /// process last reached, and returns the connection with the node it reached. A node that
-/// refuses the settings (credentials, vhost, not AMQP) stops the attempt: every node of a
-/// cluster would say the same. When no node answers, the error names each with its cause.
+/// refuses the settings (credentials, vhost, not AMQP) does not stop the others from being
+/// tried (one node may be booting, or one entry mistyped); when none connects, the first such
+/// refusal is the error, else the error names each node with its cause.
 pub async fn connect_node(
     settings: &AmqpSettings,
     name: &str,
@@ -63,6 +64,7 @@ pub async fn connect_node(
     let urls: Vec<&str> = listed.iter().map(|(_, url)| *url).collect();
     let rotation = nodes::rotation(&urls);
     let mut failures = Vec::new();
+    let mut refused = None;
     for index in rotation.order() {
         let (key, url) = &listed[index];
         match connect_one(settings, key, url, name).await {
@@ -79,14 +81,15 @@ pub async fn connect_node(
                 failures.push((url, cause));
             }
             Err(permanent) => {
-                // The supervisor retries even these after its start check: next time, another
-                // node first (one that is still booting may refuse logins).
                 rotation.failed(index);
-                return Err(permanent);
+                if listed.len() > 1 {
+                    tracing::warn!(node = %redacted_url(url), "this RabbitMQ node refused the settings: {permanent}");
+                }
+                refused.get_or_insert(permanent);
             }
         }
     }
-    Err(unavailable(failures))
+    Err(refused.unwrap_or_else(|| unavailable(failures)))
 }
 
 /// One node's failure as it always was; several as "any of N nodes" with each node's cause.
@@ -119,7 +122,7 @@ async fn connect_one(
     };
     let mut uri: AMQPUri = url
         .parse()
-        .map_err(|problem: String| url_error(format!("is not an AMQP URL: {problem}")))?;
+        .map_err(|_: String| url_error(crate::config::NOT_AN_AMQP_URL.to_owned()))?;
     if uri.query.heartbeat.is_none() {
         uri.query.heartbeat = Some(settings.heartbeat_secs);
     }

@@ -275,6 +275,11 @@ async fn bind_ops(settings: &Settings) -> Result<Option<tokio::net::TcpListener>
 }
 
 fn log_start(settings: &Settings, source: &str, worker_id: &str) {
+    if !settings.amqp.urls.is_empty()
+        && settings.amqp.url != crate::config::AmqpSettings::default().url
+    {
+        tracing::warn!("amqp.url is set but ignored: amqp.urls lists the broker's nodes");
+    }
     let endpoint = if settings.api.endpoint.is_empty() {
         "region table"
     } else {

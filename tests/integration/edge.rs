@@ -207,6 +207,27 @@ async fn the_unrouted_queue_keeps_the_newest_ten_thousand() {
     app.cleanup().await;
 }
 
+#[tokio::test]
+async fn a_node_that_refuses_the_login_does_not_keep_the_next_node_from_being_tried() {
+    let good = broker_url().await;
+    let refusing = broker_with(&good, Some("wrong-password-never-log-me"), None, None);
+    let mut settings = keyturn::config::Settings::load(None, &[]).unwrap().amqp;
+    settings.urls = vec![refusing.clone(), good.clone()];
+    let connection = keyturn::amqp::connect(&settings, "keyturn-test-refusing-node")
+        .await
+        .expect("the next node takes the connection");
+    assert!(connection.status().connected());
+    let _ = connection.close(200, "done".into()).await;
+    // With no node to connect to, the refusal is the error: bad settings (exit 2 at start).
+    settings.urls = vec![broker_with(&good, None, Some(1), None), refusing];
+    let error = keyturn::amqp::connect(&settings, "keyturn-test-refusing-node")
+        .await
+        .err()
+        .expect("no node connects");
+    assert!(error.is_permanent(), "{error}");
+    assert!(!error.to_string().contains("never-log-me"), "{error}");
+}
+
 /// `amqp://user:password@host:port/vhost` of the test broker with parts replaced.
 fn broker_with(
     base: &str,
