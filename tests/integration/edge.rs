@@ -220,10 +220,9 @@ async fn a_node_that_refuses_the_login_does_not_keep_the_next_node_from_being_tr
     let _ = connection.close(200, "done".into()).await;
     // With no node to connect to, the refusal is the error: bad settings (exit 2 at start).
     settings.urls = vec![broker_with(&good, None, Some(1), None), refusing];
-    let error = keyturn::amqp::connect(&settings, "keyturn-test-refusing-node")
-        .await
-        .err()
-        .expect("no node connects");
+    let Err(error) = keyturn::amqp::connect(&settings, "keyturn-test-refusing-node").await else {
+        panic!("no node connects");
+    };
     assert!(error.is_permanent(), "{error}");
     assert!(!error.to_string().contains("never-log-me"), "{error}");
 }
