@@ -566,7 +566,11 @@ impl Iam {
 #[async_trait]
 impl Fetch for Iam {
     async fn fetch(&self) -> Result<Fetched, FetchError> {
-        let source = format!("IAM at {}/v3/auth/tokens", self.user.identity.endpoint);
+        // The project is named: a token IAM will not scope to one project holds every job.
+        let source = format!(
+            "IAM at {}/v3/auth/tokens (a token for project {})",
+            self.user.identity.endpoint, self.project_id
+        );
         let response = self
             .user
             .http

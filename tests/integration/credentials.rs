@@ -328,7 +328,7 @@ async fn refused_iam_fetches_hold_jobs_until_iam_answers_then_all_succeed_and_no
         .collect();
     assert_eq!(opened.len(), 1, "{stderr}");
     let source = format!(
-        "IAM at {}/v3/auth/tokens answered HTTP 401",
+        "IAM at {}/v3/auth/tokens (a token for project {PROJECT}) answered HTTP 401",
         app.simulator_url
     );
     assert!(opened[0].contains(&source), "{}", opened[0]);
