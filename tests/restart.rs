@@ -13,7 +13,7 @@ mod broker_app;
 
 use std::time::Duration;
 
-use broker_app::{RestartOnDrop, rabbitmqctl};
+use broker_app::{start_broker, stop_broker};
 use helpers::*;
 
 #[tokio::test]
@@ -32,21 +32,11 @@ async fn a_broker_restart_mid_run_loses_nothing_and_toggles_nothing_twice() {
     })
     .await;
 
-    let restart = RestartOnDrop;
-    rabbitmqctl(&["stop_app"]);
-    // The broker rabbitmqctl stopped must be the one the test and the worker use.
-    let uri: lapin::uri::AMQPUri = app.settings.amqp.url.parse().unwrap();
-    let address = format!("{}:{}", uri.authority.host, uri.authority.port);
-    assert!(
-        tokio::net::TcpStream::connect(&address).await.is_err(),
-        "rabbitmqctl stopped another broker than {address} (KEYTURN_TEST_AMQP_URL?)"
-    );
+    let stopped = stop_broker(&app.settings.amqp.url).await;
     let done_before_restart = app.toggles().len();
     // The outage itself: long enough for the worker's reconnect attempts to fail a few times.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    rabbitmqctl(&["start_app"]);
-    rabbitmqctl(&["await_startup"]);
-    drop(restart);
+    start_broker(stopped);
     app.reconnect().await;
 
     assert_fleet_recovers(&app, &jobs, done_before_restart).await;

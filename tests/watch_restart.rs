@@ -14,7 +14,7 @@ mod broker_app;
 use std::process::Stdio;
 use std::time::Duration;
 
-use broker_app::{RestartOnDrop, rabbitmqctl};
+use broker_app::{start_broker, stop_broker};
 use helpers::*;
 use keyturn::amqp::control::ControlClient;
 use serde_json::json;
@@ -83,20 +83,11 @@ async fn watch_reconnects_after_a_broker_restart_and_sees_the_rollout_complete()
     })
     .await;
 
-    let restart = RestartOnDrop;
-    rabbitmqctl(&["stop_app"]);
-    let uri: lapin::uri::AMQPUri = app.settings.amqp.url.parse().unwrap();
-    let address = format!("{}:{}", uri.authority.host, uri.authority.port);
-    assert!(
-        tokio::net::TcpStream::connect(&address).await.is_err(),
-        "rabbitmqctl stopped another broker than {address} (KEYTURN_TEST_AMQP_URL?)"
-    );
+    let stopped = stop_broker(&app.settings.amqp.url).await;
     let done_at_stop = app.toggles().len();
     // The outage itself: long enough for watch's reconnect attempts to fail a few times.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    rabbitmqctl(&["start_app"]);
-    rabbitmqctl(&["await_startup"]);
-    drop(restart);
+    start_broker(stopped);
     app.reconnect().await;
 
     let mut rest = Vec::new();

@@ -25,3 +25,25 @@ impl Drop for RestartOnDrop {
             .output();
     }
 }
+
+/// Stops the broker's application and checks it was the one at `url` (the test's and the
+/// worker's, not another one named by KEYTURN_TEST_AMQP_URL); the guard starts it again if the
+/// test panics before [`start_broker`].
+pub async fn stop_broker(url: &str) -> RestartOnDrop {
+    let restart = RestartOnDrop;
+    rabbitmqctl(&["stop_app"]);
+    let uri: lapin::uri::AMQPUri = url.parse().unwrap();
+    let address = format!("{}:{}", uri.authority.host, uri.authority.port);
+    assert!(
+        tokio::net::TcpStream::connect(&address).await.is_err(),
+        "rabbitmqctl stopped another broker than {address} (KEYTURN_TEST_AMQP_URL?)"
+    );
+    restart
+}
+
+/// Starts the broker's application again and waits until it serves.
+pub fn start_broker(stopped: RestartOnDrop) {
+    rabbitmqctl(&["start_app"]);
+    rabbitmqctl(&["await_startup"]);
+    drop(stopped);
+}

@@ -5,18 +5,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use keyturn::events::Outcome;
-use tokio::io::AsyncReadExt;
 
 use crate::helpers::*;
-
-/// The worker's stderr, read to the end once it exited.
-async fn stderr_of(child: &mut tokio::process::Child) -> String {
-    let mut text = String::new();
-    if let Some(mut stderr) = child.stderr.take() {
-        stderr.read_to_string(&mut text).await.unwrap();
-    }
-    text
-}
 
 /// ERROR lines of `stderr` that contain `text`.
 fn error_lines(stderr: &str, text: &str) -> usize {
@@ -24,10 +14,6 @@ fn error_lines(stderr: &str, text: &str) -> usize {
         .lines()
         .filter(|line| line.contains(" ERROR ") && line.contains(text))
         .count()
-}
-
-fn parked(app: &TestApp) -> usize {
-    rows(&app.audit_path(), "SELECT job_id FROM parked").len()
 }
 
 /// Every job of `jobs` has one final row, succeeded, under its own job id; nothing failed,

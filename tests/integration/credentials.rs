@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use keyturn::amqp::worker::RunOptions;
 use keyturn::config::{Credentials, Settings};
 use keyturn::simulator::{Faults, FetchRecord};
-use tokio::io::AsyncReadExt;
 
 use crate::helpers::*;
 
@@ -66,7 +65,7 @@ async fn assert_all_succeeded(app: &TestApp, jobs: &[(String, u32, &str)]) {
         assert_eq!(row["outcome"], "succeeded", "{row}");
     }
     assert!(app.dead_letters().await.is_empty(), "nothing dead-lettered");
-    assert!(rows(&app.audit_path(), "SELECT job_id FROM parked").is_empty());
+    assert_eq!(parked(app), 0);
 }
 
 #[tokio::test]
@@ -250,15 +249,6 @@ async fn temporary_keys_from_the_environment_sign_their_security_token() {
     app.cleanup().await;
 }
 
-/// The worker's stderr, read to the end once it exited.
-async fn stderr_of(child: &mut tokio::process::Child) -> String {
-    let mut text = String::new();
-    if let Some(mut stderr) = child.stderr.take() {
-        stderr.read_to_string(&mut text).await.unwrap();
-    }
-    text
-}
-
 #[tokio::test]
 async fn refused_iam_fetches_hold_jobs_until_iam_answers_then_all_succeed_and_nothing_leaks() {
     let app = app_with(Duration::from_secs(3), 0, 4).await;
@@ -287,7 +277,7 @@ async fn refused_iam_fetches_hold_jobs_until_iam_answers_then_all_succeed_and_no
 
     // Nothing can be sent: the first jobs are parked and the probes keep asking IAM.
     wait_until(Duration::from_secs(30), || async {
-        let parked = rows(&app.audit_path(), "SELECT job_id FROM parked").len();
+        let parked = parked(&app);
         parked >= 1 && fetches(&app, "iam").len() >= 3
     })
     .await;

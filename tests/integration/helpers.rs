@@ -888,3 +888,18 @@ pub async fn close_connections_named(worker_id: &str) -> usize {
     }
     pids.len()
 }
+
+/// The worker's stderr, read to the end once it exited.
+pub async fn stderr_of(child: &mut tokio::process::Child) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut text = String::new();
+    if let Some(mut stderr) = child.stderr.take() {
+        stderr.read_to_string(&mut text).await.unwrap();
+    }
+    text
+}
+
+/// Jobs parked in the app's store.
+pub fn parked(app: &TestApp) -> usize {
+    rows(&app.audit_path(), "SELECT job_id FROM parked").len()
+}

@@ -453,10 +453,7 @@ async fn token_auth_works_and_a_wrong_token_parks_the_job_until_a_good_one_runs_
         Credentials::Token("wrong-token".to_owned().into()),
         RunOptions::default(),
     );
-    wait_until(Duration::from_secs(30), || async {
-        rows(&app.audit_path(), "SELECT job_id FROM parked").len() == 1
-    })
-    .await;
+    wait_until(Duration::from_secs(30), || async { parked(&app) == 1 }).await;
     stop.cancel();
     worker.await.unwrap();
     assert_eq!(app.toggles().len(), 1, "no record for the held job");
@@ -475,7 +472,7 @@ async fn token_auth_works_and_a_wrong_token_parks_the_job_until_a_good_one_runs_
         .find(|e| e.data.job_id == "J-badtoken")
         .unwrap();
     assert_eq!(held.data.outcome, Outcome::Succeeded);
-    assert!(rows(&app.audit_path(), "SELECT job_id FROM parked").is_empty());
+    assert_eq!(parked(&app), 0);
     assert!(app.dead_letters().await.is_empty());
     app.cleanup().await;
 }

@@ -714,7 +714,7 @@ async fn sigkill_while_parking_and_while_resuming_loses_nothing_and_sends_nothin
             .spawn()
             .unwrap()
     };
-    let parked = || rows(&app.audit_path(), "SELECT job_id FROM parked").len();
+    let parked = || parked(&app);
     let mut worker = spawn();
     app.wait_for_audit().await;
     assert!(app.command(declare("R-kill", TOTAL, json!({}))).await.ok);
@@ -1088,7 +1088,7 @@ async fn sigkill_while_cancelling_loses_nothing_and_calls_nothing() {
             .spawn()
             .unwrap()
     };
-    let parked = || rows(&app.audit_path(), "SELECT job_id FROM parked").len();
+    let parked = || parked(&app);
     let mut worker = spawn();
     app.wait_for_audit().await;
     assert!(
