@@ -1,15 +1,22 @@
-//! The audit log: an append-only SQLite file with one `toggles` row per finished job and an
-//! `attempts` row per HTTP call; beside it the work in progress that makes redeliveries safe
-//! (`in_flight` markers) and the jobs parked until they can run (`parked`).
+//! The store: an append-only audit with one `toggles` row per finished job and an `attempts`
+//! row per HTTP call; beside it the work in progress that makes redeliveries safe (`in_flight`
+//! markers), the jobs parked until they can run (`parked`) and the rollouts.
 //!
-//! This module is the store's interface: plain values in and out, no SQL. [`sqlite`] owns the
-//! connection on one thread and commits every waiting write in one transaction (group commit), so
-//! `synchronous=FULL` costs one fsync per batch rather than per job. The schema comes from
-//! `migrations/`.
+//! This module is the store's interface: plain values in and out, no SQL. Two stores answer it:
+//! a SQLite file ([`sqlite`], the default, one host) and a PostgreSQL database ([`postgres`],
+//! any number of workers). The logic is written once against [`db::Db`] ([`jobs`],
+//! [`rollouts`]); a thread per worker owns the connection and commits every waiting write in one
+//! transaction (group commit, [`writer`]), so a durable commit costs one flush per batch rather
+//! than per job. The schemas come from `migrations/` and `migrations/postgres/`.
 
+pub mod db;
+mod jobs;
+pub mod postgres;
 pub mod query;
 mod rollouts;
 mod sqlite;
+pub mod test_support;
+mod writer;
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -23,6 +30,48 @@ use crate::rollout::{Command as RolloutCommand, Reply, Rollout, Snapshot};
 
 pub use rollouts::Effect;
 pub use sqlite::outcome_counts;
+
+/// Where the store is.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Location {
+    /// A SQLite file (`audit.path`).
+    Sqlite(PathBuf),
+    /// A PostgreSQL database (`store.url`); the URL may hold a password, so it is never shown.
+    Postgres(String),
+}
+
+impl std::fmt::Debug for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+impl Location {
+    /// Words for logs: the file's path, or the database's host and name without credentials.
+    pub fn describe(&self) -> String {
+        match self {
+            Location::Sqlite(path) => path.display().to_string(),
+            Location::Postgres(url) => match url.parse::<::postgres::Config>() {
+                Ok(config) => {
+                    let hosts: Vec<String> = config
+                        .get_hosts()
+                        .iter()
+                        .map(|host| match host {
+                            ::postgres::config::Host::Tcp(name) => name.clone(),
+                            ::postgres::config::Host::Unix(path) => path.display().to_string(),
+                        })
+                        .collect();
+                    format!(
+                        "postgres database {} on {}",
+                        config.get_dbname().unwrap_or("(default)"),
+                        hosts.join(",")
+                    )
+                }
+                Err(_) => "postgres database (unreadable URL)".into(),
+            },
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
@@ -39,6 +88,31 @@ pub enum AuditError {
     Closed,
     #[error("audit log: the record clashes with a stored row that is not this job's")]
     Conflict,
+    #[error("store (PostgreSQL): {0}")]
+    Postgres(String),
+    #[error("store: {0}")]
+    Store(String),
+    #[error(
+        "the store's schema has version {found}, which this keyturn does not know (it knows up to {known}): a newer keyturn migrated it; run that version"
+    )]
+    SchemaTooNew { found: String, known: String },
+}
+
+/// Refuses a store holding a migration this build does not have.
+pub(crate) fn refuse_unknown_versions(
+    applied: &[String],
+    known: &[(&str, &str)],
+) -> Result<(), AuditError> {
+    match applied
+        .iter()
+        .find(|version| !known.iter().any(|(k, _)| k == version))
+    {
+        Some(found) => Err(AuditError::SchemaTooNew {
+            found: found.clone(),
+            known: known.last().map_or("-", |(k, _)| k).to_owned(),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// One HTTP call made for a job.
@@ -216,6 +290,9 @@ enum Command {
         limit: u32,
         reply: oneshot::Sender<Result<Vec<ParkedJob>, AuditError>>,
     },
+    OutcomeCounts {
+        reply: oneshot::Sender<Result<Vec<(String, i64)>, AuditError>>,
+    },
     Write {
         write: Write,
         reply: oneshot::Sender<Result<Written, AuditError>>,
@@ -278,7 +355,7 @@ enum Written {
 #[derive(Clone)]
 pub struct AuditStore {
     commands: mpsc::Sender<Command>,
-    path: PathBuf,
+    location: Location,
 }
 
 /// How the file is opened.
@@ -289,17 +366,40 @@ pub struct AuditOptions {
 }
 
 impl AuditStore {
-    /// Opens (creating if needed) the file, applies pending migrations and starts the writer.
+    /// Opens (creating if needed) the SQLite file, applies pending migrations and starts the
+    /// writer.
     pub fn open(path: &Path, options: &AuditOptions) -> Result<AuditStore, AuditError> {
-        let commands = sqlite::start(path, options)?;
+        AuditStore::open_at(&Location::Sqlite(path.to_owned()), options)
+    }
+
+    /// Opens the store at `location`: migrates it (refusing a schema newer than this build) and
+    /// starts the writer.
+    pub fn open_at(location: &Location, options: &AuditOptions) -> Result<AuditStore, AuditError> {
+        let commands = match location {
+            Location::Sqlite(path) => sqlite::start(path, options)?,
+            Location::Postgres(url) => postgres::start(url)?,
+        };
         Ok(AuditStore {
             commands,
-            path: path.to_owned(),
+            location: location.clone(),
         })
     }
 
+    /// The SQLite file's path (a PostgreSQL store has none).
     pub fn path(&self) -> &Path {
-        &self.path
+        match &self.location {
+            Location::Sqlite(path) => path,
+            Location::Postgres(_) => Path::new(""),
+        }
+    }
+
+    pub fn location(&self) -> &Location {
+        &self.location
+    }
+
+    /// Finished jobs per outcome.
+    pub async fn outcome_counts(&self) -> Result<Vec<(String, i64)>, AuditError> {
+        self.ask(|reply| Command::OutcomeCounts { reply }).await
     }
 
     /// What the store holds about (`job_id`, `rerun`), about these body bytes, and about the
@@ -497,16 +597,74 @@ pub fn timestamp(at: DateTime<Utc>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::audit::db::Dialect;
     use crate::events::{JobResult, Outcome};
     use rusqlite::{Connection, params};
+    use test_support::TestDatabase;
 
-    fn store(dir: &tempfile::TempDir) -> AuditStore {
-        let options = AuditOptions {
+    /// A store of a test's own, of either kind, and what must outlive it.
+    struct Store {
+        audit: AuditStore,
+        _dir: tempfile::TempDir,
+        db: Option<TestDatabase>,
+    }
+
+    impl std::ops::Deref for Store {
+        type Target = AuditStore;
+        fn deref(&self) -> &AuditStore {
+            &self.audit
+        }
+    }
+
+    fn options() -> AuditOptions {
+        AuditOptions {
             busy_timeout: Duration::from_secs(1),
             synchronous_full: true,
-        };
-        AuditStore::open(&dir.path().join("audit.db"), &options).unwrap()
+        }
     }
+
+    fn store(kind: Dialect) -> Store {
+        let dir = tempfile::tempdir().unwrap();
+        let db = (kind == Dialect::Postgres).then(|| TestDatabase::create("audit"));
+        let location = match &db {
+            Some(db) => Location::Postgres(db.url.clone()),
+            None => Location::Sqlite(dir.path().join("audit.db")),
+        };
+        Store {
+            audit: AuditStore::open_at(&location, &options()).unwrap(),
+            _dir: dir,
+            db,
+        }
+    }
+
+    /// Each test runs on a SQLite file and on a PostgreSQL database.
+    macro_rules! on_both_stores {
+        ($($name:ident),* $(,)?) => {$(
+            mod $name {
+                use super::*;
+                #[tokio::test]
+                async fn sqlite() {
+                    super::$name(store(Dialect::Sqlite)).await
+                }
+                #[tokio::test]
+                async fn postgres() {
+                    super::$name(store(Dialect::Postgres)).await
+                }
+            }
+        )*};
+    }
+
+    on_both_stores!(
+        a_second_final_record_of_a_key_returns_the_first_one,
+        a_rerun_is_a_key_of_its_own,
+        a_rejection_is_found_only_by_its_own_bytes,
+        a_claim_keeps_the_first_digest_and_lives_until_the_final_record,
+        parked_jobs_are_kept_once_per_key_until_unparked,
+        one_write_that_cannot_commit_fails_alone,
+        toggles_and_attempts_refuse_update_and_delete,
+        reopening_applies_no_migration_twice,
+        a_schema_newer_than_this_build_is_refused,
+    );
 
     fn record(job_id: &str, rerun: u32, outcome: Outcome, digest: &str) -> FinalRecord {
         let data = JobResult {
@@ -549,10 +707,7 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_second_final_record_of_a_key_returns_the_first_one() {
-        let dir = tempfile::tempdir().unwrap();
-        let audit = store(&dir);
+    async fn a_second_final_record_of_a_key_returns_the_first_one(audit: Store) {
         let first = audit
             .record(record("J-1", 0, Outcome::Succeeded, "d1"))
             .await
@@ -573,10 +728,7 @@ mod tests {
         assert_eq!(seen.digest.as_deref(), Some("job-d1"));
     }
 
-    #[tokio::test]
-    async fn a_rerun_is_a_key_of_its_own() {
-        let dir = tempfile::tempdir().unwrap();
-        let audit = store(&dir);
+    async fn a_rerun_is_a_key_of_its_own(audit: Store) {
         audit
             .record(record("J-9", 0, Outcome::Failed, "d"))
             .await
@@ -594,7 +746,7 @@ mod tests {
             .await
             .unwrap();
         assert!(matches!(rerun.recorded, Recorded::New(_)));
-        let counts = outcome_counts(audit.path()).unwrap();
+        let counts = audit.outcome_counts().await.unwrap();
         assert_eq!(
             counts,
             vec![("failed".to_owned(), 1), ("succeeded".to_owned(), 1)],
@@ -602,10 +754,7 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn a_rejection_is_found_only_by_its_own_bytes() {
-        let dir = tempfile::tempdir().unwrap();
-        let audit = store(&dir);
+    async fn a_rejection_is_found_only_by_its_own_bytes(audit: Store) {
         audit
             .record(record("J-2", 0, Outcome::Rejected, "bad"))
             .await
@@ -629,10 +778,7 @@ mod tests {
         assert!(matches!(fixed.recorded, Recorded::New(_)));
     }
 
-    #[tokio::test]
-    async fn a_claim_keeps_the_first_digest_and_lives_until_the_final_record() {
-        let dir = tempfile::tempdir().unwrap();
-        let audit = store(&dir);
+    async fn a_claim_keeps_the_first_digest_and_lives_until_the_final_record(audit: Store) {
         assert!(
             audit
                 .lookup("J-3", 0, "d", None)
@@ -689,10 +835,7 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn parked_jobs_are_kept_once_per_key_until_unparked() {
-        let dir = tempfile::tempdir().unwrap();
-        let audit = store(&dir);
+    async fn parked_jobs_are_kept_once_per_key_until_unparked(audit: Store) {
         audit.park(parked_job("P-1", "credentials")).await.unwrap();
         audit.park(parked_job("P-1", "credentials")).await.unwrap();
         audit
@@ -728,10 +871,7 @@ mod tests {
         assert!(audit.parked("credentials", 10).await.unwrap().is_empty());
     }
 
-    #[tokio::test]
-    async fn one_write_that_cannot_commit_fails_alone() {
-        let dir = tempfile::tempdir().unwrap();
-        let audit = store(&dir);
+    async fn one_write_that_cannot_commit_fails_alone(audit: Store) {
         // Two different events claiming one event id: the second can never commit.
         let good = record("J-5", 0, Outcome::Succeeded, "d");
         let mut clash = record("J-6", 0, Outcome::Succeeded, "d");
@@ -758,37 +898,71 @@ mod tests {
         assert!(ok[1..].iter().all(|ok| *ok), "the writes beside it commit");
     }
 
-    #[tokio::test]
-    async fn toggles_and_attempts_refuse_update_and_delete() {
-        let dir = tempfile::tempdir().unwrap();
-        let audit = store(&dir);
+    /// Runs `sql` on the store over a connection of its own (not through the writer); the
+    /// error's text if it fails.
+    fn raw(audit: &Store, sql: &'static str) -> Result<u64, String> {
+        match &audit.db {
+            Some(db) => db.with_client(move |client| {
+                client.execute(sql, &[]).map_err(|error| {
+                    error
+                        .as_db_error()
+                        .map_or_else(|| error.to_string(), |db| db.message().to_owned())
+                })
+            }),
+            None => Connection::open(audit.path())
+                .unwrap()
+                .execute(sql, [])
+                .map(|n| n as u64)
+                .map_err(|error| error.to_string()),
+        }
+    }
+
+    fn reopen(audit: Store) -> (Result<AuditStore, AuditError>, Store) {
+        let location = audit.location().clone();
+        let Store { audit, _dir, db } = audit;
+        drop(audit);
+        let reopened = AuditStore::open_at(&location, &options());
+        let kept = Store {
+            audit: AuditStore {
+                commands: std::sync::mpsc::channel().0,
+                location,
+            },
+            _dir,
+            db,
+        };
+        (reopened, kept)
+    }
+
+    async fn toggles_and_attempts_refuse_update_and_delete(audit: Store) {
         audit
             .record(record("J-4", 0, Outcome::Succeeded, "d"))
             .await
             .unwrap();
-        let connection = Connection::open(audit.path()).unwrap();
-        for sql in [
+        let mut refused = vec![
             "UPDATE toggles SET outcome = 'failed'",
             "DELETE FROM toggles",
             "UPDATE attempts SET http_status = 500",
             "DELETE FROM attempts",
-        ] {
-            let error = connection.execute(sql, []).unwrap_err().to_string();
+        ];
+        if audit.db.is_some() {
+            refused.extend(["TRUNCATE toggles CASCADE", "TRUNCATE attempts"]);
+        }
+        for sql in refused {
+            let error = raw(&audit, sql).unwrap_err();
             assert!(error.contains("append-only"), "{sql}: {error}");
         }
         assert_eq!(
-            outcome_counts(audit.path()).unwrap(),
+            audit.outcome_counts().await.unwrap(),
             vec![("succeeded".to_owned(), 1)]
         );
     }
 
     #[tokio::test]
     async fn every_delivery_finds_its_job_through_an_index() {
-        let dir = tempfile::tempdir().unwrap();
-        let audit = store(&dir);
+        let audit = store(Dialect::Sqlite);
         let connection = Connection::open(audit.path()).unwrap();
         let plan: Vec<String> = connection
-            .prepare(&format!("EXPLAIN QUERY PLAN {}", sqlite::FIND_FINAL))
+            .prepare(&format!("EXPLAIN QUERY PLAN {}", jobs::FIND_FINAL))
             .unwrap()
             .query_map(params!["J-1", 0], |row| row.get(3))
             .unwrap()
@@ -800,15 +974,27 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn reopening_applies_no_migration_twice() {
-        let dir = tempfile::tempdir().unwrap();
-        drop(store(&dir));
-        let audit = store(&dir);
-        let connection = Connection::open(audit.path()).unwrap();
-        let applied: i64 = connection
-            .query_row("SELECT COUNT(*) FROM schema_migrations", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(applied, sqlite::MIGRATIONS.len() as i64);
+    async fn reopening_applies_no_migration_twice(audit: Store) {
+        let (reopened, audit) = reopen(audit);
+        reopened.expect("a second open of the same store");
+        let applied = raw(&audit, "UPDATE schema_migrations SET version = version").unwrap();
+        assert_eq!(applied, sqlite::MIGRATIONS.len() as u64);
+        assert_eq!(sqlite::MIGRATIONS.len(), postgres::MIGRATIONS.len());
+    }
+
+    async fn a_schema_newer_than_this_build_is_refused(audit: Store) {
+        raw(
+            &audit,
+            "INSERT INTO schema_migrations (version, applied_at) VALUES ('9999_from_the_future', '')",
+        )
+        .unwrap();
+        let (reopened, _audit) = reopen(audit);
+        let Err(error) = reopened else {
+            panic!("a store migrated by a newer keyturn opened")
+        };
+        assert!(
+            matches!(&error, AuditError::SchemaTooNew { found, .. } if found == "9999_from_the_future"),
+            "{error}"
+        );
     }
 }

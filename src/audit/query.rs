@@ -1,16 +1,20 @@
-//! Read-only questions to the audit file, for `keyturn audit`: what ran, every HTTP call of a
-//! job, what a rollout did, and whether the store still keeps its own rules.
+//! Read-only questions to the store, for `keyturn audit`: what ran, every HTTP call of a job,
+//! what a rollout did, and whether the store still keeps its own rules.
 //!
-//! These open the file themselves, read-only (verification alone opens it writable, to try an
-//! UPDATE inside a transaction it rolls back), so a person asking never queues behind the
-//! worker's writer thread, and the SQL stays inside `src/audit/`: callers get plain rows.
+//! These open the store themselves (a SQLite file read-only; verification alone opens it
+//! writable, to try an UPDATE inside a transaction it rolls back), so a person asking never
+//! queues behind a worker's writer thread, and the SQL stays inside `src/audit/`: callers get
+//! plain rows. On PostgreSQL the connection is the blocking client's: call these from a thread
+//! that runs no async runtime.
 
+use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params_from_iter};
+use rusqlite::{Connection, OpenFlags};
 use serde::Serialize;
 
-use super::AuditError;
+use super::db::{Db, Dialect, Row, Value, args};
+use super::{AuditError, Location};
 
 /// Every column of `toggles`, in the order `keyturn audit` prints them.
 pub const TOGGLE_COLUMNS: &[&str] = &[
@@ -74,34 +78,35 @@ pub struct ToggleRow {
 }
 
 impl ToggleRow {
-    fn read(row: &Row<'_>) -> rusqlite::Result<ToggleRow> {
+    /// A row selected with [`TOGGLE_COLUMNS`], in that order.
+    fn read(row: &Row) -> Result<ToggleRow, AuditError> {
         Ok(ToggleRow {
-            id: row.get("id")?,
-            job_id: row.get("job_id")?,
-            rerun: row.get("rerun")?,
-            rollout_id: row.get("rollout_id")?,
-            ticket: row.get("ticket")?,
-            region: row.get("region")?,
-            project_id: row.get("project_id")?,
-            instance_id: row.get("instance_id")?,
-            requested_status: row.get("requested_status")?,
-            kms_key_id: row.get("kms_key_id")?,
-            requested_by: row.get("requested_by")?,
-            outcome: row.get("outcome")?,
-            resulting_status: row.get("resulting_status")?,
-            http_status: row.get("http_status")?,
-            error_code: row.get("error_code")?,
-            error_msg: row.get("error_msg")?,
-            request_id: row.get("request_id")?,
-            attempts: row.get("attempts")?,
-            received_at: row.get("received_at")?,
-            finished_at: row.get("finished_at")?,
-            duration_ms: row.get("duration_ms")?,
-            event_id: row.get("event_id")?,
-            event_json: row.get("event_json")?,
-            body_sha256: row.get("body_sha256")?,
-            job_digest: row.get("job_digest")?,
-            worker_id: row.get("worker_id")?,
+            id: row.get(0)?,
+            job_id: row.get(1)?,
+            rerun: row.get(2)?,
+            rollout_id: row.get(3)?,
+            ticket: row.get(4)?,
+            region: row.get(5)?,
+            project_id: row.get(6)?,
+            instance_id: row.get(7)?,
+            requested_status: row.get(8)?,
+            kms_key_id: row.get(9)?,
+            requested_by: row.get(10)?,
+            outcome: row.get(11)?,
+            resulting_status: row.get(12)?,
+            http_status: row.get(13)?,
+            error_code: row.get(14)?,
+            error_msg: row.get(15)?,
+            request_id: row.get(16)?,
+            attempts: row.get(17)?,
+            received_at: row.get(18)?,
+            finished_at: row.get(19)?,
+            duration_ms: row.get(20)?,
+            event_id: row.get(21)?,
+            event_json: row.get(22)?,
+            body_sha256: row.get(23)?,
+            job_digest: row.get(24)?,
+            worker_id: row.get(25)?,
         })
     }
 }
@@ -186,10 +191,15 @@ impl Finding {
     }
 }
 
-/// An open audit file.
+enum Connected {
+    Sqlite(Connection),
+    Postgres(Box<super::postgres::Postgres>),
+}
+
+/// An open store.
 pub struct Reader {
-    connection: Connection,
-    path: PathBuf,
+    connection: RefCell<Connected>,
+    location: Location,
 }
 
 impl Reader {
@@ -203,6 +213,20 @@ impl Reader {
         Reader::open_with(path, OpenFlags::SQLITE_OPEN_READ_WRITE)
     }
 
+    /// Opens the store at `location` (for verification: a SQLite file is opened writable).
+    pub fn open_at(location: &Location, verify: bool) -> Result<Reader, AuditError> {
+        match location {
+            Location::Sqlite(path) if verify => Reader::open_for_verify(path),
+            Location::Sqlite(path) => Reader::open(path),
+            Location::Postgres(url) => Ok(Reader {
+                connection: RefCell::new(Connected::Postgres(Box::new(
+                    super::postgres::connect_reader(url)?,
+                ))),
+                location: location.clone(),
+            }),
+        }
+    }
+
     fn open_with(path: &Path, flags: OpenFlags) -> Result<Reader, AuditError> {
         let open_error = |source| AuditError::Open {
             path: path.to_owned(),
@@ -214,22 +238,42 @@ impl Reader {
             .busy_timeout(std::time::Duration::from_secs(5))
             .map_err(open_error)?;
         Ok(Reader {
-            connection,
-            path: path.to_owned(),
+            connection: RefCell::new(Connected::Sqlite(connection)),
+            location: Location::Sqlite(path.to_owned()),
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// The SQLite file's path; empty for PostgreSQL.
+    pub fn path(&self) -> PathBuf {
+        match &self.location {
+            Location::Sqlite(path) => path.clone(),
+            Location::Postgres(_) => PathBuf::new(),
+        }
+    }
+
+    /// Where the store is, in words that hold no password.
+    pub fn describe(&self) -> String {
+        self.location.describe()
+    }
+
+    fn with<T>(&self, work: impl FnOnce(&mut dyn Db) -> Result<T, AuditError>) -> Result<T, AuditError> {
+        match &mut *self.connection.borrow_mut() {
+            Connected::Sqlite(connection) => work(&mut super::sqlite::Lite(connection)),
+            Connected::Postgres(backend) => backend.with(work),
+        }
+    }
+
+    fn rows(&self, sql: &str, args: &[Value]) -> Result<Vec<Row>, AuditError> {
+        self.with(|db| db.query(sql, args))
     }
 
     /// The `toggles` rows `filter` selects, oldest first.
     pub fn toggles(&self, filter: &Filter) -> Result<Vec<ToggleRow>, AuditError> {
         let mut clauses = Vec::new();
-        let mut values: Vec<String> = Vec::new();
+        let mut values: Vec<Value> = Vec::new();
         let mut add = |clause: &str, value: &Option<String>| {
             if let Some(value) = value {
-                values.push(value.clone());
+                values.push(Value::Text(value.clone()));
                 clauses.push(format!("{clause} ?{}", values.len()));
             }
         };
@@ -240,7 +284,7 @@ impl Reader {
         add("ticket =", &filter.ticket);
         add("finished_at >=", &filter.since);
         add("finished_at <", &filter.until);
-        let mut sql = String::from("SELECT * FROM toggles");
+        let mut sql = format!("SELECT {} FROM toggles", TOGGLE_COLUMNS.join(", "));
         if !clauses.is_empty() {
             sql.push_str(" WHERE ");
             sql.push_str(&clauses.join(" AND "));
@@ -249,9 +293,10 @@ impl Reader {
         if let Some(limit) = filter.limit {
             sql.push_str(&format!(" LIMIT {limit}"));
         }
-        let mut statement = self.connection.prepare(&sql)?;
-        let rows = statement.query_map(params_from_iter(values.iter()), ToggleRow::read)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.rows(&sql, &values)?
+            .iter()
+            .map(ToggleRow::read)
+            .collect()
     }
 
     /// Every HTTP call of `job_id` (of one run when `rerun` is given), in the order made.
@@ -260,14 +305,16 @@ impl Reader {
         job_id: &str,
         rerun: Option<i64>,
     ) -> Result<Vec<AttemptRow>, AuditError> {
-        let mut statement = self.connection.prepare(
+        self.rows(
             "SELECT t.job_id, t.rerun, t.outcome, a.number, a.call, a.started_at, a.latency_ms,
                     a.http_status, a.error_code, a.error_msg, a.request_id, a.event_id
              FROM attempts a JOIN toggles t ON t.event_id = a.event_id AND a.job_id = t.job_id
-             WHERE t.job_id = ?1 AND (?2 IS NULL OR t.rerun = ?2)
+             WHERE t.job_id = ?1 AND (CAST(?2 AS BIGINT) IS NULL OR t.rerun = ?2)
              ORDER BY t.rerun, t.id, a.number, a.id",
-        )?;
-        let rows = statement.query_map(rusqlite::params![job_id, rerun], |row| {
+            args![job_id, rerun],
+        )?
+        .iter()
+        .map(|row| {
             Ok(AttemptRow {
                 job_id: row.get(0)?,
                 rerun: row.get(1)?,
@@ -282,21 +329,21 @@ impl Reader {
                 request_id: row.get(10)?,
                 event_id: row.get(11)?,
             })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .collect()
     }
 
     /// The rollout's row, if the store knows it.
     pub fn rollout(&self, rollout_id: &str) -> Result<Option<RolloutRow>, AuditError> {
-        let row = self
-            .connection
-            .query_row(
+        self.rows(
                 "SELECT rollout_id, declared, ticket, requested_by, expected_jobs, budget_allowed,
                         canary, canary_gate, max_per_second, state, reason, succeeded, failed,
                         rejected, cancelled, created_at, started_at, finished_at
                  FROM rollouts WHERE rollout_id = ?1",
-                [rollout_id],
-                |row| {
+                args![rollout_id],
+            )?
+            .first()
+            .map(|row| {
                     Ok(RolloutRow {
                         rollout_id: row.get(0)?,
                         declared: row.get(1)?,
@@ -317,10 +364,8 @@ impl Reader {
                         started_at: row.get(16)?,
                         finished_at: row.get(17)?,
                     })
-                },
-            )
-            .optional()?;
-        Ok(row)
+            })
+            .transpose()
     }
 
     /// Checks the store's own rules; every finding, good and bad.
@@ -338,11 +383,13 @@ impl Reader {
         for table in ["toggles", "attempts"] {
             for action in ["update", "delete"] {
                 let name = format!("{table}_refuse_{action}");
-                let exists: bool = self.connection.query_row(
-                    "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND name = ?1 AND tbl_name = ?2)",
-                    [&name, table],
-                    |row| row.get(0),
-                )?;
+                let exists: bool = self.with(|db| {
+                    let sql = match db.dialect() {
+                        Dialect::Sqlite => "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND name = ?1 AND tbl_name = ?2)",
+                        Dialect::Postgres => "SELECT EXISTS (SELECT 1 FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid WHERE t.tgname = ?1 AND c.relname = ?2 AND t.tgenabled <> 'D')",
+                    };
+                    db.query_one(sql, args![name, table])?.get(0)
+                })?;
                 findings.push(if exists {
                     Finding::ok(format!("trigger {name} exists"))
                 } else {
@@ -363,14 +410,17 @@ impl Reader {
         } else {
             "http_status"
         };
-        self.connection.execute_batch("BEGIN")?;
-        let tried = self.connection.execute(
-            &format!(
-                "UPDATE {table} SET {column} = {column} WHERE id = (SELECT MIN(id) FROM {table})"
-            ),
-            [],
-        );
-        self.connection.execute_batch("ROLLBACK")?;
+        let tried = self.with(|db| {
+            db.execute("BEGIN", &[])?;
+            let tried = db.execute(
+                &format!(
+                    "UPDATE {table} SET {column} = {column} WHERE id = (SELECT MIN(id) FROM {table})"
+                ),
+                &[],
+            );
+            db.execute("ROLLBACK", &[])?;
+            Ok(tried)
+        })?;
         Ok(match tried {
             Err(error) if error.to_string().contains("append-only") => {
                 Finding::ok(format!("an UPDATE of {table} is refused"))
@@ -386,12 +436,7 @@ impl Reader {
     }
 
     fn check_migrations(&self, findings: &mut Vec<Finding>) -> Result<(), AuditError> {
-        let mut statement = self
-            .connection
-            .prepare("SELECT version FROM schema_migrations")?;
-        let applied: Vec<String> = statement
-            .query_map([], |row| row.get(0))?
-            .collect::<Result<_, _>>()?;
+        let applied = self.strings("SELECT version FROM schema_migrations")?;
         let missing: Vec<&str> = super::sqlite::MIGRATIONS
             .iter()
             .map(|(version, _)| *version)
@@ -410,22 +455,22 @@ impl Reader {
 
     /// The counts in `rollouts` equal those derived from `rollout_jobs`.
     fn check_rollout_counts(&self, findings: &mut Vec<Finding>) -> Result<(), AuditError> {
-        let mut statement = self.connection.prepare(
+        let rows = self.rows(
             "SELECT r.rollout_id, r.succeeded, r.failed, r.rejected, r.cancelled,
-                    COALESCE(SUM(j.outcome = 'succeeded'), 0), COALESCE(SUM(j.outcome = 'failed'), 0),
-                    COALESCE(SUM(j.outcome = 'rejected'), 0), COALESCE(SUM(j.outcome = 'cancelled'), 0)
+                    COUNT(CASE WHEN j.outcome = 'succeeded' THEN 1 END),
+                    COUNT(CASE WHEN j.outcome = 'failed' THEN 1 END),
+                    COUNT(CASE WHEN j.outcome = 'rejected' THEN 1 END),
+                    COUNT(CASE WHEN j.outcome = 'cancelled' THEN 1 END)
              FROM rollouts r LEFT JOIN rollout_jobs j ON j.rollout_id = r.rollout_id
-             GROUP BY r.rollout_id ORDER BY r.rollout_id",
+             GROUP BY r.rollout_id, r.succeeded, r.failed, r.rejected, r.cancelled
+             ORDER BY r.rollout_id",
+            &[],
         )?;
-        let rows = statement.query_map([], |row| {
+        let (mut rollouts, mut wrong) = (0, 0);
+        for row in &rows {
             let id: String = row.get(0)?;
             let stored: [i64; 4] = [row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?];
             let derived: [i64; 4] = [row.get(5)?, row.get(6)?, row.get(7)?, row.get(8)?];
-            Ok((id, stored, derived))
-        })?;
-        let (mut rollouts, mut wrong) = (0, 0);
-        for row in rows {
-            let (id, stored, derived) = row?;
             rollouts += 1;
             if stored != derived {
                 wrong += 1;
@@ -497,8 +542,6 @@ impl Reader {
     }
 
     fn strings(&self, sql: &str) -> Result<Vec<String>, AuditError> {
-        let mut statement = self.connection.prepare(sql)?;
-        let rows = statement.query_map([], |row| row.get(0))?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.rows(sql, &[])?.iter().map(|row| row.get(0)).collect()
     }
 }

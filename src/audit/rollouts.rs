@@ -1,10 +1,10 @@
-//! Rollout state in SQLite: one `rollouts` row per rollout, its counts kept in the transaction
+//! Rollout state in the store: one `rollouts` row per rollout, its counts kept in the transaction
 //! that writes each final record, its events written to an outbox in the transaction that changed
 //! it, and control commands applied once per message id.
 
 use chrono::Utc;
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
+use super::db::{Db, args};
 use super::{AuditError, FailedJob, FinalRecord, PendingEvent, RolloutView, timestamp};
 use crate::events::{Outcome, rollout_event};
 use crate::rollout::{
@@ -41,15 +41,16 @@ const COLUMNS: &str = "rollout_id, declared, plan_json, ticket, requested_by, ex
     reason, succeeded, failed, rejected, cancelled, created_at, updated_at, started_at,
     finished_at, progress_at, canary_failed";
 
-fn read(connection: &Connection, rollout_id: &str) -> Result<Option<Row>, AuditError> {
-    let sql = format!("SELECT {COLUMNS} FROM rollouts WHERE rollout_id = ?1");
-    Ok(connection
-        .prepare_cached(&sql)?
-        .query_row([rollout_id], row_of)
-        .optional()?)
+static READ_ONE: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| format!("SELECT {COLUMNS} FROM rollouts WHERE rollout_id = ?1"));
+
+fn read(db: &mut dyn Db, rollout_id: &str) -> Result<Option<Row>, AuditError> {
+    db.query_opt(&READ_ONE, args![rollout_id])?
+        .map(|row| row_of(&row))
+        .transpose()
 }
 
-fn row_of(row: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
+fn row_of(row: &super::db::Row) -> Result<Row, AuditError> {
     let gate: String = row.get(8)?;
     let state: String = row.get(12)?;
     Ok(Row {
@@ -89,8 +90,8 @@ fn row_of(row: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
 }
 
 /// Writes every mutable column of `row` back.
-fn save(tx: &Transaction<'_>, row: &Row) -> Result<(), AuditError> {
-    tx.prepare_cached(
+fn save(db: &mut dyn Db, row: &Row) -> Result<(), AuditError> {
+    db.execute(
         "UPDATE rollouts SET declared = ?2, plan_json = ?3, ticket = ?4, requested_by = ?5,
              expected_jobs = ?6, budget_allowed = ?7, canary = ?8, canary_gate = ?9,
              canary_finished = ?10, canary_done = ?11, max_per_second = ?12, state = ?13,
@@ -98,8 +99,7 @@ fn save(tx: &Transaction<'_>, row: &Row) -> Result<(), AuditError> {
              updated_at = ?19, started_at = ?20, finished_at = ?21, progress_at = ?22,
              canary_failed = ?23
          WHERE rollout_id = ?1",
-    )?
-    .execute(params![
+        args![
         row.rollout_id,
         row.declared,
         row.plan_json,
@@ -131,24 +131,22 @@ fn save(tx: &Transaction<'_>, row: &Row) -> Result<(), AuditError> {
 }
 
 /// The row of a rollout; an ad-hoc one (named by jobs, not declared) is created if missing.
-fn ensure(tx: &Transaction<'_>, rollout_id: &str) -> Result<Row, AuditError> {
-    if let Some(row) = read(tx, rollout_id)? {
+fn ensure(db: &mut dyn Db, rollout_id: &str) -> Result<Row, AuditError> {
+    if let Some(row) = read(db, rollout_id)? {
         return Ok(row);
     }
     let now = timestamp(Utc::now());
-    tx.prepare_cached(
+    db.execute(
         "INSERT INTO rollouts (rollout_id, declared, state, created_at, updated_at)
          VALUES (?1, 0, 'running', ?2, ?2)",
-    )?
-    .execute(params![rollout_id, now])?;
-    read(tx, rollout_id)?.ok_or(AuditError::Conflict)
+        args![rollout_id, now],
+    )?;
+    read(db, rollout_id)?.ok_or(AuditError::Conflict)
 }
 
-fn snapshot(connection: &Connection, row: &Row) -> Result<Snapshot, AuditError> {
-    let count = |sql: &str| -> Result<u64, AuditError> {
-        Ok(connection
-            .prepare_cached(sql)?
-            .query_row([&row.rollout_id], |r| r.get(0))?)
+fn snapshot(db: &mut dyn Db, row: &Row) -> Result<Snapshot, AuditError> {
+    let mut count = |sql: &str| -> Result<u64, AuditError> {
+        db.query_one(sql, args![row.rollout_id])?.get(0)
     };
     let mut counts = row.counts.clone();
     counts.parked = count("SELECT COUNT(*) FROM parked WHERE rollout_id = ?1")?;
@@ -180,50 +178,49 @@ fn snapshot(connection: &Connection, row: &Row) -> Result<Snapshot, AuditError> 
 }
 
 /// Writes a rollout event for `row`'s current state to the outbox.
-fn emit(tx: &Transaction<'_>, row: &Row, kind: &str, worker_id: &str) -> Result<(), AuditError> {
-    let snapshot = snapshot(tx, row)?;
+fn emit(db: &mut dyn Db, row: &Row, kind: &str, worker_id: &str) -> Result<(), AuditError> {
+    let snapshot = snapshot(db, row)?;
     let now = Utc::now();
     let (event_id, json) = rollout_event(worker_id, kind, &snapshot, now);
-    tx.prepare_cached(
+    db.execute(
         "INSERT INTO rollout_events (rollout_id, kind, event_id, event_json, created_at)
          VALUES (?1, ?2, ?3, ?4, ?5)",
-    )?
-    .execute(params![
-        row.rollout_id,
-        kind,
-        event_id,
-        json,
-        timestamp(now)
-    ])?;
+        args![row.rollout_id, kind, event_id, json, timestamp(now)],
+    )?;
     Ok(())
 }
 
 /// The state of a rollout, if the store knows it.
 pub(super) fn state(
-    connection: &Connection,
+    db: &mut dyn Db,
     rollout_id: &str,
 ) -> Result<Option<State>, AuditError> {
-    let state: Option<String> = connection
-        .prepare_cached("SELECT state FROM rollouts WHERE rollout_id = ?1")?
-        .query_row([rollout_id], |r| r.get(0))
-        .optional()?;
+    let state: Option<String> = db
+        .query_opt(
+            "SELECT state FROM rollouts WHERE rollout_id = ?1",
+            args![rollout_id],
+        )?
+        .map(|row| row.get(0))
+        .transpose()?;
     Ok(state.as_deref().and_then(State::parse))
 }
 
 /// What a job's admission needs to know of its rollout.
 pub(super) fn view(
-    connection: &Connection,
+    db: &mut dyn Db,
     rollout_id: &str,
 ) -> Result<Option<RolloutView>, AuditError> {
-    let Some(row) = read(connection, rollout_id)? else {
+    let Some(row) = read(db, rollout_id)? else {
         return Ok(None);
     };
     let canary_admitted = if row.canary_done || row.canary == 0 {
         0
     } else {
-        connection
-            .prepare_cached("SELECT COUNT(*) FROM rollout_canary WHERE rollout_id = ?1")?
-            .query_row([rollout_id], |r| r.get(0))?
+        db.query_one(
+            "SELECT COUNT(*) FROM rollout_canary WHERE rollout_id = ?1",
+            args![rollout_id],
+        )?
+        .get(0)?
     };
     Ok(Some(RolloutView {
         rollout: Rollout {
@@ -239,48 +236,60 @@ pub(super) fn view(
 
 /// Admits a job key to the rollout's canary if a place is left (or it already has one).
 pub(super) fn admit_canary(
-    tx: &Transaction<'_>,
+    db: &mut dyn Db,
     rollout_id: &str,
     job_id: &str,
     rerun: u32,
 ) -> Result<bool, AuditError> {
-    let Some(row) = read(tx, rollout_id)? else {
+    let Some(row) = read(db, rollout_id)? else {
         return Ok(true);
     };
-    let member: bool = tx
-        .prepare_cached(
-            "SELECT EXISTS (SELECT 1 FROM rollout_canary WHERE rollout_id = ?1 AND job_id = ?2 AND rerun = ?3)",
-        )?
-        .query_row(params![rollout_id, job_id, rerun], |r| r.get(0))?;
+    let member = canary_member(db, rollout_id, job_id, rerun)?;
     if member {
         return Ok(true);
     }
-    let admitted: u64 = tx
-        .prepare_cached("SELECT COUNT(*) FROM rollout_canary WHERE rollout_id = ?1")?
-        .query_row([rollout_id], |r| r.get(0))?;
+    let admitted: u64 = db
+        .query_one(
+            "SELECT COUNT(*) FROM rollout_canary WHERE rollout_id = ?1",
+            args![rollout_id],
+        )?
+        .get(0)?;
     if admitted >= row.canary {
         return Ok(false);
     }
-    tx.prepare_cached(
+    db.execute(
         "INSERT INTO rollout_canary (rollout_id, job_id, rerun) VALUES (?1, ?2, ?3)",
-    )?
-    .execute(params![rollout_id, job_id, rerun])?;
+        args![rollout_id, job_id, rerun],
+    )?;
     Ok(true)
+}
+
+fn canary_member(
+    db: &mut dyn Db,
+    rollout_id: &str,
+    job_id: &str,
+    rerun: u32,
+) -> Result<bool, AuditError> {
+    db.query_one(
+        "SELECT EXISTS (SELECT 1 FROM rollout_canary WHERE rollout_id = ?1 AND job_id = ?2 AND rerun = ?3)",
+        args![rollout_id, job_id, rerun],
+    )?
+    .get(0)
 }
 
 /// A job of the rollout is about to make its first call: the rollout has started.
 pub(super) fn started(
-    tx: &Transaction<'_>,
+    db: &mut dyn Db,
     rollout_id: &str,
     worker_id: &str,
 ) -> Result<(), AuditError> {
-    let mut row = ensure(tx, rollout_id)?;
+    let mut row = ensure(db, rollout_id)?;
     if row.started_at.is_none() {
         let now = timestamp(Utc::now());
         row.started_at = Some(now.clone());
         row.updated_at = now;
-        save(tx, &row)?;
-        emit(tx, &row, "started", worker_id)?;
+        save(db, &row)?;
+        emit(db, &row, "started", worker_id)?;
     }
     Ok(())
 }
@@ -290,7 +299,7 @@ pub(super) fn started(
 /// own event, with the state it made. Returns the rollout id when jobs parked behind its canary
 /// may now run.
 pub(super) fn count_final(
-    tx: &Transaction<'_>,
+    db: &mut dyn Db,
     record: &FinalRecord,
 ) -> Result<Option<String>, AuditError> {
     let data = &record.event.data;
@@ -303,15 +312,14 @@ pub(super) fn count_final(
         return Ok(None);
     };
     let worker_id = record.worker_id.as_str();
-    let mut row = ensure(tx, rollout_id)?;
-    let previous: Option<(u32, String)> = tx
-        .prepare_cached(
+    let mut row = ensure(db, rollout_id)?;
+    let previous: Option<(u32, String)> = db
+        .query_opt(
             "SELECT rerun, outcome FROM rollout_jobs WHERE rollout_id = ?1 AND job_id = ?2",
+            args![rollout_id, data.job_id],
         )?
-        .query_row(params![rollout_id, data.job_id], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
-        .optional()?;
+        .map(|r| Ok::<_, AuditError>((r.get(0)?, r.get(1)?)))
+        .transpose()?;
     let rejected = data.outcome == Outcome::Rejected;
     // An older run, or a rejection of a run that already has an outcome, changes nothing.
     if let Some((rerun, outcome)) = &previous
@@ -319,11 +327,11 @@ pub(super) fn count_final(
     {
         return Ok(None);
     }
-    tx.prepare_cached(
+    db.execute(
         "INSERT INTO rollout_jobs (rollout_id, job_id, rerun, outcome) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT (rollout_id, job_id) DO UPDATE SET rerun = excluded.rerun, outcome = excluded.outcome",
-    )?
-    .execute(params![rollout_id, data.job_id, data.rerun, data.outcome.as_str()])?;
+        args![rollout_id, data.job_id, data.rerun, data.outcome.as_str()],
+    )?;
     if let Some((_, previous)) = previous {
         let count = counter(&mut row.counts, &previous);
         *count = count.saturating_sub(1);
@@ -331,12 +339,8 @@ pub(super) fn count_final(
     *counter(&mut row.counts, data.outcome.as_str()) += 1;
     row.updated_at = timestamp(Utc::now());
     let failure = matches!(data.outcome, Outcome::Failed | Outcome::Rejected);
-    let canary_member: bool = !rejected
-        && tx
-            .prepare_cached(
-                "SELECT EXISTS (SELECT 1 FROM rollout_canary WHERE rollout_id = ?1 AND job_id = ?2 AND rerun = ?3)",
-            )?
-            .query_row(params![rollout_id, data.job_id, data.rerun], |r| r.get(0))?;
+    let canary_member =
+        !rejected && canary_member(db, rollout_id, &data.job_id, data.rerun)?;
     if canary_member && !row.canary_done {
         row.canary_finished += 1;
         if failure {
@@ -349,7 +353,7 @@ pub(super) fn count_final(
         }
     }
     let mut emitted = false;
-    let release = judge_canary(tx, &mut row, worker_id, &mut emitted)?;
+    let release = judge_canary(db, &mut row, worker_id, &mut emitted)?;
     if let Some(allowed) = row.budget_allowed
         && failure
         && row.state == State::Running
@@ -360,33 +364,33 @@ pub(super) fn count_final(
             "failure budget exceeded: {} failures, {allowed} allowed",
             row.counts.failures()
         ));
-        transition(tx, &mut row, "halted", worker_id, &mut emitted)?;
+        transition(db, &mut row, "halted", worker_id, &mut emitted)?;
     }
-    complete_if_done(tx, &mut row, worker_id, &mut emitted)?;
+    complete_if_done(db, &mut row, worker_id, &mut emitted)?;
     let progress_due = row
         .progress_at
         .as_deref()
         .and_then(|at| chrono::DateTime::parse_from_rfc3339(at).ok())
         .is_none_or(|at| Utc::now() - at.to_utc() >= chrono::Duration::seconds(1));
     if !emitted && progress_due {
-        transition(tx, &mut row, "progress", worker_id, &mut emitted)?;
+        transition(db, &mut row, "progress", worker_id, &mut emitted)?;
     }
-    save(tx, &row)?;
+    save(db, &row)?;
     Ok(release.then(|| rollout_id.to_owned()))
 }
 
 /// Saves `row` and writes its event; every rollout event carries the counts, so the next
 /// `progress` is a second away.
 fn transition(
-    tx: &Transaction<'_>,
+    db: &mut dyn Db,
     row: &mut Row,
     kind: &str,
     worker_id: &str,
     emitted: &mut bool,
 ) -> Result<(), AuditError> {
     row.progress_at = Some(timestamp(Utc::now()));
-    save(tx, row)?;
-    emit(tx, row, kind, worker_id)?;
+    save(db, row)?;
+    emit(db, row, kind, worker_id)?;
     *emitted = true;
     Ok(())
 }
@@ -395,7 +399,7 @@ fn transition(
 /// releases the rest (returns true), `manual` pauses for an operator. A canary that finishes
 /// while the rollout is paused is judged when it runs again.
 fn judge_canary(
-    tx: &Transaction<'_>,
+    db: &mut dyn Db,
     row: &mut Row,
     worker_id: &str,
     emitted: &mut bool,
@@ -405,7 +409,7 @@ fn judge_canary(
     }
     if row.canary_failed > 0 {
         row.state = State::Halted;
-        transition(tx, row, "halted", worker_id, emitted)?;
+        transition(db, row, "halted", worker_id, emitted)?;
         return Ok(false);
     }
     if row.canary_finished < row.canary {
@@ -414,7 +418,7 @@ fn judge_canary(
     row.canary_done = true;
     match row.canary_gate {
         CanaryGate::Auto => {
-            save(tx, row)?;
+            save(db, row)?;
             Ok(true)
         }
         CanaryGate::Manual => {
@@ -423,7 +427,7 @@ fn judge_canary(
                 "the canary of {} passed; resume to continue",
                 row.canary
             ));
-            transition(tx, row, "paused", worker_id, emitted)?;
+            transition(db, row, "paused", worker_id, emitted)?;
             Ok(false)
         }
     }
@@ -431,7 +435,7 @@ fn judge_canary(
 
 /// A declared rollout whose final outcomes reached `expected_jobs` is completed (once).
 fn complete_if_done(
-    tx: &Transaction<'_>,
+    db: &mut dyn Db,
     row: &mut Row,
     worker_id: &str,
     emitted: &mut bool,
@@ -443,7 +447,7 @@ fn complete_if_done(
     {
         row.state = State::Completed;
         row.finished_at = Some(timestamp(Utc::now()));
-        transition(tx, row, "completed", worker_id, emitted)?;
+        transition(db, row, "completed", worker_id, emitted)?;
     }
     Ok(())
 }
@@ -471,16 +475,19 @@ pub struct Effect {
 /// Applies `command` (once per `command_id`, when it has one) and returns the reply and what to
 /// do next.
 pub(super) fn apply(
-    tx: &Transaction<'_>,
+    db: &mut dyn Db,
     command_id: Option<&str>,
     command: &Command,
     worker_id: &str,
 ) -> Result<(Reply, Effect), AuditError> {
     let earlier: Option<(bool, Option<String>)> = match command_id {
-        Some(id) => tx
-            .prepare_cached("SELECT ok, error FROM commands WHERE command_id = ?1")?
-            .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()?,
+        Some(id) => db
+            .query_opt(
+                "SELECT ok, error FROM commands WHERE command_id = ?1",
+                args![id],
+            )?
+            .map(|r| Ok::<_, AuditError>((r.get(0)?, r.get(1)?)))
+            .transpose()?,
         None => None,
     };
     let rollout_id = command.rollout_id().map(|id| id.to_string());
@@ -498,23 +505,23 @@ pub(super) fn apply(
         ),
         None => {
             let (result, effect) = match command {
-                Command::Declare(plan) => declare(tx, plan, worker_id)?,
-                Command::Pause(steer) => steer_to(tx, steer, State::Paused, worker_id)?,
-                Command::Resume(steer) => steer_to(tx, steer, State::Running, worker_id)?,
-                Command::Cancel(steer) => steer_to(tx, steer, State::Cancelled, worker_id)?,
+                Command::Declare(plan) => declare(db, plan, worker_id)?,
+                Command::Pause(steer) => steer_to(db, steer, State::Paused, worker_id)?,
+                Command::Resume(steer) => steer_to(db, steer, State::Running, worker_id)?,
+                Command::Cancel(steer) => steer_to(db, steer, State::Cancelled, worker_id)?,
                 Command::RetryFailed(_) | Command::Status(_) => (Ok(()), Effect::default()),
             };
             if let Some(id) = command_id
                 && !matches!(command, Command::Status(_) | Command::RetryFailed(_))
             {
-                done(tx, id, command, &result)?;
+                done(db, id, command, &result)?;
             }
             (result, effect)
         }
     };
     let rollouts = match (&rollout_id, command) {
-        (None, _) => snapshots(tx, None)?,
-        (Some(id), _) => snapshots(tx, Some(id))?,
+        (None, _) => snapshots(db, None)?,
+        (Some(id), _) => snapshots(db, Some(id))?,
     };
     let result = match (result, command) {
         (
@@ -536,29 +543,29 @@ pub(super) fn apply(
 
 /// Records that `command_id` was applied (for a retry_failed: once its jobs are republished).
 pub(super) fn done(
-    tx: &Transaction<'_>,
+    db: &mut dyn Db,
     command_id: &str,
     command: &Command,
     result: &Result<(), String>,
 ) -> Result<(), AuditError> {
-    tx.prepare_cached(
+    db.execute(
         "INSERT INTO commands (command_id, kind, rollout_id, ok, error, applied_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
-    )?
-    .execute(params![
-        command_id,
-        command.kind(),
-        command.rollout_id().map(|id| id.to_string()),
-        result.is_ok(),
-        result.as_ref().err(),
-        timestamp(Utc::now()),
-    ])?;
+        args![
+            command_id,
+            command.kind(),
+            command.rollout_id().map(|id| id.to_string()),
+            result.is_ok(),
+            result.as_ref().err(),
+            timestamp(Utc::now()),
+        ],
+    )?;
     Ok(())
 }
 
 /// Declares the rollout (idempotently); jobs parked waiting for the declaration may run.
 fn declare(
-    tx: &Transaction<'_>,
+    db: &mut dyn Db,
     plan: &Plan,
     worker_id: &str,
 ) -> Result<(Result<(), String>, Effect), AuditError> {
@@ -566,7 +573,7 @@ fn declare(
         release: true,
         ..Effect::default()
     };
-    let result = declare_plan(tx, plan, worker_id)?;
+    let result = declare_plan(db, plan, worker_id)?;
     Ok(match result {
         Ok(()) => (Ok(()), release),
         Err(error) => (Err(error), Effect::default()),
@@ -574,13 +581,13 @@ fn declare(
 }
 
 fn declare_plan(
-    tx: &Transaction<'_>,
+    db: &mut dyn Db,
     plan: &Plan,
     worker_id: &str,
 ) -> Result<Result<(), String>, AuditError> {
     let rollout_id = plan.rollout_id.as_str();
     let canonical = plan.canonical().to_string();
-    let mut row = ensure(tx, rollout_id)?;
+    let mut row = ensure(db, rollout_id)?;
     if row.declared {
         return Ok(match row.plan_json.as_deref() {
             Some(stored) if stored == canonical => Ok(()),
@@ -600,22 +607,22 @@ fn declare_plan(
     row.canary_gate = plan.canary_gate;
     row.max_per_second = plan.max_per_second.map(Into::into);
     row.updated_at = timestamp(Utc::now());
-    save(tx, &row)?;
-    emit(tx, &row, "declared", worker_id)?;
+    save(db, &row)?;
+    emit(db, &row, "declared", worker_id)?;
     // Jobs that ran before the declaration may already be all it expects.
-    complete_if_done(tx, &mut row, worker_id, &mut false)?;
+    complete_if_done(db, &mut row, worker_id, &mut false)?;
     Ok(Ok(()))
 }
 
 /// Pause, resume or cancel.
 fn steer_to(
-    tx: &Transaction<'_>,
+    db: &mut dyn Db,
     steer: &Steer,
     target: State,
     worker_id: &str,
 ) -> Result<(Result<(), String>, Effect), AuditError> {
     let rollout_id = steer.rollout_id.as_str();
-    let Some(mut row) = read(tx, rollout_id)? else {
+    let Some(mut row) = read(db, rollout_id)? else {
         return Ok((
             Err(format!("unknown rollout {rollout_id}")),
             Effect::default(),
@@ -666,45 +673,48 @@ fn steer_to(
     });
     row.state = target;
     row.updated_at = timestamp(Utc::now());
-    save(tx, &row)?;
-    emit(tx, &row, kind, worker_id)?;
+    save(db, &row)?;
+    emit(db, &row, kind, worker_id)?;
     // A canary job that failed while the rollout was paused halts it now.
-    judge_canary(tx, &mut row, worker_id, &mut false)?;
+    judge_canary(db, &mut row, worker_id, &mut false)?;
     Ok((Ok(()), effect))
 }
 
 /// Snapshots of one rollout, or of all (most recent first).
 pub(super) fn snapshots(
-    connection: &Connection,
+    db: &mut dyn Db,
     rollout_id: Option<&str>,
 ) -> Result<Vec<Snapshot>, AuditError> {
     let rows: Vec<Row> = match rollout_id {
-        Some(id) => read(connection, id)?.into_iter().collect(),
+        Some(id) => read(db, id)?.into_iter().collect(),
         None => {
             let sql =
                 format!("SELECT {COLUMNS} FROM rollouts ORDER BY created_at DESC, rollout_id");
-            let mut statement = connection.prepare_cached(&sql)?;
-            let rows = statement.query_map([], row_of)?;
-            rows.collect::<Result<_, _>>()?
+            db.query(&sql, &[])?
+                .iter()
+                .map(row_of)
+                .collect::<Result<_, _>>()?
         }
     };
-    rows.iter().map(|row| snapshot(connection, row)).collect()
+    rows.iter().map(|row| snapshot(db, row)).collect()
 }
 
 /// The jobs of `rollout_id` whose latest run failed, as their final rows describe them.
 pub(super) fn failed_jobs(
-    connection: &Connection,
+    db: &mut dyn Db,
     rollout_id: &str,
 ) -> Result<Vec<FailedJob>, AuditError> {
-    let mut statement = connection.prepare_cached(
+    db.query(
         "SELECT t.job_id, t.rerun, t.rollout_id, t.ticket, t.region, t.project_id, t.instance_id,
                 t.requested_status, t.kms_key_id, t.requested_by
          FROM rollout_jobs j
          JOIN toggles t ON t.job_id = j.job_id AND t.rerun = j.rerun AND t.outcome = 'failed'
          WHERE j.rollout_id = ?1 AND j.outcome = 'failed'
          ORDER BY t.id",
-    )?;
-    let rows = statement.query_map([rollout_id], |r| {
+        args![rollout_id],
+    )?
+    .iter()
+    .map(|r| {
         Ok(FailedJob {
             job_id: r.get(0)?,
             rerun: r.get(1)?,
@@ -717,45 +727,49 @@ pub(super) fn failed_jobs(
             kms_key_id: r.get(8)?,
             requested_by: r.get(9)?,
         })
-    })?;
-    Ok(rows.collect::<Result<_, _>>()?)
+    })
+    .collect()
 }
 
 /// Claims up to `limit` unpublished rollout events for `worker_id` (one not published within
 /// 30 s of its claim may be claimed again: its worker died).
 pub(super) fn claim_events(
-    tx: &Transaction<'_>,
+    db: &mut dyn Db,
     worker_id: &str,
     limit: u32,
 ) -> Result<Vec<PendingEvent>, AuditError> {
     let now = Utc::now();
     let stale = timestamp(now - chrono::Duration::seconds(30));
-    let mut statement = tx.prepare_cached(
+    let rows = db.query(
         "UPDATE rollout_events SET claimed_by = ?1, claimed_at = ?2
          WHERE id IN (SELECT id FROM rollout_events
                       WHERE published_at IS NULL AND (claimed_at IS NULL OR claimed_at < ?3)
                       ORDER BY id LIMIT ?4)
          RETURNING id, kind, event_id, event_json",
+        args![worker_id, timestamp(now), stale, limit],
     )?;
-    let rows = statement.query_map(params![worker_id, timestamp(now), stale, limit], |r| {
-        Ok(PendingEvent {
-            id: r.get(0)?,
-            kind: r.get(1)?,
-            event_id: r.get(2)?,
-            json: r.get(3)?,
+    let mut events = rows
+        .iter()
+        .map(|r| {
+            Ok(PendingEvent {
+                id: r.get(0)?,
+                kind: r.get(1)?,
+                event_id: r.get(2)?,
+                json: r.get(3)?,
+            })
         })
-    })?;
-    let mut events: Vec<PendingEvent> = rows.collect::<Result<_, _>>()?;
+        .collect::<Result<Vec<_>, AuditError>>()?;
     events.sort_by_key(|event| event.id);
     Ok(events)
 }
 
-pub(super) fn published(tx: &Transaction<'_>, ids: &[i64]) -> Result<(), AuditError> {
+pub(super) fn published(db: &mut dyn Db, ids: &[i64]) -> Result<(), AuditError> {
     let now = timestamp(Utc::now());
-    let mut statement =
-        tx.prepare_cached("UPDATE rollout_events SET published_at = ?2 WHERE id = ?1")?;
     for id in ids {
-        statement.execute(params![id, now])?;
+        db.execute(
+            "UPDATE rollout_events SET published_at = ?2 WHERE id = ?1",
+            args![id, now],
+        )?;
     }
     Ok(())
 }

@@ -1,22 +1,20 @@
-//! The SQLite side of the audit log: one thread owns the connection, answers reads in order and
-//! commits every write waiting in its channel in one transaction (group commit). A write that
-//! cannot commit is retried on its own, so it never fails the writes batched with it.
+//! The SQLite store: one file on one host. Opening applies the migrations under `migrations/`;
+//! the writer thread ([`super::writer`]) owns the connection, and its `BEGIN IMMEDIATE`
+//! transactions take the file's write lock, so every process on the file writes one at a time.
 
 use std::path::Path;
 use std::sync::mpsc;
 
 use chrono::Utc;
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
-use tokio::sync::oneshot;
+use rusqlite::types::{ToSqlOutput, ValueRef};
+use rusqlite::{Connection, OptionalExtension, params, params_from_iter};
 
-use crate::rollout::State;
+use super::db::{Db, Dialect, Row, Value};
+use super::writer::{self, Backend};
+use super::{AuditError, AuditOptions, Command, timestamp};
 
-use super::{
-    AuditError, AuditOptions, Claimed, Command, Committed, Earlier, FinalRecord, ParkedJob,
-    Recorded, Seen, StoredEvent, Write, Written, rollouts, timestamp,
-};
-
-/// Versioned schema files, applied in order, each once.
+/// Versioned schema files, applied in order, each once. PostgreSQL has the same versions
+/// ([`super::postgres::MIGRATIONS`]), the same in meaning.
 pub(super) const MIGRATIONS: &[(&str, &str)] = &[
     ("0001_init", include_str!("../../migrations/0001_init.sql")),
     (
@@ -37,9 +35,6 @@ pub(super) const MIGRATIONS: &[(&str, &str)] = &[
     ),
 ];
 
-/// Most writes committed in one transaction.
-const MAX_BATCH: usize = 256;
-
 /// Opens the file, migrates it and starts the thread that owns it.
 pub(super) fn start(
     path: &Path,
@@ -51,13 +46,11 @@ pub(super) fn start(
     };
     let mut connection = Connection::open(path).map_err(open_error)?;
     configure(&connection, options).map_err(open_error)?;
+    refuse_newer(&connection)?;
     migrate(&mut connection).map_err(open_error)?;
-    let (commands, receiver) = mpsc::channel();
-    std::thread::Builder::new()
-        .name("keyturn-audit".into())
-        .spawn(move || writer_loop(connection, receiver))
-        .expect("spawn the audit writer thread");
-    Ok(commands)
+    Ok(writer::spawn_with("keyturn-audit", move || {
+        Some(Sqlite { connection })
+    }))
 }
 
 fn configure(connection: &Connection, options: &AuditOptions) -> rusqlite::Result<()> {
@@ -71,6 +64,23 @@ fn configure(connection: &Connection, options: &AuditOptions) -> rusqlite::Resul
     };
     connection.pragma_update(None, "synchronous", synchronous)?;
     connection.pragma_update(None, "foreign_keys", "ON")
+}
+
+/// A file migrated by a newer keyturn may hold rows this one would misread: refuse it.
+fn refuse_newer(connection: &Connection) -> Result<(), AuditError> {
+    let exists: bool = connection.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations')",
+        [],
+        |row| row.get(0),
+    )?;
+    if !exists {
+        return Ok(());
+    }
+    let mut statement = connection.prepare("SELECT version FROM schema_migrations")?;
+    let applied = statement
+        .query_map([], |row| row.get::<_, String>(0))?
+        .collect::<Result<Vec<_>, _>>()?;
+    super::refuse_unknown_versions(&applied, MIGRATIONS)
 }
 
 /// Applies pending migrations. Foreign keys are off meanwhile (a migration may rebuild a table
@@ -117,435 +127,84 @@ fn apply_migrations(connection: &mut Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
-type Pending = (Write, oneshot::Sender<Result<Written, AuditError>>);
+/// The writer thread's connection.
+struct Sqlite {
+    connection: Connection,
+}
 
-fn writer_loop(mut connection: Connection, commands: mpsc::Receiver<Command>) {
-    while let Ok(first) = commands.recv() {
-        let mut writes = Vec::new();
-        let mut next = Some(first);
-        while let Some(command) = next {
-            match command {
-                Command::Write { write, reply } => writes.push((write, reply)),
-                read => answer(&connection, read),
-            }
-            next = if writes.len() < MAX_BATCH {
-                commands.try_recv().ok()
-            } else {
-                None
-            };
-        }
-        if !writes.is_empty() {
-            commit_batch(&mut connection, writes);
-        }
+impl Backend for Sqlite {
+    fn write<T>(
+        &mut self,
+        work: impl FnOnce(&mut dyn Db) -> Result<T, AuditError>,
+    ) -> Result<T, AuditError> {
+        let tx = self
+            .connection
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let result = work(&mut Lite(&tx))?;
+        tx.commit()?;
+        Ok(result)
+    }
+
+    fn read<T>(
+        &mut self,
+        work: impl FnOnce(&mut dyn Db) -> Result<T, AuditError>,
+    ) -> Result<T, AuditError> {
+        work(&mut Lite(&self.connection))
     }
 }
 
-fn answer(connection: &Connection, command: Command) {
-    match command {
-        Command::Lookup {
-            job_id,
-            rerun,
-            body_sha256,
-            rollout_id,
-            reply,
-        } => {
-            let _ = reply.send(lookup(
-                connection,
-                &job_id,
-                rerun,
-                &body_sha256,
-                rollout_id.as_deref(),
-            ));
-        }
-        Command::Snapshots { rollout_id, reply } => {
-            let _ = reply.send(rollouts::snapshots(connection, rollout_id.as_deref()));
-        }
-        Command::FailedJobs { rollout_id, reply } => {
-            let _ = reply.send(rollouts::failed_jobs(connection, &rollout_id));
-        }
-        Command::ParkedScopes { reply } => {
-            let _ = reply.send(parked_scopes(connection));
-        }
-        Command::Parked {
-            scope,
-            limit,
-            reply,
-        } => {
-            let _ = reply.send(parked(connection, &scope, limit));
-        }
-        Command::Write { .. } => unreachable!("writes are batched"),
+/// A SQLite connection (or a transaction on it) as a [`Db`]. Statements are prepared once per
+/// connection and cached.
+pub(super) struct Lite<'c>(pub &'c Connection);
+
+impl Db for Lite<'_> {
+    fn dialect(&self) -> Dialect {
+        Dialect::Sqlite
     }
-}
 
-/// Commits the batch in one transaction; if that fails, each write alone, so one write that
-/// cannot commit fails only itself.
-fn commit_batch(connection: &mut Connection, writes: Vec<Pending>) {
-    let batch = writes.len();
-    let results = match commit_all(connection, writes.iter().map(|(write, _)| write)) {
-        Ok(results) => results.into_iter().map(Ok).collect(),
-        Err(error) if batch == 1 => vec![Err(error)],
-        Err(error) => {
-            tracing::warn!(%error, batch, "audit batch failed; committing its writes one by one");
-            writes
-                .iter()
-                .map(|(write, _)| commit_all(connection, [write]).map(|mut one| one.remove(0)))
-                .collect::<Vec<_>>()
-        }
-    };
-    for ((_, reply), result) in writes.into_iter().zip(results) {
-        if let Err(error) = &result {
-            tracing::error!(%error, "audit commit failed");
-        }
-        let _ = reply.send(result);
-    }
-}
-
-fn commit_all<'w>(
-    connection: &mut Connection,
-    writes: impl IntoIterator<Item = &'w Write>,
-) -> Result<Vec<Written>, AuditError> {
-    let tx = connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let results = writes
-        .into_iter()
-        .map(|write| apply(&tx, write))
-        .collect::<Result<Vec<_>, _>>()?;
-    tx.commit()?;
-    Ok(results)
-}
-
-fn apply(tx: &Transaction<'_>, write: &Write) -> Result<Written, AuditError> {
-    Ok(match write {
-        Write::Record(record) => Written::Recorded(Box::new(insert(tx, record)?)),
-        Write::Claim {
-            job_id,
-            rerun,
-            digest,
-            worker_id,
-            rollout_id,
-        } => Written::Claimed(claim(
-            tx,
-            job_id,
-            *rerun,
-            digest,
-            worker_id,
-            rollout_id.as_deref(),
-        )?),
-        Write::AdmitCanary {
-            rollout_id,
-            job_id,
-            rerun,
-        } => Written::Admitted(rollouts::admit_canary(tx, rollout_id, job_id, *rerun)?),
-        Write::Apply {
-            command_id,
-            command,
-            worker_id,
-        } => Written::Applied(Box::new(rollouts::apply(
-            tx,
-            command_id.as_deref(),
-            command,
-            worker_id,
-        )?)),
-        Write::CommandDone {
-            command_id,
-            command,
-        } => {
-            rollouts::done(tx, command_id, command, &Ok(()))?;
-            Written::Done
-        }
-        Write::ClaimEvents { worker_id, limit } => {
-            Written::Events(rollouts::claim_events(tx, worker_id, *limit)?)
-        }
-        Write::Published(ids) => {
-            rollouts::published(tx, ids)?;
-            Written::Done
-        }
-        Write::Ping => {
-            tx.execute(
-                "UPDATE heartbeat SET at = ?1 WHERE id = 1",
-                [timestamp(chrono::Utc::now())],
-            )?;
-            Written::Done
-        }
-        Write::Park(job) => {
-            park(tx, job)?;
-            Written::Done
-        }
-        Write::Unpark(ids) => {
-            let mut statement =
-                tx.prepare_cached("DELETE FROM parked WHERE id = ?1 AND generation = ?2")?;
-            for (id, generation) in ids {
-                statement.execute([id, generation])?;
-            }
-            Written::Done
-        }
-    })
-}
-
-/// The final record of a job key. Served by the `toggles_job` index (see the plan test).
-pub(super) const FIND_FINAL: &str = "SELECT event_json, job_digest, received_at FROM toggles
-     WHERE job_id = ?1 AND rerun = ?2 AND outcome <> 'rejected' LIMIT 1";
-const FIND_REJECTION: &str = "SELECT event_json FROM toggles
-     WHERE job_id = ?1 AND outcome = 'rejected' AND body_sha256 = ?2 LIMIT 1";
-
-fn lookup(
-    connection: &Connection,
-    job_id: &str,
-    rerun: u32,
-    body_sha256: &str,
-    rollout_id: Option<&str>,
-) -> Result<Earlier, AuditError> {
-    let final_record = connection
-        .prepare_cached(FIND_FINAL)?
-        .query_row(params![job_id, rerun], |row| {
-            Ok((row.get::<_, String>(0)?, row.get(1)?, row.get(2)?))
-        })
-        .optional()?
-        .map(|(json, digest, at)| StoredEvent::parse(json).map(|e| (e, Seen { digest, at })))
-        .transpose()?;
-    let rejection = find_rejection(connection, job_id, body_sha256)?;
-    let seen = |sql: &str| -> Result<Option<Seen>, AuditError> {
-        Ok(connection
+    fn execute(&mut self, sql: &str, args: &[Value]) -> Result<u64, AuditError> {
+        let changed = self
+            .0
             .prepare_cached(sql)?
-            .query_row(params![job_id, rerun], |row| {
-                Ok(Seen {
-                    digest: row.get(0)?,
-                    at: row.get(1)?,
-                })
-            })
-            .optional()?)
-    };
-    Ok(Earlier {
-        final_record,
-        rejection,
-        marker: seen(
-            "SELECT job_digest, first_sent_at FROM in_flight WHERE job_id = ?1 AND rerun = ?2",
-        )?,
-        parked: seen("SELECT job_digest, parked_at FROM parked WHERE job_id = ?1 AND rerun = ?2")?,
-        rollout: rollout_id
-            .map(|id| rollouts::view(connection, id))
-            .transpose()?
-            .flatten(),
-    })
-}
-
-fn find_rejection(
-    connection: &Connection,
-    job_id: &str,
-    body_sha256: &str,
-) -> Result<Option<StoredEvent>, AuditError> {
-    connection
-        .prepare_cached(FIND_REJECTION)?
-        .query_row(params![job_id, body_sha256], |row| row.get::<_, String>(0))
-        .optional()?
-        .map(StoredEvent::parse)
-        .transpose()
-}
-
-fn claim(
-    tx: &Transaction<'_>,
-    job_id: &str,
-    rerun: u32,
-    digest: &str,
-    worker_id: &str,
-    rollout_id: Option<&str>,
-) -> Result<Claimed, AuditError> {
-    // The rollout may have been paused, halted or cancelled since the job was admitted: check
-    // again, in the transaction that would mark its first Modify.
-    if let Some(state) = rollout_id
-        .map(|id| rollouts::state(tx, id))
-        .transpose()?
-        .flatten()
-        .filter(|state| matches!(state, State::Paused | State::Halted | State::Cancelled))
-    {
-        return Ok(Claimed::RolloutStopped(state));
+            .execute(params_from_iter(args.iter()))?;
+        Ok(changed as u64)
     }
-    let inserted = tx
-        .prepare_cached(
-            "INSERT INTO in_flight (job_id, rerun, job_digest, first_sent_at, worker_id, rollout_id)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
-        )?
-        .execute(params![
-            job_id,
-            rerun,
-            digest,
-            timestamp(Utc::now()),
-            worker_id,
-            rollout_id
-        ])?;
-    if let Some(rollout_id) = rollout_id
-        && inserted == 1
-    {
-        rollouts::started(tx, rollout_id, worker_id)?;
+
+    fn query(&mut self, sql: &str, args: &[Value]) -> Result<Vec<Row>, AuditError> {
+        let mut statement = self.0.prepare_cached(sql)?;
+        let columns = statement.column_count();
+        let mut rows = statement.query(params_from_iter(args.iter()))?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            let values = (0..columns)
+                .map(|index| row.get_ref(index).map(value_of))
+                .collect::<Result<_, _>>()?;
+            out.push(Row(values));
+        }
+        Ok(out)
     }
-    Ok(Claimed::Marked(
-        tx.prepare_cached(
-            "SELECT job_digest, first_sent_at FROM in_flight WHERE job_id = ?1 AND rerun = ?2",
-        )?
-        .query_row(params![job_id, rerun], |row| {
-            Ok(Seen {
-                digest: row.get(0)?,
-                at: row.get(1)?,
-            })
-        })?,
-    ))
 }
 
-fn park(tx: &Transaction<'_>, job: &ParkedJob) -> Result<(), AuditError> {
-    tx.prepare_cached(
-        "INSERT INTO parked (job_id, rerun, job_digest, rollout_id, scope, reason, body,
-             message_id, correlation_id, reply_to, content_type, parked_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
-         ON CONFLICT (job_id, rerun) DO UPDATE SET generation = generation + 1,
-             scope = excluded.scope, reason = excluded.reason",
-    )?
-    .execute(params![
-        job.job_id,
-        job.rerun,
-        job.job_digest,
-        job.rollout_id,
-        job.scope,
-        job.reason,
-        job.body,
-        job.message_id,
-        job.correlation_id,
-        job.reply_to,
-        job.content_type,
-        timestamp(job.parked_at),
-    ])?;
-    Ok(())
-}
-
-fn parked_scopes(connection: &Connection) -> Result<Vec<(String, u64)>, AuditError> {
-    let mut statement = connection
-        .prepare_cached("SELECT scope, COUNT(*) FROM parked GROUP BY scope ORDER BY scope")?;
-    let rows = statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
-    Ok(rows.collect::<Result<_, _>>()?)
-}
-
-fn parked(connection: &Connection, scope: &str, limit: u32) -> Result<Vec<ParkedJob>, AuditError> {
-    let mut statement = connection.prepare_cached(
-        "SELECT id, job_id, rerun, job_digest, rollout_id, scope, reason, body, message_id,
-                correlation_id, reply_to, content_type, parked_at, generation
-         FROM parked WHERE scope = ?1 ORDER BY id LIMIT ?2",
-    )?;
-    let rows = statement.query_map(params![scope, limit], |row| {
-        let parked_at: String = row.get(12)?;
-        Ok(ParkedJob {
-            id: row.get(0)?,
-            job_id: row.get(1)?,
-            rerun: row.get(2)?,
-            job_digest: row.get(3)?,
-            rollout_id: row.get(4)?,
-            scope: row.get(5)?,
-            reason: row.get(6)?,
-            body: row.get(7)?,
-            message_id: row.get(8)?,
-            correlation_id: row.get(9)?,
-            reply_to: row.get(10)?,
-            content_type: row.get(11)?,
-            parked_at: chrono::DateTime::parse_from_rfc3339(&parked_at)
-                .map(|at| at.to_utc())
-                .unwrap_or_else(|_| Utc::now()),
-            generation: row.get(13)?,
-        })
-    })?;
-    Ok(rows.collect::<Result<_, _>>()?)
-}
-
-fn insert(tx: &Transaction<'_>, record: &FinalRecord) -> Result<Committed, AuditError> {
-    let stored = StoredEvent::new(record.event.clone());
-    let event = &stored.event;
-    let data = &event.data;
-    let inserted = tx
-        .prepare_cached(
-            "INSERT INTO toggles (job_id, rollout_id, ticket, region, project_id, instance_id,
-             requested_status, kms_key_id, requested_by, outcome, resulting_status, http_status,
-             error_code, error_msg, request_id, attempts, received_at, finished_at, duration_ms,
-             event_id, event_json, body_sha256, worker_id, rerun, job_digest)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
-                 ?19, ?20, ?21, ?22, ?23, ?24, ?25)
-         ON CONFLICT DO NOTHING",
-        )?
-        .execute(params![
-            data.job_id,
-            data.rollout_id,
-            data.ticket,
-            data.region,
-            data.project_id,
-            data.instance_id,
-            data.requested_status,
-            record.kms_key_id,
-            record.requested_by,
-            data.outcome.as_str(),
-            data.resulting_status,
-            data.http_status,
-            data.error_code,
-            data.error_msg,
-            data.request_id,
-            data.attempts,
-            timestamp(record.received_at),
-            timestamp(record.finished_at),
-            data.duration_ms,
-            event.id,
-            stored.json,
-            record.body_sha256,
-            record.worker_id,
-            data.rerun,
-            record.job_digest,
-        ])?;
-    if inserted == 0 {
-        // Another delivery finished the job first: this one's marker is stale.
-        tx.prepare_cached("DELETE FROM in_flight WHERE job_id = ?1 AND rerun = ?2")?
-            .execute(params![data.job_id, data.rerun])?;
-        return Ok(Committed {
-            recorded: Recorded::Existing(existing(tx, record)?),
-            release: None,
-        });
+fn value_of(value: ValueRef<'_>) -> Value {
+    match value {
+        ValueRef::Null => Value::Null,
+        ValueRef::Integer(n) => Value::Int(n),
+        ValueRef::Real(x) => Value::Real(x),
+        ValueRef::Text(text) => Value::Text(String::from_utf8_lossy(text).into_owned()),
+        ValueRef::Blob(bytes) => Value::Blob(bytes.to_vec()),
     }
-    tx.prepare_cached("DELETE FROM in_flight WHERE job_id = ?1 AND rerun = ?2")?
-        .execute(params![data.job_id, data.rerun])?;
-    let mut statement = tx.prepare_cached(
-        "INSERT INTO attempts (event_id, job_id, number, call, started_at, latency_ms, http_status,
-             error_code, error_msg, request_id)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-    )?;
-    for (number, attempt) in record.attempts.iter().enumerate() {
-        statement.execute(params![
-            event.id,
-            data.job_id,
-            number + 1,
-            attempt.call,
-            timestamp(attempt.started_at),
-            attempt.latency_ms,
-            attempt.http_status,
-            attempt.error_code,
-            attempt.error_msg,
-            attempt.request_id,
-        ])?;
-    }
-    let release = rollouts::count_final(tx, record)?;
-    Ok(Committed {
-        recorded: Recorded::New(stored),
-        release,
-    })
 }
 
-/// The row that made an insert of `record` a no-op: the key's final record, or the rejection
-/// of the same bytes.
-fn existing(tx: &Transaction<'_>, record: &FinalRecord) -> Result<StoredEvent, AuditError> {
-    let data = &record.event.data;
-    let found = if record.job_digest.is_some() {
-        tx.prepare_cached(FIND_FINAL)?
-            .query_row(params![data.job_id, data.rerun], |row| {
-                row.get::<_, String>(0)
-            })
-            .optional()?
-            .map(StoredEvent::parse)
-            .transpose()?
-    } else {
-        find_rejection(tx, &data.job_id, &record.body_sha256)?
-    };
-    found.ok_or(AuditError::Conflict)
+impl rusqlite::ToSql for Value {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::Borrowed(match self {
+            Value::Null => ValueRef::Null,
+            Value::Int(n) => ValueRef::Integer(*n),
+            Value::Real(x) => ValueRef::Real(*x),
+            Value::Text(text) => ValueRef::Text(text.as_bytes()),
+            Value::Blob(bytes) => ValueRef::Blob(bytes),
+        }))
+    }
 }
 
 /// Finished jobs per outcome, read from the file at `path` (for summaries).
@@ -555,8 +214,5 @@ pub fn outcome_counts(path: &Path) -> Result<Vec<(String, i64)>, AuditError> {
             path: path.to_owned(),
             source,
         })?;
-    let mut statement = connection
-        .prepare("SELECT outcome, COUNT(*) FROM toggles GROUP BY outcome ORDER BY outcome")?;
-    let rows = statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
-    Ok(rows.collect::<Result<_, _>>()?)
+    super::jobs::outcome_counts(&mut Lite(&connection))
 }

@@ -1,0 +1,298 @@
+//! What the store keeps per job key, written once for both stores: the lookup before a delivery
+//! is worked on, the in-flight marker before its first Modify, parking, and the final record.
+
+use chrono::Utc;
+
+use super::db::{Db, Row, args};
+use super::{
+    AuditError, Claimed, Committed, Earlier, FinalRecord, ParkedJob, Recorded, Seen, StoredEvent,
+    rollouts, timestamp,
+};
+use crate::rollout::State;
+
+/// The final record of a job key. Served by the `toggles_job` index (see the plan test).
+pub(super) const FIND_FINAL: &str = "SELECT event_json, job_digest, received_at FROM toggles
+     WHERE job_id = ?1 AND rerun = ?2 AND outcome <> 'rejected' LIMIT 1";
+const FIND_REJECTION: &str = "SELECT event_json FROM toggles
+     WHERE job_id = ?1 AND outcome = 'rejected' AND body_sha256 = ?2 LIMIT 1";
+const FIND_MARKER: &str =
+    "SELECT job_digest, first_sent_at FROM in_flight WHERE job_id = ?1 AND rerun = ?2";
+
+fn seen(row: &Row) -> Result<Seen, AuditError> {
+    Ok(Seen {
+        digest: row.get(0)?,
+        at: row.get(1)?,
+    })
+}
+
+pub(super) fn lookup(
+    db: &mut dyn Db,
+    job_id: &str,
+    rerun: u32,
+    body_sha256: &str,
+    rollout_id: Option<&str>,
+) -> Result<Earlier, AuditError> {
+    let final_record = match db.query_opt(FIND_FINAL, args![job_id, rerun])? {
+        Some(row) => Some((
+            StoredEvent::parse(row.get(0)?)?,
+            Seen {
+                digest: row.get(1)?,
+                at: row.get(2)?,
+            },
+        )),
+        None => None,
+    };
+    let rejection = find_rejection(db, job_id, body_sha256)?;
+    let mut seen_in = |sql: &str| -> Result<Option<Seen>, AuditError> {
+        db.query_opt(sql, args![job_id, rerun])?
+            .as_ref()
+            .map(seen)
+            .transpose()
+    };
+    let marker = seen_in(FIND_MARKER)?;
+    let parked =
+        seen_in("SELECT job_digest, parked_at FROM parked WHERE job_id = ?1 AND rerun = ?2")?;
+    Ok(Earlier {
+        final_record,
+        rejection,
+        marker,
+        parked,
+        rollout: rollout_id
+            .map(|id| rollouts::view(db, id))
+            .transpose()?
+            .flatten(),
+    })
+}
+
+fn find_rejection(
+    db: &mut dyn Db,
+    job_id: &str,
+    body_sha256: &str,
+) -> Result<Option<StoredEvent>, AuditError> {
+    db.query_opt(FIND_REJECTION, args![job_id, body_sha256])?
+        .map(|row| StoredEvent::parse(row.get(0)?))
+        .transpose()
+}
+
+pub(super) fn claim(
+    tx: &mut dyn Db,
+    job_id: &str,
+    rerun: u32,
+    digest: &str,
+    worker_id: &str,
+    rollout_id: Option<&str>,
+) -> Result<Claimed, AuditError> {
+    // The rollout may have been paused, halted or cancelled since the job was admitted: check
+    // again, in the transaction that would mark its first Modify.
+    if let Some(state) = rollout_id
+        .map(|id| rollouts::state(tx, id))
+        .transpose()?
+        .flatten()
+        .filter(|state| matches!(state, State::Paused | State::Halted | State::Cancelled))
+    {
+        return Ok(Claimed::RolloutStopped(state));
+    }
+    let inserted = tx.execute(
+        "INSERT INTO in_flight (job_id, rerun, job_digest, first_sent_at, worker_id, rollout_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
+        args![
+            job_id,
+            rerun,
+            digest,
+            timestamp(Utc::now()),
+            worker_id,
+            rollout_id
+        ],
+    )?;
+    if let Some(rollout_id) = rollout_id
+        && inserted == 1
+    {
+        rollouts::started(tx, rollout_id, worker_id)?;
+    }
+    Ok(Claimed::Marked(seen(
+        &tx.query_one(FIND_MARKER, args![job_id, rerun])?,
+    )?))
+}
+
+pub(super) fn park(tx: &mut dyn Db, job: &ParkedJob) -> Result<(), AuditError> {
+    tx.execute(
+        "INSERT INTO parked (job_id, rerun, job_digest, rollout_id, scope, reason, body,
+             message_id, correlation_id, reply_to, content_type, parked_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+         ON CONFLICT (job_id, rerun) DO UPDATE SET generation = parked.generation + 1,
+             scope = excluded.scope, reason = excluded.reason",
+        args![
+            job.job_id,
+            job.rerun,
+            job.job_digest,
+            job.rollout_id,
+            job.scope,
+            job.reason,
+            job.body,
+            job.message_id,
+            job.correlation_id,
+            job.reply_to,
+            job.content_type,
+            timestamp(job.parked_at),
+        ],
+    )?;
+    Ok(())
+}
+
+pub(super) fn unpark(tx: &mut dyn Db, ids: &[(i64, i64)]) -> Result<(), AuditError> {
+    for (id, generation) in ids {
+        tx.execute(
+            "DELETE FROM parked WHERE id = ?1 AND generation = ?2",
+            args![id, generation],
+        )?;
+    }
+    Ok(())
+}
+
+pub(super) fn parked_scopes(db: &mut dyn Db) -> Result<Vec<(String, u64)>, AuditError> {
+    db.query(
+        "SELECT scope, COUNT(*) FROM parked GROUP BY scope ORDER BY scope",
+        &[],
+    )?
+    .iter()
+    .map(|row| Ok((row.get(0)?, row.get(1)?)))
+    .collect()
+}
+
+pub(super) fn parked(
+    db: &mut dyn Db,
+    scope: &str,
+    limit: u32,
+) -> Result<Vec<ParkedJob>, AuditError> {
+    db.query(
+        "SELECT id, job_id, rerun, job_digest, rollout_id, scope, reason, body, message_id,
+                correlation_id, reply_to, content_type, parked_at, generation
+         FROM parked WHERE scope = ?1 ORDER BY id LIMIT ?2",
+        args![scope, limit],
+    )?
+    .iter()
+    .map(|row| {
+        let parked_at: String = row.get(12)?;
+        Ok(ParkedJob {
+            id: row.get(0)?,
+            job_id: row.get(1)?,
+            rerun: row.get(2)?,
+            job_digest: row.get(3)?,
+            rollout_id: row.get(4)?,
+            scope: row.get(5)?,
+            reason: row.get(6)?,
+            body: row.get(7)?,
+            message_id: row.get(8)?,
+            correlation_id: row.get(9)?,
+            reply_to: row.get(10)?,
+            content_type: row.get(11)?,
+            parked_at: chrono::DateTime::parse_from_rfc3339(&parked_at)
+                .map(|at| at.to_utc())
+                .unwrap_or_else(|_| Utc::now()),
+            generation: row.get(13)?,
+        })
+    })
+    .collect()
+}
+
+pub(super) fn insert(tx: &mut dyn Db, record: &FinalRecord) -> Result<Committed, AuditError> {
+    let stored = StoredEvent::new(record.event.clone());
+    let event = &stored.event;
+    let data = &event.data;
+    let inserted = tx.execute(
+        "INSERT INTO toggles (job_id, rollout_id, ticket, region, project_id, instance_id,
+             requested_status, kms_key_id, requested_by, outcome, resulting_status, http_status,
+             error_code, error_msg, request_id, attempts, received_at, finished_at, duration_ms,
+             event_id, event_json, body_sha256, worker_id, rerun, job_digest)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
+                 ?19, ?20, ?21, ?22, ?23, ?24, ?25)
+         ON CONFLICT DO NOTHING",
+        args![
+            data.job_id,
+            data.rollout_id,
+            data.ticket,
+            data.region,
+            data.project_id,
+            data.instance_id,
+            data.requested_status,
+            record.kms_key_id,
+            record.requested_by,
+            data.outcome.as_str(),
+            data.resulting_status,
+            data.http_status,
+            data.error_code,
+            data.error_msg,
+            data.request_id,
+            data.attempts,
+            timestamp(record.received_at),
+            timestamp(record.finished_at),
+            data.duration_ms,
+            event.id,
+            stored.json,
+            record.body_sha256,
+            record.worker_id,
+            data.rerun,
+            record.job_digest,
+        ],
+    )?;
+    // The marker goes either way: this delivery finished the job, or another did first.
+    tx.execute(
+        "DELETE FROM in_flight WHERE job_id = ?1 AND rerun = ?2",
+        args![data.job_id, data.rerun],
+    )?;
+    if inserted == 0 {
+        return Ok(Committed {
+            recorded: Recorded::Existing(existing(tx, record)?),
+            release: None,
+        });
+    }
+    for (number, attempt) in record.attempts.iter().enumerate() {
+        tx.execute(
+            "INSERT INTO attempts (event_id, job_id, number, call, started_at, latency_ms,
+                 http_status, error_code, error_msg, request_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            args![
+                event.id,
+                data.job_id,
+                number + 1,
+                attempt.call,
+                timestamp(attempt.started_at),
+                attempt.latency_ms,
+                attempt.http_status,
+                attempt.error_code,
+                attempt.error_msg,
+                attempt.request_id,
+            ],
+        )?;
+    }
+    let release = rollouts::count_final(tx, record)?;
+    Ok(Committed {
+        recorded: Recorded::New(stored),
+        release,
+    })
+}
+
+/// The row that made an insert of `record` a no-op: the key's final record, or the rejection
+/// of the same bytes.
+fn existing(tx: &mut dyn Db, record: &FinalRecord) -> Result<StoredEvent, AuditError> {
+    let data = &record.event.data;
+    let found = if record.job_digest.is_some() {
+        tx.query_opt(FIND_FINAL, args![data.job_id, data.rerun])?
+            .map(|row| StoredEvent::parse(row.get(0)?))
+            .transpose()?
+    } else {
+        find_rejection(tx, &data.job_id, &record.body_sha256)?
+    };
+    found.ok_or(AuditError::Conflict)
+}
+
+/// Finished jobs per outcome (for summaries).
+pub(super) fn outcome_counts(db: &mut dyn Db) -> Result<Vec<(String, i64)>, AuditError> {
+    db.query(
+        "SELECT outcome, COUNT(*) FROM toggles GROUP BY outcome ORDER BY outcome",
+        &[],
+    )?
+    .iter()
+    .map(|row| Ok((row.get(0)?, row.get(1)?)))
+    .collect()
+}

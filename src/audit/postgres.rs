@@ -1,0 +1,375 @@
+//! The PostgreSQL store: one database for any number of workers on any hosts.
+//!
+//! The client is the `postgres` crate, the blocking face of `tokio-postgres`: the writer thread
+//! ([`super::writer`]) is a plain thread that owns its connection, exactly as it owns SQLite's,
+//! so the store's logic is one body of code for both. Every write transaction first takes one
+//! transaction-scoped advisory lock: writes of the whole fleet run one at a time, as they do on
+//! a SQLite file, so a read-then-write inside a transaction (a rollout's counts, a claim) sees
+//! no other writer between its read and its write. Group commit keeps that cheap: a worker's
+//! waiting writes share one transaction.
+//!
+//! A dropped connection is opened again on the next command (at most once a second); the
+//! commands in between fail, and the pipeline holds their jobs until the store answers.
+
+use std::collections::HashMap;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use postgres::types::{IsNull, ToSql, Type};
+use postgres::{Client, GenericClient, NoTls, Statement};
+
+use super::db::{Db, Dialect, Row, Value, numbered_dollars};
+use super::writer::{self, Backend};
+use super::{AuditError, Command};
+
+/// Versioned schema files, the same versions as SQLite's, the same in meaning.
+pub(super) const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "0001_init",
+        include_str!("../../migrations/postgres/0001_init.sql"),
+    ),
+    (
+        "0002_toggles_by_job",
+        include_str!("../../migrations/postgres/0002_toggles_by_job.sql"),
+    ),
+    (
+        "0003_job_keys_and_parking",
+        include_str!("../../migrations/postgres/0003_job_keys_and_parking.sql"),
+    ),
+    (
+        "0004_rollouts",
+        include_str!("../../migrations/postgres/0004_rollouts.sql"),
+    ),
+    (
+        "0005_heartbeat",
+        include_str!("../../migrations/postgres/0005_heartbeat.sql"),
+    ),
+];
+
+/// The advisory lock every write transaction takes (any constant; "keyturn" in ASCII).
+const WRITE_LOCK: i64 = 0x6b65_7974_7572_6e;
+/// The advisory lock migrations run under, so workers starting together migrate once.
+const MIGRATE_LOCK: i64 = WRITE_LOCK + 1;
+/// How long a connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// After a failed connection attempt, commands fail at once for this long.
+const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
+
+/// Connects, migrates and starts the writer thread. The connection is made on that thread: the
+/// blocking client runs a runtime of its own, which cannot start inside the worker's.
+pub(super) fn start(url: &str) -> Result<mpsc::Sender<Command>, AuditError> {
+    let url = url.to_owned();
+    let (ready, opened) = mpsc::channel();
+    let commands = writer::spawn_with("keyturn-store", move || {
+        let opened = Postgres::connect(&url).and_then(|mut backend| {
+            let client = backend.client()?;
+            migrate(client)?;
+            Ok(backend)
+        });
+        match opened {
+            Ok(backend) => {
+                let _ = ready.send(Ok(()));
+                Some(backend)
+            }
+            Err(error) => {
+                let _ = ready.send(Err(error));
+                None
+            }
+        }
+    });
+    opened
+        .recv()
+        .map_err(|_| AuditError::Closed)?
+        .map(|()| commands)
+}
+
+/// Opens a connection for the audit queries (on the caller's thread, which must not run an
+/// async runtime).
+pub(super) fn connect_reader(url: &str) -> Result<Postgres, AuditError> {
+    let mut backend = Postgres::connect(url)?;
+    let applied = applied_versions(backend.client()?)?;
+    super::refuse_unknown_versions(&applied, MIGRATIONS)?;
+    Ok(backend)
+}
+
+fn applied_versions(client: &mut Client) -> Result<Vec<String>, AuditError> {
+    let exists: bool = client
+        .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
+        .map_err(error)?
+        .get(0);
+    if !exists {
+        return Ok(Vec::new());
+    }
+    Ok(client
+        .query("SELECT version FROM schema_migrations", &[])
+        .map_err(error)?
+        .iter()
+        .map(|row| row.get(0))
+        .collect())
+}
+
+/// Applies pending migrations, each in its own transaction, under a session advisory lock.
+fn migrate(client: &mut Client) -> Result<(), AuditError> {
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATE_LOCK])
+        .map_err(error)?;
+    let result = (|| {
+        client
+            .batch_execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (version TEXT PRIMARY KEY, applied_at TEXT NOT NULL)",
+            )
+            .map_err(error)?;
+        let applied = applied_versions(client)?;
+        super::refuse_unknown_versions(&applied, MIGRATIONS)?;
+        for (version, sql) in MIGRATIONS {
+            if applied.iter().any(|a| a == version) {
+                continue;
+            }
+            let mut tx = client.transaction().map_err(error)?;
+            tx.batch_execute(sql).map_err(error)?;
+            tx.execute(
+                "INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)",
+                &[version, &super::timestamp(chrono::Utc::now())],
+            )
+            .map_err(error)?;
+            tx.commit().map_err(error)?;
+        }
+        Ok(())
+    })();
+    client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATE_LOCK])
+        .map_err(error)?;
+    result
+}
+
+/// A connection to the store, opened again when it drops.
+pub(super) struct Postgres {
+    url: String,
+    client: Option<Client>,
+    statements: HashMap<String, Statement>,
+    failed_at: Option<(Instant, String)>,
+}
+
+impl Postgres {
+    fn connect(url: &str) -> Result<Postgres, AuditError> {
+        let mut backend = Postgres {
+            url: url.to_owned(),
+            client: None,
+            statements: HashMap::new(),
+            failed_at: None,
+        };
+        backend.client()?;
+        Ok(backend)
+    }
+
+    /// The open connection, or a new one.
+    fn client(&mut self) -> Result<&mut Client, AuditError> {
+        if self.client.as_ref().is_some_and(Client::is_closed) {
+            self.client = None;
+        }
+        if self.client.is_none() {
+            if let Some((at, problem)) = &self.failed_at
+                && at.elapsed() < RECONNECT_PAUSE
+            {
+                return Err(AuditError::Postgres(problem.clone()));
+            }
+            let mut config: postgres::Config = self
+                .url
+                .parse()
+                .map_err(|_| AuditError::Postgres(NOT_A_POSTGRES_URL.into()))?;
+            config.connect_timeout(CONNECT_TIMEOUT);
+            config.application_name("keyturn");
+            match config.connect(NoTls) {
+                Ok(client) => {
+                    self.client = Some(client);
+                    self.statements.clear();
+                    self.failed_at = None;
+                }
+                Err(failure) => {
+                    let problem = describe(&failure);
+                    self.failed_at = Some((Instant::now(), problem.clone()));
+                    return Err(AuditError::Postgres(problem));
+                }
+            }
+        }
+        Ok(self.client.as_mut().expect("connected above"))
+    }
+}
+
+/// The words for a `store.url` that does not parse: never the text itself, which may hold a
+/// password.
+pub const NOT_A_POSTGRES_URL: &str =
+    "is not a PostgreSQL URL (postgres://user:password@host:port/database)";
+
+impl Backend for Postgres {
+    fn write<T>(
+        &mut self,
+        work: impl FnOnce(&mut dyn Db) -> Result<T, AuditError>,
+    ) -> Result<T, AuditError> {
+        self.client()?;
+        let client = self.client.as_mut().expect("connected");
+        let mut tx = client.transaction().map_err(error)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])
+            .map_err(error)?;
+        let result = work(&mut Pg {
+            client: &mut tx,
+            statements: &mut self.statements,
+        })?;
+        tx.commit().map_err(error)?;
+        Ok(result)
+    }
+
+    fn read<T>(
+        &mut self,
+        work: impl FnOnce(&mut dyn Db) -> Result<T, AuditError>,
+    ) -> Result<T, AuditError> {
+        self.client()?;
+        let client = self.client.as_mut().expect("connected");
+        work(&mut Pg {
+            client,
+            statements: &mut self.statements,
+        })
+    }
+}
+
+impl Postgres {
+    /// Runs `work` against the connection (for the audit queries).
+    pub(super) fn with<T>(
+        &mut self,
+        work: impl FnOnce(&mut dyn Db) -> Result<T, AuditError>,
+    ) -> Result<T, AuditError> {
+        self.read(work)
+    }
+}
+
+/// A connection or transaction as a [`Db`], with statements prepared once per connection.
+struct Pg<'a, C: GenericClient> {
+    client: &'a mut C,
+    statements: &'a mut HashMap<String, Statement>,
+}
+
+impl<C: GenericClient> Pg<'_, C> {
+    fn statement(&mut self, sql: &str) -> Result<Statement, AuditError> {
+        if let Some(statement) = self.statements.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = self
+            .client
+            .prepare(&numbered_dollars(sql))
+            .map_err(error)?;
+        self.statements.insert(sql.to_owned(), statement.clone());
+        Ok(statement)
+    }
+}
+
+fn bound(args: &[Value]) -> Vec<&(dyn ToSql + Sync)> {
+    args.iter().map(|arg| arg as &(dyn ToSql + Sync)).collect()
+}
+
+impl<C: GenericClient> Db for Pg<'_, C> {
+    fn dialect(&self) -> Dialect {
+        Dialect::Postgres
+    }
+
+    fn execute(&mut self, sql: &str, args: &[Value]) -> Result<u64, AuditError> {
+        let statement = self.statement(sql)?;
+        self.client
+            .execute(&statement, &bound(args))
+            .map_err(error)
+    }
+
+    fn query(&mut self, sql: &str, args: &[Value]) -> Result<Vec<Row>, AuditError> {
+        let statement = self.statement(sql)?;
+        let rows = self
+            .client
+            .query(&statement, &bound(args))
+            .map_err(error)?;
+        rows.iter()
+            .map(|row| {
+                (0..row.len())
+                    .map(|index| row.try_get::<_, Value>(index).map_err(error))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map(Row)
+            })
+            .collect()
+    }
+}
+
+/// The server's own words for a failed statement, or the client's for a failed connection;
+/// neither includes the URL.
+fn describe(failure: &postgres::Error) -> String {
+    match failure.as_db_error() {
+        Some(db) => format!("{}: {} ({})", db.severity(), db.message(), db.code().code()),
+        None => failure.to_string(),
+    }
+}
+
+fn error(failure: postgres::Error) -> AuditError {
+    AuditError::Postgres(describe(&failure))
+}
+
+impl ToSql for Value {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match self {
+            Value::Null => Ok(IsNull::Yes),
+            Value::Int(n) => match *ty {
+                Type::INT8 => n.to_sql(ty, out),
+                Type::INT4 => i32::try_from(*n)?.to_sql(ty, out),
+                Type::INT2 => i16::try_from(*n)?.to_sql(ty, out),
+                Type::BOOL => (*n != 0).to_sql(ty, out),
+                Type::FLOAT8 => (*n as f64).to_sql(ty, out),
+                Type::TEXT | Type::VARCHAR => n.to_string().to_sql(ty, out),
+                _ => Err(format!("an integer cannot be bound as {ty}").into()),
+            },
+            Value::Real(x) => match *ty {
+                Type::FLOAT8 => x.to_sql(ty, out),
+                Type::FLOAT4 => (*x as f32).to_sql(ty, out),
+                _ => Err(format!("a real cannot be bound as {ty}").into()),
+            },
+            // PostgreSQL text cannot hold NUL, which SQLite keeps: it is stored as U+FFFD
+            // rather than failing the record (the event JSON escapes it and keeps it).
+            Value::Text(text) if text.contains('\0') => text.replace('\0', "\u{fffd}").to_sql(ty, out),
+            Value::Text(text) => text.as_str().to_sql(ty, out),
+            Value::Blob(bytes) => bytes.as_slice().to_sql(ty, out),
+        }
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+
+    postgres::types::to_sql_checked!();
+}
+
+impl<'a> postgres::types::FromSql<'a> for Value {
+    fn from_sql(
+        ty: &Type,
+        raw: &'a [u8],
+    ) -> Result<Value, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(match *ty {
+            Type::INT8 => Value::Int(i64::from_sql(ty, raw)?),
+            Type::INT4 => Value::Int(i32::from_sql(ty, raw)?.into()),
+            Type::INT2 => Value::Int(i16::from_sql(ty, raw)?.into()),
+            Type::BOOL => Value::Int(bool::from_sql(ty, raw)?.into()),
+            Type::FLOAT8 => Value::Real(f64::from_sql(ty, raw)?),
+            Type::FLOAT4 => Value::Real(f32::from_sql(ty, raw)?.into()),
+            Type::BYTEA => Value::Blob(raw.to_vec()),
+            Type::TEXT | Type::VARCHAR | Type::NAME | Type::BPCHAR => {
+                Value::Text(String::from_sql(ty, raw)?)
+            }
+            _ => return Err(format!("a column of type {ty} is not read by keyturn").into()),
+        })
+    }
+
+    fn from_sql_null(_: &Type) -> Result<Value, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(Value::Null)
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+}
