@@ -42,6 +42,7 @@ pub struct Settings {
     pub circuit: CircuitSettings,
     pub rollouts: RolloutSettings,
     pub audit: AuditSettings,
+    pub store: StoreSettings,
     pub log: LogSettings,
     pub ops: OpsSettings,
     pub trace: TraceSettings,
@@ -203,6 +204,47 @@ pub struct AuditSettings {
     pub busy_timeout: Duration,
     /// SQLite `synchronous`: `full` (default, every commit reaches the disk) or `normal`.
     pub synchronous: String,
+}
+
+/// Where job state and the audit live (contract §8).
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSettings {
+    /// `postgres://user:password@host:port/database`: the PostgreSQL store, shared by every
+    /// worker of the deployment; empty: the SQLite file at `audit.path` (one host).
+    pub url: String,
+    /// How long a worker's claim on a job and its instance lasts unless renewed; a worker that
+    /// dies holds them this long at most.
+    #[serde(with = "duration_text")]
+    pub lease: Duration,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        StoreSettings {
+            url: String::new(),
+            lease: Duration::from_secs(15),
+        }
+    }
+}
+
+impl std::fmt::Debug for StoreSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreSettings")
+            .field("url", &self.location_words())
+            .field("lease", &self.lease)
+            .finish()
+    }
+}
+
+impl StoreSettings {
+    fn location_words(&self) -> String {
+        if self.url.is_empty() {
+            String::new()
+        } else {
+            crate::audit::Location::Postgres(self.url.clone()).describe()
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -560,6 +602,7 @@ impl Settings {
         if self.audit.path.as_os_str().is_empty() {
             return Err(config_error("audit.path", "is empty"));
         }
+        self.validate_store()?;
         self.ops.address()?;
         self.trace.validate()?;
         match self.log.format.as_str() {
@@ -567,6 +610,33 @@ impl Settings {
             _ => return Err(config_error("log.format", "must be text or json")),
         }
         validate_log_level(&self.log.level)
+    }
+
+    fn validate_store(&self) -> Result<(), ConfigError> {
+        let url = &self.store.url;
+        let postgres = url.starts_with("postgres://") || url.starts_with("postgresql://");
+        if !url.is_empty() && (!postgres || url.parse::<postgres::Config>().is_err()) {
+            return Err(config_error(
+                "store.url",
+                crate::audit::postgres::NOT_A_POSTGRES_URL,
+            ));
+        }
+        if self.store.lease < Duration::from_secs(2) || self.store.lease > 10 * MINUTE {
+            return Err(config_error(
+                "store.lease",
+                "must be between 2s and 10m: renewed every third of it, a dead worker's jobs wait it out",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Where the store is: `store.url` when set, else the SQLite file at `audit.path`.
+    pub fn store_location(&self) -> crate::audit::Location {
+        if self.store.url.is_empty() {
+            crate::audit::Location::Sqlite(self.audit.path.clone())
+        } else {
+            crate::audit::Location::Postgres(self.store.url.clone())
+        }
     }
 
     fn validate_api(&self) -> Result<(), ConfigError> {

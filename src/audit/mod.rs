@@ -92,6 +92,8 @@ pub enum AuditError {
     Postgres(String),
     #[error("store: {0}")]
     Store(String),
+    #[error("store (PostgreSQL) cannot be reached: {0}")]
+    Unreachable(String),
     #[error(
         "the store's schema has version {found}, which this keyturn does not know (it knows up to {known}): a newer keyturn migrated it; run that version"
     )]

@@ -147,7 +147,26 @@ pub(super) struct Postgres {
     url: String,
     client: Option<Client>,
     statements: HashMap<String, Statement>,
-    failed_at: Option<(Instant, String)>,
+    /// When the last connection attempt failed, and how.
+    failed_at: Option<(Instant, Failure)>,
+}
+
+/// Why a connection could not be made.
+#[derive(Clone)]
+enum Failure {
+    /// No answer (refused, timed out, name unknown): the server may come back.
+    Unreachable(String),
+    /// The server answered no (a password, a database that does not exist).
+    Refused(String),
+}
+
+impl Failure {
+    fn error(&self) -> AuditError {
+        match self {
+            Failure::Unreachable(problem) => AuditError::Unreachable(problem.clone()),
+            Failure::Refused(problem) => AuditError::Postgres(problem.clone()),
+        }
+    }
 }
 
 impl Postgres {
@@ -168,10 +187,10 @@ impl Postgres {
             self.client = None;
         }
         if self.client.is_none() {
-            if let Some((at, problem)) = &self.failed_at
+            if let Some((at, failure)) = &self.failed_at
                 && at.elapsed() < RECONNECT_PAUSE
             {
-                return Err(AuditError::Postgres(problem.clone()));
+                return Err(failure.error());
             }
             let mut config: postgres::Config = self
                 .url
@@ -185,10 +204,16 @@ impl Postgres {
                     self.statements.clear();
                     self.failed_at = None;
                 }
-                Err(failure) => {
-                    let problem = describe(&failure);
-                    self.failed_at = Some((Instant::now(), problem.clone()));
-                    return Err(AuditError::Postgres(problem));
+                Err(error) => {
+                    let problem = describe(&error);
+                    let failure = if error.as_db_error().is_some() {
+                        Failure::Refused(problem)
+                    } else {
+                        Failure::Unreachable(problem)
+                    };
+                    let error = failure.error();
+                    self.failed_at = Some((Instant::now(), failure));
+                    return Err(error);
                 }
             }
         }

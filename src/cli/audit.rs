@@ -18,6 +18,7 @@ use anyhow::Context;
 use chrono::{DateTime, Utc};
 use clap::{Args, Subcommand, ValueEnum};
 
+use crate::audit::Location;
 use crate::audit::query::{Filter, Reader, TOGGLE_COLUMNS, ToggleRow};
 use crate::audit::timestamp;
 use crate::config::{ConfigError, Settings};
@@ -136,28 +137,37 @@ pub fn run(settings: &Settings, args: AuditArgs) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::from(2));
     }
-    let path = store_path(settings, args.db.as_deref())?;
-    let mut out = std::io::stdout().lock();
-    match args.action {
-        None => query(&path, args.query, &mut out),
-        Some(Action::Attempts { job, rerun, format }) => {
-            attempts(&path, &job, rerun, format, &mut out)
-        }
-        Some(Action::Verify) => verify(&path, &mut out),
-        Some(Action::Report(report)) => report::run(&path, report),
-    }
+    let location = store_location(settings, args.db.as_deref())?;
+    // The PostgreSQL client blocks on a runtime of its own, which cannot run inside this one.
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let mut out = std::io::stdout().lock();
+                match args.action {
+                    None => query(&location, args.query, &mut out),
+                    Some(Action::Attempts { job, rerun, format }) => {
+                        attempts(&location, &job, rerun, format, &mut out)
+                    }
+                    Some(Action::Verify) => verify(&location, &mut out),
+                    Some(Action::Report(report)) => report::run(&location, report),
+                }
+            })
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
 }
 
-/// The audit file to read: `--db`, else `audit.path`; one that does not exist is a
-/// configuration error naming the key (reading never creates a store).
-fn store_path(settings: &Settings, db: Option<&Path>) -> Result<PathBuf, ConfigError> {
+/// The store to read: `--db` (a SQLite file), else `store.url`, else `audit.path`; a file that
+/// does not exist is a configuration error naming the key (reading never creates a store).
+fn store_location(settings: &Settings, db: Option<&Path>) -> Result<Location, ConfigError> {
     let (key, path) = match db {
         Some(path) => ("--db", path),
+        None if !settings.store.url.is_empty() => return Ok(settings.store_location()),
         None => ("audit.path", settings.audit.path.as_path()),
     };
     let path = super::absolute(path);
     if path.is_file() {
-        Ok(path)
+        Ok(Location::Sqlite(path))
     } else {
         Err(ConfigError {
             key: key.into(),
@@ -166,11 +176,11 @@ fn store_path(settings: &Settings, db: Option<&Path>) -> Result<PathBuf, ConfigE
     }
 }
 
-fn open(path: &Path) -> anyhow::Result<Reader> {
-    Reader::open(path).with_context(|| format!("reading {}", path.display()))
+pub(crate) fn open(location: &Location) -> anyhow::Result<Reader> {
+    Reader::open_at(location, false).with_context(|| format!("reading {}", location.describe()))
 }
 
-fn query(path: &Path, args: QueryArgs, out: &mut impl Write) -> anyhow::Result<ExitCode> {
+fn query(location: &Location, args: QueryArgs, out: &mut impl Write) -> anyhow::Result<ExitCode> {
     let filter = Filter {
         rollout_id: args.rollout,
         instance_id: args.instance,
@@ -181,7 +191,7 @@ fn query(path: &Path, args: QueryArgs, out: &mut impl Write) -> anyhow::Result<E
         until: args.until.map(timestamp),
         limit: args.limit,
     };
-    let rows = open(path)?.toggles(&filter)?;
+    let rows = open(location)?.toggles(&filter)?;
     match args.format.unwrap_or(Format::Table) {
         Format::Table => write!(out, "{}", table::toggles(&rows))?,
         Format::Json => json_lines(&rows, out)?,
@@ -191,13 +201,13 @@ fn query(path: &Path, args: QueryArgs, out: &mut impl Write) -> anyhow::Result<E
 }
 
 fn attempts(
-    path: &Path,
+    location: &Location,
     job: &str,
     rerun: Option<i64>,
     format: Format,
     out: &mut impl Write,
 ) -> anyhow::Result<ExitCode> {
-    let rows = open(path)?.attempts(job, rerun)?;
+    let rows = open(location)?.attempts(job, rerun)?;
     match format {
         Format::Table => write!(out, "{}", table::attempts(&rows))?,
         Format::Json => json_lines(&rows, out)?,
@@ -226,9 +236,9 @@ const ATTEMPT_COLUMNS: &[&str] = &[
     "event_id",
 ];
 
-fn verify(path: &Path, out: &mut impl Write) -> anyhow::Result<ExitCode> {
-    let reader = Reader::open_for_verify(path)
-        .with_context(|| format!("opening {} to verify it", path.display()))?;
+fn verify(location: &Location, out: &mut impl Write) -> anyhow::Result<ExitCode> {
+    let reader = Reader::open_at(location, true)
+        .with_context(|| format!("opening {} to verify it", location.describe()))?;
     let findings = reader.verify()?;
     for finding in &findings {
         let mark = if finding.ok { "ok" } else { "PROBLEM" };

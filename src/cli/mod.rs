@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::amqp::publisher::Publisher;
 use crate::amqp::worker::{self, RunOptions};
-use crate::audit::{AuditOptions, AuditStore};
+use crate::audit::{AuditOptions, AuditStore, Location};
 use crate::circuit::AuthMode;
 use crate::config::{ConfigError, Credentials, Settings};
 use crate::gaussdb::Client;
@@ -180,6 +180,14 @@ fn absolute(path: &std::path::Path) -> PathBuf {
 /// Opens the audit log; failing that, a [`ConfigError`] on `audit.path` with the absolute path
 /// and the cause in words (SQLite alone says only "unable to open database file").
 fn open_audit(settings: &Settings) -> Result<AuditStore, ConfigError> {
+    let options = AuditOptions {
+        busy_timeout: settings.audit.busy_timeout,
+        synchronous_full: settings.audit.synchronous == "full",
+    };
+    let location = settings.store_location();
+    if let Location::Postgres(_) = &location {
+        return open_postgres(&location, &options);
+    }
     let path = absolute(&settings.audit.path);
     let failure = |problem: String| ConfigError {
         key: "audit.path".into(),
@@ -196,14 +204,41 @@ fn open_audit(settings: &Settings) -> Result<AuditStore, ConfigError> {
             parent.display()
         )));
     }
-    let options = AuditOptions {
-        busy_timeout: settings.audit.busy_timeout,
-        synchronous_full: settings.audit.synchronous == "full",
-    };
     AuditStore::open(&path, &options).map_err(|error| match error {
         crate::audit::AuditError::Open { source, .. } => failure(source.to_string()),
         other => failure(other.to_string()),
     })
+}
+
+/// Opens the PostgreSQL store. A server that does not answer yet is waited for (one WARN line
+/// per attempt: nothing is consumed meanwhile, so nothing waits on it); one that refuses (a
+/// password, a missing database, a schema newer than this build) is a configuration error on
+/// `store.url`.
+fn open_postgres(location: &Location, options: &AuditOptions) -> Result<AuditStore, ConfigError> {
+    let mut attempt = 0u32;
+    loop {
+        match AuditStore::open_at(location, options) {
+            Ok(store) => return Ok(store),
+            Err(crate::audit::AuditError::Unreachable(problem)) => {
+                attempt += 1;
+                let wait = Duration::from_secs(u64::from(attempt.min(5)));
+                tracing::warn!(
+                    store = %location.describe(),
+                    %problem,
+                    attempt,
+                    retry_in = ?wait,
+                    "the store does not answer yet; retrying"
+                );
+                std::thread::sleep(wait);
+            }
+            Err(error) => {
+                return Err(ConfigError {
+                    key: "store.url".into(),
+                    problem: format!("cannot open the store ({}): {error}", location.describe()),
+                });
+            }
+        }
+    }
 }
 
 /// Builds the pipeline the worker and the demo share.
@@ -296,7 +331,10 @@ fn log_start(settings: &Settings, source: &str, worker_id: &str) {
         per_project_per_second = limits.per_project_per_second,
         worker_id,
         broker = %crate::amqp::redacted_nodes(&settings.amqp),
-        audit = %absolute(&settings.audit.path).display(),
+        store = %match settings.store_location() {
+            Location::Sqlite(path) => absolute(&path).display().to_string(),
+            postgres => postgres.describe(),
+        },
         "keyturn worker starting"
     );
 }

@@ -14,7 +14,8 @@ use anyhow::Context;
 use clap::Args;
 use serde::Serialize;
 
-use crate::audit::query::{Filter, Reader, RolloutRow, ToggleRow};
+use crate::audit::Location;
+use crate::audit::query::{Filter, RolloutRow, ToggleRow};
 
 #[derive(Args, Debug)]
 pub struct ReportArgs {
@@ -92,17 +93,17 @@ struct RunOutcome {
     finished_at: String,
 }
 
-pub fn run(path: &Path, args: ReportArgs) -> anyhow::Result<ExitCode> {
+pub fn run(location: &Location, args: ReportArgs) -> anyhow::Result<ExitCode> {
     if args.html.is_none() && args.csv.is_none() && args.json.is_none() {
         eprintln!("keyturn: audit report: give at least one of --html, --csv, --json");
         return Ok(ExitCode::from(2));
     }
-    let reader = Reader::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let reader = super::open(location)?;
     let Some(rollout) = reader.rollout(&args.rollout)? else {
         eprintln!(
             "keyturn: no rollout {:?} in {}",
             args.rollout,
-            path.display()
+            location.describe()
         );
         return Ok(ExitCode::FAILURE);
     };
