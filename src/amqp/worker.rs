@@ -91,6 +91,8 @@ pub async fn run(
     if let Some(task) = housekeeping {
         let _ = task.await;
     }
+    // The leases of jobs handed back or abandoned: another worker need not wait them out.
+    pipeline.leases.renew(&pipeline.audit).await;
     Ok(())
 }
 
@@ -136,6 +138,7 @@ fn housekeeping(pipeline: &Arc<Pipeline>) -> tokio::task::JoinHandle<()> {
             () = pipeline.keep_releasing(HOUSEKEEPING, stopping.clone()) => {}
             () = pipeline.keep_publishing_rollout_events() => {}
             () = pipeline.keep_health() => {}
+            () = pipeline.keep_renewing_leases() => {}
             () = pruning => {}
             () = stopping.cancelled() => {}
         }

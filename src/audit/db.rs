@@ -37,6 +37,20 @@ pub trait Db {
         self.query_opt(sql, args)?
             .ok_or_else(|| AuditError::Store("a query that returns one row returned none".into()))
     }
+
+    /// The store's clock, in milliseconds since the epoch: leases are compared by one clock,
+    /// the database server's, whichever host a worker runs on.
+    fn now_ms(&mut self) -> Result<i64, AuditError> {
+        match self.dialect() {
+            Dialect::Sqlite => Ok(chrono::Utc::now().timestamp_millis()),
+            Dialect::Postgres => self
+                .query_one(
+                    "SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)",
+                    &[],
+                )?
+                .get(0),
+        }
+    }
 }
 
 /// One row of a result.
@@ -48,7 +62,9 @@ impl Row {
     pub fn get<T: FromValue>(&self, index: usize) -> Result<T, AuditError> {
         let value = self.0.get(index).unwrap_or(&Value::Null);
         T::from_value(value).ok_or_else(|| {
-            AuditError::Store(format!("column {index} holds {value:?}, not the expected type"))
+            AuditError::Store(format!(
+                "column {index} holds {value:?}, not the expected type"
+            ))
         })
     }
 }

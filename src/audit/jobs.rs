@@ -5,8 +5,8 @@ use chrono::Utc;
 
 use super::db::{Db, Row, args};
 use super::{
-    AuditError, Claimed, Committed, Earlier, FinalRecord, ParkedJob, Recorded, Seen, StoredEvent,
-    rollouts, timestamp,
+    AuditError, ClaimRequest, Claimed, Committed, Earlier, FinalRecord, ParkedJob, Recorded, Seen,
+    StoredEvent, rollouts, timestamp,
 };
 use crate::rollout::State;
 
@@ -74,27 +74,79 @@ fn find_rejection(
         .transpose()
 }
 
-pub(super) fn claim(
-    tx: &mut dyn Db,
-    job_id: &str,
-    rerun: u32,
-    digest: &str,
-    worker_id: &str,
-    rollout_id: Option<&str>,
-) -> Result<Claimed, AuditError> {
+pub(super) fn claim(tx: &mut dyn Db, request: &ClaimRequest) -> Result<Claimed, AuditError> {
+    let ClaimRequest {
+        job_id,
+        rerun,
+        digest,
+        worker_id,
+        owner,
+        rollout_id,
+        instance,
+        mark,
+        lease,
+    } = request;
+    let rerun = *rerun;
+    if let Some(row) = tx.query_opt(FIND_FINAL, args![job_id, rerun])? {
+        return Ok(Claimed::Finished(Box::new(StoredEvent::parse(
+            row.get(0)?,
+        )?)));
+    }
+    let marker = tx
+        .query_opt(FIND_MARKER, args![job_id, rerun])?
+        .as_ref()
+        .map(seen)
+        .transpose()?;
     // The rollout may have been paused, halted or cancelled since the job was admitted: check
     // again, in the transaction that would mark its first Modify.
-    if let Some(state) = rollout_id
-        .map(|id| rollouts::state(tx, id))
-        .transpose()?
-        .flatten()
-        .filter(|state| matches!(state, State::Paused | State::Halted | State::Cancelled))
+    if *mark
+        && marker.is_none()
+        && let Some(state) = rollout_id
+            .as_deref()
+            .map(|id| rollouts::state(tx, id))
+            .transpose()?
+            .flatten()
+            .filter(|state| matches!(state, State::Paused | State::Halted | State::Cancelled))
     {
         return Ok(Claimed::RolloutStopped(state));
     }
-    let inserted = tx.execute(
+    let now = tx.now_ms()?;
+    let holders = tx.query(
+        "SELECT job_id, rerun, owner, expires_at FROM leases
+         WHERE instance = ?1 OR (job_id = ?2 AND rerun = ?3)",
+        args![instance, job_id, rerun],
+    )?;
+    for holder in &holders {
+        let (held_job, held_by, expires_at): (String, String, i64) =
+            (holder.get(0)?, holder.get(2)?, holder.get(3)?);
+        // This process's own lease (on this job, or left by an earlier job of the instance,
+        // which this process runs one at a time) is taken over; an expired one's worker died.
+        let ours = held_by == *owner;
+        if !ours && expires_at > now {
+            return Ok(Claimed::Busy {
+                owner: held_by,
+                job_id: held_job,
+            });
+        }
+    }
+    tx.execute(
+        "DELETE FROM leases WHERE instance = ?1 OR (job_id = ?2 AND rerun = ?3)",
+        args![instance, job_id, rerun],
+    )?;
+    tx.execute(
+        "INSERT INTO leases (job_id, rerun, instance, owner, expires_at)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+        args![job_id, rerun, instance, owner, now + millis(*lease)],
+    )?;
+    if !*mark || marker.is_some() {
+        return Ok(Claimed::Leased {
+            marker,
+            marked_now: false,
+        });
+    }
+    tx.execute(
         "INSERT INTO in_flight (job_id, rerun, job_digest, first_sent_at, worker_id, rollout_id)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         args![
             job_id,
             rerun,
@@ -104,14 +156,46 @@ pub(super) fn claim(
             rollout_id
         ],
     )?;
-    if let Some(rollout_id) = rollout_id
-        && inserted == 1
-    {
+    if let Some(rollout_id) = rollout_id {
         rollouts::started(tx, rollout_id, worker_id)?;
     }
-    Ok(Claimed::Marked(seen(
-        &tx.query_one(FIND_MARKER, args![job_id, rerun])?,
-    )?))
+    Ok(Claimed::Leased {
+        marker: Some(seen(&tx.query_one(FIND_MARKER, args![job_id, rerun])?)?),
+        marked_now: true,
+    })
+}
+
+fn millis(duration: std::time::Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX / 2)
+}
+
+/// Renews `owner`'s leases on `active` and drops its leases on `released`; returns the active
+/// keys that no longer have a lease of `owner`'s.
+pub(super) fn renew(
+    tx: &mut dyn Db,
+    owner: &str,
+    active: &[(String, u32)],
+    released: &[(String, u32)],
+    lease: std::time::Duration,
+) -> Result<Vec<(String, u32)>, AuditError> {
+    for (job_id, rerun) in released {
+        tx.execute(
+            "DELETE FROM leases WHERE job_id = ?1 AND rerun = ?2 AND owner = ?3",
+            args![job_id, rerun, owner],
+        )?;
+    }
+    let until = tx.now_ms()? + millis(lease);
+    let mut lost = Vec::new();
+    for (job_id, rerun) in active {
+        let renewed = tx.execute(
+            "UPDATE leases SET expires_at = ?4 WHERE job_id = ?1 AND rerun = ?2 AND owner = ?3",
+            args![job_id, rerun, owner, until],
+        )?;
+        if renewed == 0 {
+            lost.push((job_id.clone(), *rerun));
+        }
+    }
+    Ok(lost)
 }
 
 pub(super) fn park(tx: &mut dyn Db, job: &ParkedJob) -> Result<(), AuditError> {
@@ -135,6 +219,14 @@ pub(super) fn park(tx: &mut dyn Db, job: &ParkedJob) -> Result<(), AuditError> {
             job.content_type,
             timestamp(job.parked_at),
         ],
+    )?;
+    drop_lease(tx, &job.job_id, job.rerun)
+}
+
+fn drop_lease(tx: &mut dyn Db, job_id: &str, rerun: u32) -> Result<(), AuditError> {
+    tx.execute(
+        "DELETE FROM leases WHERE job_id = ?1 AND rerun = ?2",
+        args![job_id, rerun],
     )?;
     Ok(())
 }
@@ -235,11 +327,15 @@ pub(super) fn insert(tx: &mut dyn Db, record: &FinalRecord) -> Result<Committed,
             record.job_digest,
         ],
     )?;
-    // The marker goes either way: this delivery finished the job, or another did first.
+    // The marker and lease go either way: this delivery finished the job, or another did.
     tx.execute(
         "DELETE FROM in_flight WHERE job_id = ?1 AND rerun = ?2",
         args![data.job_id, data.rerun],
     )?;
+    // A rejection (of a reused key, say) leaves the lease of a job that may be running.
+    if record.job_digest.is_some() {
+        drop_lease(tx, &data.job_id, data.rerun)?;
+    }
     if inserted == 0 {
         return Ok(Committed {
             recorded: Recorded::Existing(existing(tx, record)?),

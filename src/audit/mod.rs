@@ -9,6 +9,7 @@
 //! transaction (group commit, [`writer`]), so a durable commit costs one flush per batch rather
 //! than per job. The schemas come from `migrations/` and `migrations/postgres/`.
 
+mod buckets;
 pub mod db;
 mod jobs;
 pub mod postgres;
@@ -28,6 +29,7 @@ use tokio::sync::oneshot;
 use crate::events::ResultEvent;
 use crate::rollout::{Command as RolloutCommand, Reply, Rollout, Snapshot};
 
+pub use buckets::Bucket;
 pub use rollouts::Effect;
 pub use sqlite::outcome_counts;
 
@@ -303,12 +305,13 @@ enum Command {
 
 enum Write {
     Record(Box<FinalRecord>),
-    Claim {
-        job_id: String,
-        rerun: u32,
-        digest: String,
-        worker_id: String,
-        rollout_id: Option<String>,
+    Claim(Box<ClaimRequest>),
+    TakeTokens(Vec<Bucket>),
+    Renew {
+        owner: String,
+        active: Vec<(String, u32)>,
+        released: Vec<(String, u32)>,
+        lease: Duration,
     },
     Park(Box<ParkedJob>),
     Unpark(Vec<(i64, i64)>),
@@ -335,11 +338,38 @@ enum Write {
     Ping,
 }
 
-/// What a claim before a job's first Modify found.
+/// A claim on a job key before an API call for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimRequest {
+    pub job_id: String,
+    pub rerun: u32,
+    /// What the job asks for ([`crate::job::Job::digest`]).
+    pub digest: String,
+    pub worker_id: String,
+    /// The worker process asking: its worker id and a token of this run of it.
+    pub owner: String,
+    pub rollout_id: Option<String>,
+    /// `region/project/instance`: no two workers hold a lease on one instance.
+    pub instance: String,
+    /// Also write the in-flight marker: a Modify is about to go out.
+    pub mark: bool,
+    pub lease: Duration,
+}
+
+/// What a claim found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claimed {
-    /// The marker as stored (the first delivery's, if an earlier one claimed the key).
-    Marked(Seen),
+    /// The lease is this worker's until renewed or dropped. `marker` is the in-flight marker as
+    /// stored, the first delivery's if an earlier one wrote it; `marked_now` when this claim
+    /// wrote it.
+    Leased {
+        marker: Option<Seen>,
+        marked_now: bool,
+    },
+    /// Another worker holds a live lease on the job or on its instance: wait.
+    Busy { owner: String, job_id: String },
+    /// The job has its final record now (another worker finished it): replay that.
+    Finished(Box<StoredEvent>),
     /// The job's rollout stopped since the job was admitted: no marker was written.
     RolloutStopped(crate::rollout::State),
 }
@@ -347,6 +377,8 @@ pub enum Claimed {
 enum Written {
     Recorded(Box<Committed>),
     Claimed(Claimed),
+    Renewed(Vec<(String, u32)>),
+    Tokens(Option<Duration>),
     Admitted(bool),
     Applied(Box<(Reply, Effect)>),
     Events(Vec<PendingEvent>),
@@ -525,27 +557,43 @@ impl AuditStore {
         self.write(Write::Published(ids)).await.map(|_| ())
     }
 
-    /// Durably notes that a Modify of (`job_id`, `rerun`) is about to go out, unless an earlier
-    /// delivery did; returns the marker as stored, whose digest tells a conflicting body. A job
-    /// whose rollout was paused, halted or cancelled meanwhile is not marked.
-    pub async fn claim(
+    /// Claims the job key and its instance for this worker before an API call (and, with
+    /// `mark`, durably notes that a Modify is about to go out, unless an earlier delivery did).
+    /// A job whose rollout was paused, halted or cancelled meanwhile is not marked.
+    pub async fn claim(&self, request: ClaimRequest) -> Result<Claimed, AuditError> {
+        match self.write(Write::Claim(Box::new(request))).await? {
+            Written::Claimed(claimed) => Ok(claimed),
+            _ => unreachable!("a claim answers Claimed"),
+        }
+    }
+
+    /// Takes one token of each bucket for an API call, all or none; `Some(wait)`: one is short
+    /// for about `wait`.
+    pub async fn take_tokens(&self, buckets: Vec<Bucket>) -> Result<Option<Duration>, AuditError> {
+        match self.write(Write::TakeTokens(buckets)).await? {
+            Written::Tokens(wait) => Ok(wait),
+            _ => unreachable!("a take of tokens answers Tokens"),
+        }
+    }
+
+    /// Renews `owner`'s leases on `active` keys and drops those on `released` ones; returns
+    /// the active keys whose lease is gone (expired and taken, or dropped by a final record).
+    pub async fn renew_leases(
         &self,
-        job_id: &str,
-        rerun: u32,
-        digest: &str,
-        worker_id: &str,
-        rollout_id: Option<&str>,
-    ) -> Result<Claimed, AuditError> {
-        let write = Write::Claim {
-            job_id: job_id.to_owned(),
-            rerun,
-            digest: digest.to_owned(),
-            worker_id: worker_id.to_owned(),
-            rollout_id: rollout_id.map(str::to_owned),
+        owner: &str,
+        active: Vec<(String, u32)>,
+        released: Vec<(String, u32)>,
+        lease: Duration,
+    ) -> Result<Vec<(String, u32)>, AuditError> {
+        let write = Write::Renew {
+            owner: owner.to_owned(),
+            active,
+            released,
+            lease,
         };
         match self.write(write).await? {
-            Written::Claimed(seen) => Ok(seen),
-            _ => unreachable!("a claim answers Claimed"),
+            Written::Renewed(lost) => Ok(lost),
+            _ => unreachable!("a renewal answers Renewed"),
         }
     }
 
@@ -661,6 +709,8 @@ mod tests {
         a_rerun_is_a_key_of_its_own,
         a_rejection_is_found_only_by_its_own_bytes,
         a_claim_keeps_the_first_digest_and_lives_until_the_final_record,
+        a_live_lease_keeps_the_job_and_its_instance_from_other_workers,
+        an_expired_lease_is_taken_over_and_its_marker_seen,
         parked_jobs_are_kept_once_per_key_until_unparked,
         one_write_that_cannot_commit_fails_alone,
         toggles_and_attempts_refuse_update_and_delete,
@@ -780,6 +830,20 @@ mod tests {
         assert!(matches!(fixed.recorded, Recorded::New(_)));
     }
 
+    fn claim_of(job_id: &str, instance: &str, owner: &str, digest: &str) -> ClaimRequest {
+        ClaimRequest {
+            job_id: job_id.into(),
+            rerun: 0,
+            digest: digest.into(),
+            worker_id: owner.into(),
+            owner: owner.into(),
+            rollout_id: None,
+            instance: instance.into(),
+            mark: true,
+            lease: Duration::from_secs(30),
+        }
+    }
+
     async fn a_claim_keeps_the_first_digest_and_lives_until_the_final_record(audit: Store) {
         assert!(
             audit
@@ -789,12 +853,29 @@ mod tests {
                 .marker
                 .is_none()
         );
-        let first = audit.claim("J-3", 0, "job-d", "w-1", None).await.unwrap();
-        let again = audit.claim("J-3", 0, "other", "w-2", None).await.unwrap();
-        assert_eq!(first, again, "the first claim stands");
-        let Claimed::Marked(first) = first else {
-            panic!("no rollout, so marked")
+        let first = audit
+            .claim(claim_of("J-3", "r/p/i-3", "w-1", "job-d"))
+            .await
+            .unwrap();
+        let again = audit
+            .claim(claim_of("J-3", "r/p/i-3", "w-1", "other"))
+            .await
+            .unwrap();
+        let Claimed::Leased {
+            marker: Some(first),
+            marked_now: true,
+        } = first
+        else {
+            panic!("no rollout, so marked: {first:?}")
         };
+        assert_eq!(
+            again,
+            Claimed::Leased {
+                marker: Some(first.clone()),
+                marked_now: false
+            },
+            "the first marker stands"
+        );
         assert_eq!(first.digest.as_deref(), Some("job-d"));
         assert!(
             audit
@@ -816,6 +897,89 @@ mod tests {
                 .marker
                 .is_none()
         );
+        let after = audit
+            .claim(claim_of("J-3", "r/p/i-3", "w-2", "job-d"))
+            .await
+            .unwrap();
+        assert!(
+            matches!(after, Claimed::Finished(_)),
+            "a claim after the final record replays it: {after:?}"
+        );
+    }
+
+    async fn a_live_lease_keeps_the_job_and_its_instance_from_other_workers(audit: Store) {
+        let leased = audit
+            .claim(claim_of("L-1", "r/p/i-1", "w-a", "d"))
+            .await
+            .unwrap();
+        assert!(matches!(leased, Claimed::Leased { .. }), "{leased:?}");
+        for other in [
+            claim_of("L-1", "r/p/i-1", "w-b", "d"),
+            claim_of("L-2", "r/p/i-1", "w-b", "d"),
+        ] {
+            let busy = audit.claim(other).await.unwrap();
+            assert_eq!(
+                busy,
+                Claimed::Busy {
+                    owner: "w-a".into(),
+                    job_id: "L-1".into()
+                }
+            );
+        }
+        let elsewhere = audit
+            .claim(claim_of("L-3", "r/p/i-2", "w-b", "d"))
+            .await
+            .unwrap();
+        assert!(matches!(elsewhere, Claimed::Leased { .. }), "{elsewhere:?}");
+        // Renewal keeps a lease; a dropped one frees the instance at once.
+        let lost = audit
+            .renew_leases(
+                "w-a",
+                vec![("L-1".into(), 0), ("L-9".into(), 0)],
+                vec![],
+                Duration::from_secs(30),
+            )
+            .await
+            .unwrap();
+        assert_eq!(lost, vec![("L-9".to_owned(), 0)], "only held leases renew");
+        audit
+            .renew_leases(
+                "w-a",
+                vec![],
+                vec![("L-1".into(), 0)],
+                Duration::from_secs(30),
+            )
+            .await
+            .unwrap();
+        let next = audit
+            .claim(claim_of("L-2", "r/p/i-1", "w-b", "d"))
+            .await
+            .unwrap();
+        assert!(matches!(next, Claimed::Leased { .. }), "{next:?}");
+    }
+
+    async fn an_expired_lease_is_taken_over_and_its_marker_seen(audit: Store) {
+        let mut short = claim_of("E-1", "r/p/i-e", "w-dead", "d");
+        short.lease = Duration::from_millis(200);
+        audit.claim(short).await.unwrap();
+        let busy = audit
+            .claim(claim_of("E-1", "r/p/i-e", "w-next", "d"))
+            .await
+            .unwrap();
+        assert!(matches!(busy, Claimed::Busy { .. }), "{busy:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let taken = audit
+            .claim(claim_of("E-1", "r/p/i-e", "w-next", "d"))
+            .await
+            .unwrap();
+        let Claimed::Leased {
+            marker: Some(marker),
+            marked_now: false,
+        } = taken
+        else {
+            panic!("the dead worker's marker tells the next one to Describe first: {taken:?}")
+        };
+        assert_eq!(marker.digest.as_deref(), Some("d"));
     }
 
     fn parked_job(job_id: &str, scope: &str) -> ParkedJob {

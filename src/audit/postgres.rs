@@ -44,10 +44,18 @@ pub(super) const MIGRATIONS: &[(&str, &str)] = &[
         "0005_heartbeat",
         include_str!("../../migrations/postgres/0005_heartbeat.sql"),
     ),
+    (
+        "0006_leases",
+        include_str!("../../migrations/postgres/0006_leases.sql"),
+    ),
+    (
+        "0007_rate_buckets",
+        include_str!("../../migrations/postgres/0007_rate_buckets.sql"),
+    ),
 ];
 
 /// The advisory lock every write transaction takes (any constant; "keyturn" in ASCII).
-const WRITE_LOCK: i64 = 0x6b65_7974_7572_6e;
+const WRITE_LOCK: i64 = 0x006b_6579_7475_726e;
 /// The advisory lock migrations run under, so workers starting together migrate once.
 const MIGRATE_LOCK: i64 = WRITE_LOCK + 1;
 /// How long a connection attempt may take.
@@ -278,10 +286,7 @@ impl<C: GenericClient> Pg<'_, C> {
         if let Some(statement) = self.statements.get(sql) {
             return Ok(statement.clone());
         }
-        let statement = self
-            .client
-            .prepare(&numbered_dollars(sql))
-            .map_err(error)?;
+        let statement = self.client.prepare(&numbered_dollars(sql)).map_err(error)?;
         self.statements.insert(sql.to_owned(), statement.clone());
         Ok(statement)
     }
@@ -298,17 +303,12 @@ impl<C: GenericClient> Db for Pg<'_, C> {
 
     fn execute(&mut self, sql: &str, args: &[Value]) -> Result<u64, AuditError> {
         let statement = self.statement(sql)?;
-        self.client
-            .execute(&statement, &bound(args))
-            .map_err(error)
+        self.client.execute(&statement, &bound(args)).map_err(error)
     }
 
     fn query(&mut self, sql: &str, args: &[Value]) -> Result<Vec<Row>, AuditError> {
         let statement = self.statement(sql)?;
-        let rows = self
-            .client
-            .query(&statement, &bound(args))
-            .map_err(error)?;
+        let rows = self.client.query(&statement, &bound(args)).map_err(error)?;
         rows.iter()
             .map(|row| {
                 (0..row.len())
@@ -357,7 +357,9 @@ impl ToSql for Value {
             },
             // PostgreSQL text cannot hold NUL, which SQLite keeps: it is stored as U+FFFD
             // rather than failing the record (the event JSON escapes it and keeps it).
-            Value::Text(text) if text.contains('\0') => text.replace('\0', "\u{fffd}").to_sql(ty, out),
+            Value::Text(text) if text.contains('\0') => {
+                text.replace('\0', "\u{fffd}").to_sql(ty, out)
+            }
             Value::Text(text) => text.as_str().to_sql(ty, out),
             Value::Blob(bytes) => bytes.as_slice().to_sql(ty, out),
         }

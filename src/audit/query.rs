@@ -256,7 +256,10 @@ impl Reader {
         self.location.describe()
     }
 
-    fn with<T>(&self, work: impl FnOnce(&mut dyn Db) -> Result<T, AuditError>) -> Result<T, AuditError> {
+    fn with<T>(
+        &self,
+        work: impl FnOnce(&mut dyn Db) -> Result<T, AuditError>,
+    ) -> Result<T, AuditError> {
         match &mut *self.connection.borrow_mut() {
             Connected::Sqlite(connection) => work(&mut super::sqlite::Lite(connection)),
             Connected::Postgres(backend) => backend.with(work),
@@ -336,36 +339,36 @@ impl Reader {
     /// The rollout's row, if the store knows it.
     pub fn rollout(&self, rollout_id: &str) -> Result<Option<RolloutRow>, AuditError> {
         self.rows(
-                "SELECT rollout_id, declared, ticket, requested_by, expected_jobs, budget_allowed,
+            "SELECT rollout_id, declared, ticket, requested_by, expected_jobs, budget_allowed,
                         canary, canary_gate, max_per_second, state, reason, succeeded, failed,
                         rejected, cancelled, created_at, started_at, finished_at
                  FROM rollouts WHERE rollout_id = ?1",
-                args![rollout_id],
-            )?
-            .first()
-            .map(|row| {
-                    Ok(RolloutRow {
-                        rollout_id: row.get(0)?,
-                        declared: row.get(1)?,
-                        ticket: row.get(2)?,
-                        requested_by: row.get(3)?,
-                        expected_jobs: row.get(4)?,
-                        budget_allowed: row.get(5)?,
-                        canary: row.get(6)?,
-                        canary_gate: row.get(7)?,
-                        max_per_second: row.get(8)?,
-                        state: row.get(9)?,
-                        reason: row.get(10)?,
-                        succeeded: row.get(11)?,
-                        failed: row.get(12)?,
-                        rejected: row.get(13)?,
-                        cancelled: row.get(14)?,
-                        created_at: row.get(15)?,
-                        started_at: row.get(16)?,
-                        finished_at: row.get(17)?,
-                    })
+            args![rollout_id],
+        )?
+        .first()
+        .map(|row| {
+            Ok(RolloutRow {
+                rollout_id: row.get(0)?,
+                declared: row.get(1)?,
+                ticket: row.get(2)?,
+                requested_by: row.get(3)?,
+                expected_jobs: row.get(4)?,
+                budget_allowed: row.get(5)?,
+                canary: row.get(6)?,
+                canary_gate: row.get(7)?,
+                max_per_second: row.get(8)?,
+                state: row.get(9)?,
+                reason: row.get(10)?,
+                succeeded: row.get(11)?,
+                failed: row.get(12)?,
+                rejected: row.get(13)?,
+                cancelled: row.get(14)?,
+                created_at: row.get(15)?,
+                started_at: row.get(16)?,
+                finished_at: row.get(17)?,
             })
-            .transpose()
+        })
+        .transpose()
     }
 
     /// Checks the store's own rules; every finding, good and bad.

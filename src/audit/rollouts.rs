@@ -100,33 +100,34 @@ fn save(db: &mut dyn Db, row: &Row) -> Result<(), AuditError> {
              canary_failed = ?23
          WHERE rollout_id = ?1",
         args![
-        row.rollout_id,
-        row.declared,
-        row.plan_json,
-        row.ticket,
-        row.requested_by,
-        row.expected_jobs,
-        row.budget_allowed,
-        row.canary,
-        match row.canary_gate {
-            CanaryGate::Auto => "auto",
-            CanaryGate::Manual => "manual",
-        },
-        row.canary_finished,
-        row.canary_done,
-        row.max_per_second,
-        row.state.as_str(),
-        row.reason,
-        row.counts.succeeded,
-        row.counts.failed,
-        row.counts.rejected,
-        row.counts.cancelled,
-        row.updated_at,
-        row.started_at,
-        row.finished_at,
-        row.progress_at,
-        row.canary_failed,
-    ])?;
+            row.rollout_id,
+            row.declared,
+            row.plan_json,
+            row.ticket,
+            row.requested_by,
+            row.expected_jobs,
+            row.budget_allowed,
+            row.canary,
+            match row.canary_gate {
+                CanaryGate::Auto => "auto",
+                CanaryGate::Manual => "manual",
+            },
+            row.canary_finished,
+            row.canary_done,
+            row.max_per_second,
+            row.state.as_str(),
+            row.reason,
+            row.counts.succeeded,
+            row.counts.failed,
+            row.counts.rejected,
+            row.counts.cancelled,
+            row.updated_at,
+            row.started_at,
+            row.finished_at,
+            row.progress_at,
+            row.canary_failed,
+        ],
+    )?;
     Ok(())
 }
 
@@ -145,9 +146,8 @@ fn ensure(db: &mut dyn Db, rollout_id: &str) -> Result<Row, AuditError> {
 }
 
 fn snapshot(db: &mut dyn Db, row: &Row) -> Result<Snapshot, AuditError> {
-    let mut count = |sql: &str| -> Result<u64, AuditError> {
-        db.query_one(sql, args![row.rollout_id])?.get(0)
-    };
+    let mut count =
+        |sql: &str| -> Result<u64, AuditError> { db.query_one(sql, args![row.rollout_id])?.get(0) };
     let mut counts = row.counts.clone();
     counts.parked = count("SELECT COUNT(*) FROM parked WHERE rollout_id = ?1")?;
     counts.in_flight = count("SELECT COUNT(*) FROM in_flight WHERE rollout_id = ?1")?;
@@ -191,10 +191,7 @@ fn emit(db: &mut dyn Db, row: &Row, kind: &str, worker_id: &str) -> Result<(), A
 }
 
 /// The state of a rollout, if the store knows it.
-pub(super) fn state(
-    db: &mut dyn Db,
-    rollout_id: &str,
-) -> Result<Option<State>, AuditError> {
+pub(super) fn state(db: &mut dyn Db, rollout_id: &str) -> Result<Option<State>, AuditError> {
     let state: Option<String> = db
         .query_opt(
             "SELECT state FROM rollouts WHERE rollout_id = ?1",
@@ -206,10 +203,7 @@ pub(super) fn state(
 }
 
 /// What a job's admission needs to know of its rollout.
-pub(super) fn view(
-    db: &mut dyn Db,
-    rollout_id: &str,
-) -> Result<Option<RolloutView>, AuditError> {
+pub(super) fn view(db: &mut dyn Db, rollout_id: &str) -> Result<Option<RolloutView>, AuditError> {
     let Some(row) = read(db, rollout_id)? else {
         return Ok(None);
     };
@@ -339,8 +333,7 @@ pub(super) fn count_final(
     *counter(&mut row.counts, data.outcome.as_str()) += 1;
     row.updated_at = timestamp(Utc::now());
     let failure = matches!(data.outcome, Outcome::Failed | Outcome::Rejected);
-    let canary_member =
-        !rejected && canary_member(db, rollout_id, &data.job_id, data.rerun)?;
+    let canary_member = !rejected && canary_member(db, rollout_id, &data.job_id, data.rerun)?;
     if canary_member && !row.canary_done {
         row.canary_finished += 1;
         if failure {
@@ -700,10 +693,7 @@ pub(super) fn snapshots(
 }
 
 /// The jobs of `rollout_id` whose latest run failed, as their final rows describe them.
-pub(super) fn failed_jobs(
-    db: &mut dyn Db,
-    rollout_id: &str,
-) -> Result<Vec<FailedJob>, AuditError> {
+pub(super) fn failed_jobs(db: &mut dyn Db, rollout_id: &str) -> Result<Vec<FailedJob>, AuditError> {
     db.query(
         "SELECT t.job_id, t.rerun, t.rollout_id, t.ticket, t.region, t.project_id, t.instance_id,
                 t.requested_status, t.kms_key_id, t.requested_by

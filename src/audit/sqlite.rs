@@ -33,6 +33,14 @@ pub(super) const MIGRATIONS: &[(&str, &str)] = &[
         "0005_heartbeat",
         include_str!("../../migrations/0005_heartbeat.sql"),
     ),
+    (
+        "0006_leases",
+        include_str!("../../migrations/0006_leases.sql"),
+    ),
+    (
+        "0007_rate_buckets",
+        include_str!("../../migrations/0007_rate_buckets.sql"),
+    ),
 ];
 
 /// Opens the file, migrates it and starts the thread that owns it.

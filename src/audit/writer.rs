@@ -8,7 +8,7 @@ use std::sync::mpsc;
 use tokio::sync::oneshot;
 
 use super::db::{Db, args};
-use super::{AuditError, Command, Write, Written, jobs, rollouts, timestamp};
+use super::{AuditError, Command, Write, Written, buckets, jobs, rollouts, timestamp};
 
 /// Most writes committed in one transaction.
 const MAX_BATCH: usize = 256;
@@ -79,9 +79,10 @@ fn answer<B: Backend>(backend: &mut B, command: Command) {
             rollout_id,
             reply,
         } => {
-            let _ = reply.send(backend.read(|db| {
-                jobs::lookup(db, &job_id, rerun, &body_sha256, rollout_id.as_deref())
-            }));
+            let _ =
+                reply.send(backend.read(|db| {
+                    jobs::lookup(db, &job_id, rerun, &body_sha256, rollout_id.as_deref())
+                }));
         }
         Command::Snapshots { rollout_id, reply } => {
             let _ = reply.send(backend.read(|db| rollouts::snapshots(db, rollout_id.as_deref())));
@@ -138,20 +139,14 @@ fn commit_batch<B: Backend>(backend: &mut B, writes: Vec<Pending>) {
 fn apply(tx: &mut dyn Db, write: &Write) -> Result<Written, AuditError> {
     Ok(match write {
         Write::Record(record) => Written::Recorded(Box::new(jobs::insert(tx, record)?)),
-        Write::Claim {
-            job_id,
-            rerun,
-            digest,
-            worker_id,
-            rollout_id,
-        } => Written::Claimed(jobs::claim(
-            tx,
-            job_id,
-            *rerun,
-            digest,
-            worker_id,
-            rollout_id.as_deref(),
-        )?),
+        Write::Claim(request) => Written::Claimed(jobs::claim(tx, request)?),
+        Write::TakeTokens(buckets) => Written::Tokens(buckets::take(tx, buckets)?),
+        Write::Renew {
+            owner,
+            active,
+            released,
+            lease,
+        } => Written::Renewed(jobs::renew(tx, owner, active, released, *lease)?),
         Write::AdmitCanary {
             rollout_id,
             job_id,

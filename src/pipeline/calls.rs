@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{Context, Held, Pipeline};
-use crate::audit::{Claimed, Seen};
+use crate::audit::{Bucket, ClaimRequest, Claimed, Seen, StoredEvent};
 use crate::circuit::{self, Scope, Signal};
 use crate::events::Outcome;
 use crate::gaussdb::{Call, CallError, Exchange};
@@ -20,6 +20,10 @@ use crate::retry::{self, Backoff, Verdict};
 use crate::rollout::State;
 
 use super::health::Infra;
+use super::leases::Trust;
+
+/// How often a job waiting for another worker's lease asks again.
+const LEASE_POLL: Duration = Duration::from_millis(200);
 
 /// How the API phase of a job ended.
 pub(super) enum Ended {
@@ -34,6 +38,8 @@ pub(super) enum Ended {
     RolloutStopped(State),
     /// Stopped waiting (shutdown, or held too long).
     Held(Held),
+    /// Another worker finished the job while this one waited for its lease: replay its record.
+    Replay(Box<StoredEvent>),
 }
 
 /// What the API phase of a job came to.
@@ -53,7 +59,10 @@ struct Progress {
     /// The job's own API time so far: calls and backoff sleeps.
     spent: Duration,
     retries: u32,
-    claimed: bool,
+    /// The store holds a lease of this worker's on the job.
+    leased: bool,
+    /// The in-flight marker is written (by this delivery or an earlier one).
+    marked: bool,
 }
 
 impl Progress {
@@ -87,7 +96,8 @@ impl Pipeline {
             counted: 0,
             spent: Duration::ZERO,
             retries: 0,
-            claimed: uncertain,
+            leased: false,
+            marked: uncertain,
         };
         loop {
             if progress.counted >= retry.max_attempts {
@@ -99,33 +109,38 @@ impl Pipeline {
             if let Err(ended) = self.wait_to_call(region, &key, rate.as_ref(), ctx).await {
                 return ended;
             }
-            let call = if uncertain {
+            let mut call = if uncertain {
                 Call::Describe
             } else {
                 Call::Modify
             };
-            if call == Call::Modify && !progress.claimed {
-                let claimed = self
-                    .infra(Infra::InFlightMarker, ctx.shutdown, || {
-                        self.audit.claim(
-                            job.id.as_str(),
-                            job.rerun,
-                            digest,
-                            &self.worker_id,
-                            job.rollout_id.as_ref().map(|id| id.as_str()),
-                        )
-                    })
-                    .await;
-                match claimed {
-                    None => return Ended::Held(Held::Shutdown),
-                    Some(Claimed::RolloutStopped(state)) => return Ended::RolloutStopped(state),
-                    Some(Claimed::Marked(seen))
-                        if seen.digest.as_deref().is_some_and(|d| d != digest) =>
-                    {
-                        return Ended::Conflict(seen);
-                    }
-                    Some(Claimed::Marked(_)) => progress.claimed = true,
+            if !progress.leased || (call == Call::Modify && !progress.marked) {
+                let (marker, marked_now) =
+                    match self.claim(job, digest, call == Call::Modify, ctx).await {
+                        Ok(claimed) => claimed,
+                        Err(ended) => return ended,
+                    };
+                progress.leased = true;
+                if let Some(seen) = &marker
+                    && seen.digest.as_deref().is_some_and(|d| d != digest)
+                {
+                    return Ended::Conflict(seen.clone());
                 }
+                if call == Call::Modify && marker.is_some() && !marked_now {
+                    // Another delivery (a worker that died) may have sent the Modify: ask first.
+                    uncertain = true;
+                    call = Call::Describe;
+                }
+                progress.marked = marker.is_some();
+            }
+            if let Err(ended) = self.trust_lease(job, ctx).await {
+                return ended;
+            }
+            // The store's tokens last, next to the call: a token spent early would bunch calls.
+            if self.fleet_limits
+                && let Err(ended) = self.take_fleet_tokens(&key, rate.as_ref(), ctx).await
+            {
+                return ended;
             }
             let exchange = self.api(call, job).await;
             progress.spent = progress.spent.saturating_add(exchange.latency);
@@ -180,6 +195,71 @@ impl Pipeline {
         }
     }
 
+    /// Claims the job key and its instance in the store, waiting while another worker holds
+    /// either. Returns the in-flight marker as stored and whether this claim wrote it.
+    async fn claim(
+        &self,
+        job: &Job,
+        digest: &str,
+        mark: bool,
+        ctx: &Context<'_>,
+    ) -> Result<(Option<Seen>, bool), Ended> {
+        let request = ClaimRequest {
+            job_id: job.id.to_string(),
+            rerun: job.rerun,
+            digest: digest.to_owned(),
+            worker_id: self.worker_id.clone(),
+            owner: self.leases.owner.clone(),
+            rollout_id: job.rollout_id.as_ref().map(|id| id.to_string()),
+            instance: format!("{}/{}/{}", job.region, job.project_id, job.instance_id),
+            mark,
+            lease: self.leases.lease,
+        };
+        let mut waited = false;
+        loop {
+            let claimed = self
+                .infra(Infra::InFlightMarker, ctx.shutdown, || {
+                    self.audit.claim(request.clone())
+                })
+                .await
+                .ok_or(Ended::Held(Held::Shutdown))?;
+            match claimed {
+                Claimed::Leased { marker, marked_now } => {
+                    let guard = self.leases.held(&request.job_id, request.rerun);
+                    *ctx.lease.lock().expect("lease slot") = Some(guard);
+                    return Ok((marker, marked_now));
+                }
+                Claimed::Busy { owner, job_id } => {
+                    if !waited {
+                        tracing::info!(held_by = %owner, holding_job = %job_id, "another worker holds this job or its instance; waiting");
+                        waited = true;
+                    }
+                    self.hold(ctx, tokio::time::sleep(LEASE_POLL))
+                        .await
+                        .map_err(Ended::Held)?;
+                }
+                Claimed::Finished(stored) => return Err(Ended::Replay(stored)),
+                Claimed::RolloutStopped(state) => return Err(Ended::RolloutStopped(state)),
+            }
+        }
+    }
+
+    /// Waits until the job's lease is confirmed recently enough to call the API under it.
+    async fn trust_lease(&self, job: &Job, ctx: &Context<'_>) -> Result<(), Ended> {
+        loop {
+            match self.leases.trusted(job.id.as_str(), job.rerun) {
+                Trust::Yes => return Ok(()),
+                // Another worker may hold the job now: this delivery goes back to the queue,
+                // and its next delivery finds the record or waits for the lease.
+                Trust::Lost => return Err(Ended::Held(Held::TooLong)),
+                Trust::Stale => self
+                    .hold(ctx, tokio::time::sleep(Duration::from_millis(100)))
+                    .await
+                    .map_err(Ended::Held)?,
+            }
+        }
+    }
+
     /// Waits until a call may go out: the health gate, the rollout's cap, then the rate limits; a circuit that is
     /// open (or opens meanwhile) parks the job instead.
     async fn wait_to_call(
@@ -207,6 +287,56 @@ impl Pipeline {
             .map_err(Ended::Held)?;
         observe(&self.metrics.rate_limit_wait, waiting.elapsed());
         holding(self).map_or(Ok(()), Err)
+    }
+
+    /// Takes the call's tokens from the store's buckets, which every worker on the store shares:
+    /// the global limit, the region and project's, and the rollout's cap. One job of this worker
+    /// asks at a time; the others wait behind it here rather than at the store.
+    async fn take_fleet_tokens(
+        &self,
+        key: &LimitKey,
+        rate: Option<&(String, u32)>,
+        ctx: &Context<'_>,
+    ) -> Result<(), Ended> {
+        let limits = &self.settings.rate_limit;
+        let mut buckets = vec![
+            Bucket {
+                name: "global".into(),
+                per_second: limits.per_second.into(),
+                burst: limits.burst.into(),
+            },
+            Bucket {
+                name: format!("project:{}/{}", key.0, key.1),
+                per_second: limits.per_project_per_second.into(),
+                burst: limits.per_project_burst.into(),
+            },
+        ];
+        if let Some((rollout_id, per_second)) = rate {
+            buckets.push(Bucket {
+                name: format!("rollout:{rollout_id}"),
+                per_second: (*per_second).into(),
+                burst: 1.0,
+            });
+        }
+        let _one_at_a_time = self
+            .hold(ctx, self.fleet_gate.lock())
+            .await
+            .map_err(Ended::Held)?;
+        loop {
+            let short = self
+                .infra(Infra::RateTokens, ctx.shutdown, || {
+                    self.audit.take_tokens(buckets.clone())
+                })
+                .await
+                .ok_or(Ended::Held(Held::Shutdown))?;
+            match short {
+                None => return Ok(()),
+                Some(wait) => self
+                    .hold(ctx, tokio::time::sleep(wait))
+                    .await
+                    .map_err(Ended::Held)?,
+            }
+        }
     }
 
     /// Feeds an answer to the circuits; returns the scope that holds this job if the answer

@@ -18,6 +18,7 @@ use crate::retry::Backoff;
 pub(super) enum Infra {
     AuditLookup,
     InFlightMarker,
+    RateTokens,
     AuditCommit,
     Parking,
     ResultPublish,
@@ -29,6 +30,7 @@ impl Infra {
         match self {
             Infra::AuditLookup => "audit lookup",
             Infra::InFlightMarker => "in-flight marker",
+            Infra::RateTokens => "taking rate-limit tokens from the store",
             Infra::AuditCommit => "audit commit",
             Infra::Parking => "parking a job",
             Infra::ResultPublish => "result publish",
@@ -41,7 +43,7 @@ impl Infra {
     fn dependency(self) -> Option<Dependency> {
         match self {
             Infra::AuditLookup => None,
-            Infra::InFlightMarker | Infra::AuditCommit | Infra::Parking => {
+            Infra::InFlightMarker | Infra::RateTokens | Infra::AuditCommit | Infra::Parking => {
                 Some(Dependency::AuditWrites)
             }
             Infra::ResultPublish | Infra::JobRequeue => Some(Dependency::EventPublishing),

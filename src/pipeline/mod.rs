@@ -17,6 +17,7 @@
 mod calls;
 mod control;
 mod health;
+mod leases;
 mod locks;
 mod parking;
 mod results;
@@ -29,6 +30,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub use health::{Dependency, Health};
+pub use leases::Leases;
 pub use locks::{InstanceTurns, JobLocks, Turn, TurnReady};
 
 use crate::audit::{AuditStore, Earlier, FinalRecord, Recorded, RolloutView, Seen, StoredEvent};
@@ -128,6 +130,13 @@ pub struct Pipeline {
     pub circuits: Circuits,
     pub locks: JobLocks,
     pub turns: InstanceTurns,
+    /// This worker's leases on job keys in the store.
+    pub leases: Arc<Leases>,
+    /// The rate limits are also taken from the store's buckets, shared by every worker on it
+    /// (on PostgreSQL; a SQLite store serves one host, whose workers keep their own limits).
+    pub fleet_limits: bool,
+    /// One job at a time asks the store for tokens.
+    fleet_gate: tokio::sync::Mutex<()>,
     pub metrics: crate::ops::Metrics,
     /// Cancelled when the worker stops: ends probes and releases.
     pub stopping: CancellationToken,
@@ -155,6 +164,9 @@ struct Context<'a> {
     /// delivery meets RabbitMQ's consumer timeout.
     hold_until: Instant,
     shutdown: &'a CancellationToken,
+    /// The job's lease in the store, once claimed; released (if no record or park dropped it)
+    /// when the delivery is done with.
+    lease: std::sync::Mutex<Option<leases::LeaseGuard>>,
 }
 
 /// Whether a rejection counts toward its rollout.
@@ -196,6 +208,9 @@ impl Pipeline {
         jobs: Arc<dyn JobQueue>,
     ) -> Pipeline {
         Pipeline {
+            leases: Arc::new(Leases::new(&worker_id, settings.store.lease)),
+            fleet_limits: matches!(audit.location(), crate::audit::Location::Postgres(_)),
+            fleet_gate: tokio::sync::Mutex::new(()),
             limits: Limits::new(&settings.rate_limit),
             circuits: Circuits::new(settings.circuit.strikes_to_open),
             settings,
@@ -280,6 +295,7 @@ impl Pipeline {
             body_digest,
             hold_until: received + hold_for,
             shutdown,
+            lease: std::sync::Mutex::new(None),
         };
         // The instance's turn first, then the job key's lock: a task holding a lock never waits
         // for a turn, so two copies of one job cannot wait for each other.
@@ -369,6 +385,7 @@ impl Pipeline {
                     .await
             }
             Ended::Held(held) => self.held(held, turn, ctx).await,
+            Ended::Replay(stored) => self.replay(*stored, ctx).await,
         }
     }
 

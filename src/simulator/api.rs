@@ -383,6 +383,7 @@ impl Simulator {
             request_id: request_id.to_owned(),
             signed_headers: outcome.signed_headers.clone(),
             access_key: outcome.access_key.clone(),
+            at_ms: chrono::Utc::now().timestamp_millis(),
         });
     }
 }

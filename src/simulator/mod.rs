@@ -208,6 +208,9 @@ pub struct RequestRecord {
     /// The AK that signed it (an access key id is not a secret).
     #[serde(default)]
     pub access_key: Option<String>,
+    /// When it was answered, in milliseconds since the epoch (the simulator's clock).
+    #[serde(default)]
+    pub at_ms: i64,
 }
 
 /// The simulated service: configuration plus the mutable world behind one lock.

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use keyturn::amqp::worker::{self, RunOptions};
+use keyturn::audit::test_support::TestDatabase;
 use keyturn::config::{Credentials, Settings};
 use keyturn::events::ResultEvent;
 use keyturn::pipeline::Pipeline;
@@ -105,6 +106,8 @@ pub struct TestApp {
     pub channel: Channel,
     _connection: Connection,
     _dir: tempfile::TempDir,
+    /// The test's own PostgreSQL database, when it runs on the PostgreSQL store.
+    pub postgres: Option<Arc<TestDatabase>>,
     /// The simulator's server, which [`TestApp::simulator_down`] and `simulator_up` replace.
     simulator_server: std::sync::Mutex<SimulatorServer>,
 }
@@ -115,6 +118,8 @@ pub struct Options {
     pub credential_life: Duration,
     pub fleet: Option<Vec<(String, String)>>,
     pub tweak: Box<dyn FnOnce(&mut Settings) + Send>,
+    /// Run on a PostgreSQL database of the test's own instead of a SQLite file.
+    pub postgres: bool,
 }
 
 impl Default for Options {
@@ -124,6 +129,7 @@ impl Default for Options {
             credential_life: Duration::from_secs(3600),
             fleet: None,
             tweak: Box::new(|_| {}),
+            postgres: false,
         }
     }
 }
@@ -190,6 +196,12 @@ impl TestApp {
         settings.rate_limit.burst = 50;
         settings.rate_limit.throttle_pause = Duration::from_millis(300);
         settings.audit.path = dir.path().join("audit.db");
+        let postgres = options
+            .postgres
+            .then(|| Arc::new(TestDatabase::create("it")));
+        if let Some(db) = &postgres {
+            settings.store.url = db.url.clone();
+        }
         // Tests run many workers at once: none serves the ops endpoint unless a test asks.
         settings.ops.listen = String::new();
         (options.tweak)(&mut settings);
@@ -233,6 +245,7 @@ impl TestApp {
             channel,
             _connection: connection,
             _dir: dir,
+            postgres,
             simulator_server: std::sync::Mutex::new(simulator_server),
         }
     }
@@ -430,14 +443,21 @@ impl TestApp {
 
     /// Every `toggles` row as a JSON object keyed by column.
     pub fn toggles(&self) -> Vec<Value> {
-        rows(&self.audit_path(), "SELECT * FROM toggles ORDER BY id")
+        self.store_rows("SELECT * FROM toggles ORDER BY id")
     }
 
     pub fn attempts(&self, job_id: &str) -> Vec<Value> {
-        rows(
-            &self.audit_path(),
-            &format!("SELECT * FROM attempts WHERE job_id = '{job_id}' ORDER BY id"),
-        )
+        self.store_rows(&format!(
+            "SELECT * FROM attempts WHERE job_id = '{job_id}' ORDER BY id"
+        ))
+    }
+
+    /// The rows of `sql` on the app's store, whichever it is, as JSON objects keyed by column.
+    pub fn store_rows(&self, sql: &str) -> Vec<Value> {
+        match &self.postgres {
+            Some(db) => pg_rows(db, sql),
+            None => rows(&self.audit_path(), sql),
+        }
     }
 
     /// A new connection and channel for the test's own use, after the broker cut the old ones.
@@ -475,6 +495,7 @@ impl TestApp {
             .env("KEYTURN_AMQP__CONTROL_QUEUE", &names.control_queue)
             .env("KEYTURN_API__ENDPOINT", &self.simulator_url)
             .env("KEYTURN_AUDIT__PATH", self.audit_path())
+            .env("KEYTURN_STORE__URL", &self.settings.store.url)
             .env("KEYTURN_OPS__LISTEN", "")
             .env("CLOUD_SDK_AK", AK)
             .env("CLOUD_SDK_SK", SK)
@@ -656,6 +677,33 @@ pub fn rows(path: &std::path::Path, sql: &str) -> Vec<Value> {
         .unwrap()
 }
 
+/// The rows of `sql` on a PostgreSQL test database, as JSON objects keyed by column.
+pub fn pg_rows(db: &TestDatabase, sql: &str) -> Vec<Value> {
+    let sql = sql.to_owned();
+    db.with_client(move |client| {
+        use postgres::types::Type;
+        client
+            .query(sql.as_str(), &[])
+            .unwrap()
+            .iter()
+            .map(|row| {
+                let mut object = serde_json::Map::new();
+                for (index, column) in row.columns().iter().enumerate() {
+                    let value = match *column.type_() {
+                        Type::INT8 => json!(row.get::<_, Option<i64>>(index)),
+                        Type::INT4 => json!(row.get::<_, Option<i32>>(index)),
+                        Type::BOOL => json!(row.get::<_, Option<bool>>(index)),
+                        Type::BYTEA => json!("<blob>"),
+                        _ => json!(row.get::<_, Option<String>>(index)),
+                    };
+                    object.insert(column.name().to_owned(), value);
+                }
+                Value::Object(object)
+            })
+            .collect()
+    })
+}
+
 /// Polls `condition` until it holds or `limit` passes; panics on the deadline.
 pub async fn wait_until<F, Fut>(limit: Duration, mut condition: F)
 where
@@ -760,12 +808,22 @@ impl TestApp {
     /// it consumes), so the test can read its tables.
     pub async fn wait_for_audit(&self) {
         wait_until(Duration::from_secs(30), || async {
-            self.audit_path().exists()
-                && !rows(
-                    &self.audit_path(),
-                    "SELECT name FROM sqlite_master WHERE name = 'parked'",
+            match &self.postgres {
+                // The last migration's table: every migration commits with its own.
+                Some(db) => !pg_rows(
+                    db,
+                    "SELECT 1 AS migrated WHERE to_regclass('rate_buckets') IS NOT NULL",
                 )
-                .is_empty()
+                .is_empty(),
+                None => {
+                    self.audit_path().exists()
+                        && !rows(
+                            &self.audit_path(),
+                            "SELECT name FROM sqlite_master WHERE name = 'rate_buckets'",
+                        )
+                        .is_empty()
+                }
+            }
         })
         .await;
     }
@@ -901,5 +959,5 @@ pub async fn stderr_of(child: &mut tokio::process::Child) -> String {
 
 /// Jobs parked in the app's store.
 pub fn parked(app: &TestApp) -> usize {
-    rows(&app.audit_path(), "SELECT job_id FROM parked").len()
+    app.store_rows("SELECT job_id FROM parked").len()
 }

@@ -1,5 +1,5 @@
 //! keyturn's integration tests: one binary, real RabbitMQ, the simulator over a socket, a real
-//! SQLite file per test.
+//! SQLite file per test (or, for the fleet tests, a PostgreSQL database per test).
 
 mod api_security;
 mod audit_cli;
@@ -9,6 +9,7 @@ mod container;
 mod credentials;
 mod demo;
 mod edge;
+mod fleet;
 mod guarantees;
 mod helpers;
 mod identity;

@@ -1,0 +1,371 @@
+//! Fleet mode: workers sharing one PostgreSQL store. Each test makes a database of its own on the
+//! machine's PostgreSQL (or `KEYTURN_TEST_POSTGRES_URL`) and drops it.
+
+use std::time::Duration;
+
+use keyturn::audit::{AuditOptions, AuditStore, Location};
+use keyturn::events::Outcome;
+use keyturn::simulator::{Faults, Step};
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+
+fn on_postgres(tweak: impl FnOnce(&mut keyturn::config::Settings) + Send + 'static) -> Options {
+    Options {
+        postgres: true,
+        tweak: Box::new(tweak),
+        ..Options::default()
+    }
+}
+
+#[tokio::test]
+async fn a_worker_on_postgres_finishes_every_job_once_and_the_audit_reads_the_store() {
+    let app = TestApp::spawn_with(Options {
+        faults: Faults {
+            apply_then_error_rate: 0.2,
+            ..Faults::default()
+        },
+        ..on_postgres(|_| {})
+    })
+    .await;
+    let jobs = publish_fleet(&app, 40, 100).await;
+    app.publish_job(&job(&jobs[0].0, 100, jobs[0].2)).await;
+    app.drain().await;
+    assert_one_outcome_per_job(&app, &jobs).await;
+    assert!(
+        app.toggles()
+            .iter()
+            .all(|row| row["outcome"] == json!("succeeded")),
+        "every fault was retried or settled with Describe"
+    );
+    assert!(app.stats().faults_injected > 0, "faults were injected");
+
+    // `keyturn audit` reads the same rows from PostgreSQL (store.url), and verify passes there.
+    let listed = app
+        .binary()
+        .args(["audit", "--format", "json"])
+        .output()
+        .unwrap();
+    assert!(listed.status.success(), "{listed:?}");
+    let lines: Vec<Value> = String::from_utf8(listed.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(lines.len(), jobs.len());
+    let attempts = app
+        .binary()
+        .args(["audit", "attempts", &jobs[1].0, "--format", "json"])
+        .output()
+        .unwrap();
+    assert!(attempts.status.success(), "{attempts:?}");
+    let verified = app.binary().args(["audit", "verify"]).output().unwrap();
+    let findings = String::from_utf8_lossy(&verified.stdout);
+    assert!(verified.status.success(), "{findings}");
+    assert!(
+        findings.contains("ok an UPDATE of toggles is refused"),
+        "{findings}"
+    );
+    let out = tempfile::tempdir().unwrap();
+    let report = out.path().join("report.json");
+    let reported = app
+        .binary()
+        .args(["audit", "report", "R-1", "--json"])
+        .arg(&report)
+        .output()
+        .unwrap();
+    assert!(reported.status.success(), "{reported:?}");
+    let report: Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(
+        report["rollout"]["succeeded"],
+        json!(jobs.len()),
+        "{report}"
+    );
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn two_workers_on_one_store_never_run_a_job_or_an_instance_twice() {
+    let app = TestApp::spawn_with(Options {
+        faults: Faults {
+            latency_ms: 5,
+            apply_then_error_rate: 0.1,
+            ..Faults::default()
+        },
+        ..on_postgres(|s| s.worker.concurrency = 8)
+    })
+    .await;
+    // Every job twice, and a second job for a third of the instances: the copies race between
+    // the workers, and the instance's jobs must take turns across them.
+    let jobs = publish_fleet(&app, 60, 300).await;
+    for (job_id, n, status) in &jobs {
+        app.publish_job(&job(job_id, *n, status)).await;
+    }
+    let mut second = Vec::new();
+    for (_, n, status) in jobs.iter().filter(|(_, n, _)| n % 3 == 0) {
+        let flipped = if *status == "on" { "off" } else { "on" };
+        let job_id = format!("J-second-{n}");
+        app.publish_job(&job(&job_id, *n, flipped)).await;
+        second.push((job_id, *n, flipped));
+    }
+    let mut workers = Vec::new();
+    for name in ["a", "b"] {
+        let mut settings = app.settings.clone();
+        settings.worker.id = format!("{}-{name}", app.settings.worker.id);
+        workers.push(app.start_worker_on(settings, app.credentials(), Default::default()));
+    }
+    wait_until(Duration::from_secs(90), || async {
+        app.toggles().len() == jobs.len() + second.len()
+    })
+    .await;
+    let events = app
+        .events_until(|events| events.len() >= 2 * jobs.len() + second.len())
+        .await;
+    let grouped = by_job(&events);
+    for (job_id, _, _) in jobs.iter().chain(&second) {
+        let copies = &grouped[job_id];
+        assert!(
+            copies.iter().all(|e| e.id == copies[0].id),
+            "{job_id}: every copy carries the one stored event"
+        );
+    }
+    let rows = app.toggles();
+    let workers_seen: std::collections::BTreeSet<_> = rows
+        .iter()
+        .map(|row| row["worker_id"].to_string())
+        .collect();
+    assert_eq!(
+        workers_seen.len(),
+        2,
+        "both workers ran jobs: {workers_seen:?}"
+    );
+    let stats = app.stats();
+    for (_, n, _) in &jobs {
+        let seen = &stats.instances[&instance(*n)];
+        let expected = if n % 3 == 0 { 2 } else { 1 };
+        assert_eq!(
+            seen.toggles_applied, expected,
+            "instance {n}: one toggle per job, none twice"
+        );
+        assert_eq!(seen.max_in_flight, 1, "instance {n}: one call at a time");
+    }
+    for (shutdown, handle) in workers {
+        shutdown.cancel();
+        handle.await.unwrap();
+    }
+    assert!(
+        app.store_rows("SELECT job_id FROM leases").is_empty(),
+        "a worker that stopped holds no lease"
+    );
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_dead_workers_job_waits_for_its_lease_then_another_worker_describes_first() {
+    let app = TestApp::spawn_with(on_postgres(|s| s.store.lease = Duration::from_secs(3))).await;
+    // The Modify lands and the answer never comes in time: the worker is killed meanwhile.
+    app.simulator.script(
+        &instance(7),
+        vec![Step::Hang {
+            ms: 60_000,
+            apply: true,
+        }],
+    );
+    let mut doomed = app
+        .worker_process(&[
+            ("KEYTURN_STORE__LEASE", "3s"),
+            ("KEYTURN_WORKER__ID", "doomed"),
+        ])
+        .spawn()
+        .unwrap();
+    app.publish_job(&job("J-dead", 7, "on")).await;
+    wait_until(Duration::from_secs(30), || async {
+        app.stats()
+            .instances
+            .get(&instance(7))
+            .is_some_and(|i| i.toggles_applied == 1)
+    })
+    .await;
+    doomed.start_kill().unwrap();
+    doomed.wait().await.unwrap();
+    let killed_at = chrono::Utc::now();
+
+    let (shutdown, handle) = app.start_worker();
+    let event = app.events(1).await.remove(0);
+    assert_eq!(event.data.outcome, Outcome::Succeeded);
+    let calls: Vec<Value> = app
+        .attempts("J-dead")
+        .iter()
+        .map(|a| json!(a["call"]))
+        .collect();
+    assert_eq!(calls, vec![json!("describe")], "the next worker asks first");
+    let stats = &app.stats().instances[&instance(7)];
+    assert_eq!((stats.modify_calls, stats.toggles_applied), (1, 1));
+    // The Describe waited for the dead worker's lease (3 s from its last renewal) to expire.
+    let described: chrono::DateTime<chrono::Utc> = app.attempts("J-dead")[0]["started_at"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // Renewed every second, the lease outlived its worker by at least two.
+    assert!(
+        described - killed_at >= chrono::Duration::milliseconds(1_500),
+        "no call before the lease could have expired: killed {killed_at}, described {described}"
+    );
+    let rows = app.toggles();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["worker_id"], json!(app.settings.worker.id));
+    shutdown.cancel();
+    handle.await.unwrap();
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_worker_refuses_a_store_whose_schema_is_newer_and_never_shows_the_password() {
+    let db = keyturn::audit::test_support::TestDatabase::create("newer");
+    let url = db.url.replacen(
+        "postgres://postgres@",
+        "postgres://postgres:pw-never-shown@",
+        1,
+    );
+    let location = Location::Postgres(url.clone());
+    let options = AuditOptions {
+        busy_timeout: Duration::from_secs(1),
+        synchronous_full: true,
+    };
+    let opened = std::thread::spawn(move || AuditStore::open_at(&location, &options).is_ok())
+        .join()
+        .unwrap();
+    assert!(opened, "a fresh database is migrated");
+    db.with_client(|client| {
+        client
+            .execute(
+                "INSERT INTO schema_migrations (version, applied_at) VALUES ('0099_next', '')",
+                &[],
+            )
+            .unwrap()
+    });
+    let output = keyturn_binary()
+        .arg("worker")
+        .env("KEYTURN_STORE__URL", &url)
+        .env("KEYTURN_OPS__LISTEN", "")
+        .env("CLOUD_SDK_AK", AK)
+        .env("CLOUD_SDK_SK", SK)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("store.url"), "{stderr}");
+    assert!(stderr.contains("0099_next"), "{stderr}");
+    assert!(!stderr.contains("pw-never-shown"), "{stderr}");
+
+    for (bad, why) in [
+        ("mysql://root:pw-never-shown@127.0.0.1/x", "not PostgreSQL"),
+        (
+            "postgres://root:pw-never-shown@127.0.0.1:99999/x",
+            "no such port",
+        ),
+    ] {
+        let output = keyturn_binary()
+            .arg("worker")
+            .env("KEYTURN_STORE__URL", bad)
+            .env("CLOUD_SDK_AK", AK)
+            .env("CLOUD_SDK_SK", SK)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{why}: {stderr}");
+        assert!(stderr.contains("store.url"), "{why}: {stderr}");
+        assert!(!stderr.contains("pw-never-shown"), "{why}: {stderr}");
+    }
+}
+
+#[tokio::test]
+async fn four_workers_share_one_global_rate_limit_through_the_store() {
+    const PER_SECOND: u32 = 60;
+    const BURST: u32 = 5;
+    let app = TestApp::spawn_with(on_postgres(|s| {
+        s.rate_limit.per_second = PER_SECOND;
+        s.rate_limit.burst = BURST;
+        s.rate_limit.per_project_per_second = 1_000;
+        s.rate_limit.per_project_burst = 100;
+    }))
+    .await;
+    let jobs = publish_fleet(&app, 600, 1_000).await;
+    // Four worker processes, as four hosts would run them.
+    let (per_second, burst) = (PER_SECOND.to_string(), BURST.to_string());
+    let mut workers = Vec::new();
+    for n in 0..4 {
+        let id = format!("{}-{n}", app.settings.worker.id);
+        workers.push(
+            app.worker_process(&[
+                ("KEYTURN_WORKER__ID", id.as_str()),
+                ("KEYTURN_RATE_LIMIT__PER_SECOND", per_second.as_str()),
+                ("KEYTURN_RATE_LIMIT__BURST", burst.as_str()),
+            ])
+            .spawn()
+            .unwrap(),
+        );
+    }
+    app.wait_for_audit().await;
+    wait_until(Duration::from_secs(60), || async {
+        app.toggles().len() == jobs.len()
+    })
+    .await;
+    let mut times: Vec<i64> = app
+        .stats()
+        .recent
+        .iter()
+        .filter(|request| request.method == "POST")
+        .map(|request| request.at_ms)
+        .collect();
+    times.sort_unstable();
+    assert_eq!(times.len(), jobs.len(), "one Modify per job");
+    // Calls per second of the clock (as a gateway counts them), and the busiest sliding second.
+    let mut per_second = std::collections::BTreeMap::<i64, usize>::new();
+    for at in &times {
+        *per_second.entry(at / 1_000).or_default() += 1;
+    }
+    let busiest = per_second.values().copied().max().unwrap();
+    let sliding = times
+        .iter()
+        .enumerate()
+        .map(|(i, start)| {
+            times[i..]
+                .iter()
+                .take_while(|t| **t < start + 1_000)
+                .count()
+        })
+        .max()
+        .unwrap();
+    // After the burst, calls come at the configured rate.
+    let steady = &times[BURST as usize..];
+    let span_ms = (steady[steady.len() - 1] - steady[0]) as f64;
+    let achieved = (steady.len() - 1) as f64 * 1_000.0 / span_ms;
+    eprintln!(
+        "fleet rate: 4 worker processes, limit {PER_SECOND}/s burst {BURST}: calls per second {:?}, busiest sliding second {sliding}, achieved {achieved:.2}/s ({:.3} of the limit)",
+        per_second.values().collect::<Vec<_>>(),
+        achieved / f64::from(PER_SECOND)
+    );
+    assert!(
+        busiest <= (PER_SECOND + BURST) as usize,
+        "{busiest} calls in one second: {per_second:?}"
+    );
+    assert!(
+        achieved >= 0.95 * f64::from(PER_SECOND),
+        "achieved {achieved:.2}/s"
+    );
+    let workers_seen: std::collections::BTreeSet<_> = app
+        .toggles()
+        .iter()
+        .map(|row| row["worker_id"].to_string())
+        .collect();
+    assert_eq!(workers_seen.len(), 4, "all four workers called");
+    for mut worker in workers {
+        assert_eq!(
+            terminate(&mut worker, Duration::from_secs(30)).await,
+            Some(0)
+        );
+    }
+    app.cleanup().await;
+}
