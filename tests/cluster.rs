@@ -86,6 +86,29 @@ impl Cluster {
             .unwrap_or_default();
         (self.nodes.iter().position(|node| node == leader), members)
     }
+
+    /// Stops node `node`'s RabbitMQ application; it starts again when the guard drops, so the
+    /// next test finds three nodes whatever happened in this one.
+    fn stop(&self, node: usize) -> StoppedNode<'_> {
+        self.ctl(node, &["stop_app"]);
+        StoppedNode {
+            cluster: self,
+            node,
+        }
+    }
+}
+
+struct StoppedNode<'a> {
+    cluster: &'a Cluster,
+    node: usize,
+}
+
+impl Drop for StoppedNode<'_> {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(&self.cluster.ctl)
+            .args(["-q", "-n", &self.cluster.nodes[self.node], "start_app"])
+            .status();
+    }
 }
 
 #[tokio::test]
@@ -157,7 +180,7 @@ async fn losing_the_node_that_leads_the_jobs_queue_moves_the_worker_on_and_loses
 
     // Counted before the stop, which takes seconds: the jobs done by then were done before it.
     let done_when_stopped = app.toggles().len();
-    cluster.ctl(leader, &["stop_app"]);
+    let _stopped = cluster.stop(leader);
     let survivor = order[1];
     wait_until(Duration::from_secs(60), || async {
         matches!(cluster.leader(survivor, &jobs_queue).0, Some(new) if new != leader)
@@ -257,4 +280,254 @@ async fn quorum_events_queue(app: &TestApp) {
         )
         .await
         .unwrap();
+}
+
+/// The failover proof of fleet mode: three worker processes on one PostgreSQL store and the
+/// three-node cluster run a declared rollout of 2,000 jobs with API faults; one worker is killed
+/// with SIGKILL twice (and started again each time) and the node leading the jobs queue is stopped.
+#[tokio::test]
+#[ignore = "needs the 3-node cluster of tests/cluster.sh"]
+async fn a_fleet_survives_killed_workers_and_a_lost_node_with_every_job_recorded_once() {
+    const JOBS: u32 = 2_000;
+    let cluster = Cluster::from_env();
+    let name = unique("kt-failover");
+    let names = {
+        let name = name.clone();
+        move |settings: &mut keyturn::config::Settings| {
+            let amqp = &mut settings.amqp;
+            amqp.jobs_queue = format!("{name}.jobs");
+            amqp.dead_queue = format!("{name}.jobs.dead");
+            amqp.dead_letter_exchange = format!("{name}.dlx");
+            amqp.results_exchange = format!("{name}.results");
+            amqp.unrouted_queue = format!("{name}.results.unrouted");
+            amqp.control_queue = format!("{name}.control");
+        }
+    };
+    // Quorum queues led by node 2 (index 1), classic ones on node 1 (index 0), as above.
+    declare_quorum_queues_on(&cluster.urls[1], &name, &names).await;
+    let first = cluster.urls[0].clone();
+    let app = TestApp::spawn_with(Options {
+        faults: keyturn::simulator::Faults {
+            latency_ms: 10,
+            apply_then_error_rate: 0.03,
+            error_rate: 0.03,
+            timeout_rate: 0.01,
+            hang_ms: 3_000,
+            ..Default::default()
+        },
+        tweak: Box::new(move |settings| {
+            names(settings);
+            settings.amqp.url = first;
+        }),
+        postgres: true,
+        ..Options::default()
+    })
+    .await;
+    quorum_events_queue(&app).await;
+    let rollout_events = format!("{name}.rollout-events");
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    app.channel
+        .queue_declare(
+            rollout_events.as_str().into(),
+            QueueDeclareOptions::durable(),
+            arguments,
+        )
+        .await
+        .unwrap();
+    app.channel
+        .queue_bind(
+            rollout_events.as_str().into(),
+            app.settings.amqp.results_exchange.as_str().into(),
+            "rollout.#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let (leader, _) = cluster.leader(0, &app.settings.amqp.jobs_queue);
+    let leader = leader.expect("the jobs queue has a leader");
+    let urls = |start: usize| {
+        (0..3)
+            .map(|offset| cluster.urls[(start + offset) % 3].as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let spawn = |n: usize, life: u32| {
+        let id = format!("{name}-w{n}-{life}");
+        app.worker_process(&[
+            ("KEYTURN_WORKER__ID", id.as_str()),
+            ("KEYTURN_AMQP__URLS", urls(n).as_str()),
+            ("KEYTURN_WORKER__CONCURRENCY", "8"),
+            ("KEYTURN_AMQP__RECONNECT_MAX_BACKOFF", "2s"),
+            ("KEYTURN_STORE__LEASE", "3s"),
+            ("KEYTURN_API__REQUEST_TIMEOUT", "1s"),
+        ])
+        .spawn()
+        .unwrap()
+    };
+    let mut workers: Vec<_> = (0..3).map(|n| spawn(n, 0)).collect();
+    app.wait_for_audit().await;
+    let declared = app
+        .command(
+            serde_json::json!({"kind": "rollout", "rollout_id": "R-1", "ticket": "CHG-9",
+            "expected_jobs": JOBS, "requested_by": "ops"}),
+        )
+        .await;
+    assert!(declared.ok, "{declared:?}");
+    let jobs = publish_fleet(&app, JOBS, 50_000).await;
+
+    let done = || {
+        app.store_rows("SELECT COUNT(*) AS n FROM toggles")[0]["n"]
+            .as_i64()
+            .unwrap()
+    };
+    let mut faults = Vec::new();
+    for (life, at) in [(1, 300), (2, 800)] {
+        wait_until(Duration::from_secs(120), || async { done() >= at }).await;
+        workers[0].start_kill().unwrap();
+        workers[0].wait().await.unwrap();
+        faults.push(format!("worker 0 killed at {} jobs", done()));
+        workers[0] = spawn(0, life);
+    }
+    wait_until(Duration::from_secs(120), || async { done() >= 1_300 }).await;
+    faults.push(format!(
+        "{} stopped at {} jobs",
+        cluster.nodes[leader],
+        done()
+    ));
+    let _stopped = cluster.stop(leader);
+
+    wait_until(Duration::from_secs(240), || async {
+        done() == i64::from(JOBS)
+    })
+    .await;
+    // Exactly one final record per (job_id, rerun), across the fleet.
+    let doubles = app.store_rows(
+        "SELECT job_id, rerun FROM toggles WHERE outcome <> 'rejected'
+         GROUP BY job_id, rerun HAVING COUNT(*) > 1",
+    );
+    assert!(doubles.is_empty(), "{doubles:?}");
+    let rows = app.toggles();
+    assert_eq!(rows.len(), JOBS as usize);
+    // No instance toggled twice.
+    let stats = app.stats();
+    for (job_id, n, _) in &jobs {
+        let applied = stats
+            .instances
+            .get(&instance(*n))
+            .map_or(0, |i| i.toggles_applied);
+        assert!(applied <= 1, "{job_id}: toggled {applied} times");
+    }
+    // Every event of a job (replays included) carries the id of its one stored record.
+    let stored: std::collections::HashMap<String, String> = rows
+        .iter()
+        .map(|row| {
+            (
+                row["job_id"].as_str().unwrap().to_owned(),
+                row["event_id"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let events = app
+        .events_until(|events| by_job(events).len() >= jobs.len())
+        .await;
+    for event in &events {
+        assert_eq!(
+            stored[&event.data.job_id], event.id,
+            "{}: a replay keeps the stored event id",
+            event.data.job_id
+        );
+    }
+    // The rollout's counts equal the rows, and it completed once.
+    let rollout = &app.store_rows("SELECT * FROM rollouts WHERE rollout_id = 'R-1'")[0];
+    let count = |outcome: &str| rows.iter().filter(|row| row["outcome"] == outcome).count();
+    assert_eq!(rollout["state"], "completed", "{rollout}");
+    for outcome in ["succeeded", "failed", "rejected", "cancelled"] {
+        assert_eq!(
+            rollout[outcome].as_i64().unwrap() as usize,
+            count(outcome),
+            "{outcome}: {rollout}"
+        );
+    }
+    let verified = app.binary().args(["audit", "verify"]).output().unwrap();
+    assert!(
+        verified.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verified.stdout)
+    );
+    let mut completed = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while completed.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no rollout.completed within 30 s"
+        );
+        let got = drain_queue(&app, &rollout_events).await;
+        completed.extend(
+            got.into_iter()
+                .filter(|(key, _)| key == "rollout.completed"),
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Once the store marks it published no worker sends it again; whatever was sent by then is
+    // in the queue.
+    wait_until(Duration::from_secs(30), || async {
+        !app.store_rows(
+            "SELECT id FROM rollout_events WHERE kind = 'completed' AND published_at IS NOT NULL",
+        )
+        .is_empty()
+    })
+    .await;
+    assert_eq!(
+        app.store_rows("SELECT id FROM rollout_events WHERE kind = 'completed'")
+            .len(),
+        1,
+        "one rollout.completed in the outbox"
+    );
+    completed.extend(
+        drain_queue(&app, &rollout_events)
+            .await
+            .into_iter()
+            .filter(|(key, _)| key == "rollout.completed"),
+    );
+    let ids: std::collections::BTreeSet<_> = completed.iter().map(|(_, id)| id.clone()).collect();
+    assert_eq!(ids.len(), 1, "rollout.completed once: {completed:?}");
+    assert_eq!(completed.len(), 1, "and delivered once: {completed:?}");
+    for worker in &mut workers {
+        assert_eq!(terminate(worker, Duration::from_secs(30)).await, Some(0));
+    }
+    eprintln!(
+        "failover: {JOBS} jobs, {} succeeded, {} failed; {}; {} Describe reconciliations, {} faults injected",
+        count("succeeded"),
+        count("failed"),
+        faults.join(", "),
+        app.describe_calls(),
+        stats.faults_injected
+    );
+    app.cleanup().await;
+}
+
+/// Every message waiting in `queue`: (routing key, CloudEvents id).
+async fn drain_queue(app: &TestApp, queue: &str) -> Vec<(String, String)> {
+    let mut got = Vec::new();
+    while let Some(message) = app
+        .channel
+        .basic_get(
+            queue.into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+    {
+        let value: serde_json::Value = serde_json::from_slice(&message.delivery.data).unwrap();
+        got.push((
+            message.delivery.routing_key.to_string(),
+            value["id"].as_str().unwrap_or_default().to_owned(),
+        ));
+    }
+    got
 }

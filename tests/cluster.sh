@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Forms a local 3-node RabbitMQ cluster from the distribution's RabbitMQ (nodes keyturn-c1..3 on
-# 127.0.0.1:5701-5703), runs tests/cluster.rs against it (a worker with `amqp.urls` = the three
-# nodes while the node leading the jobs queue is stopped mid-run), then stops every node it
-# started. Everything the nodes write lives in one temporary directory, removed at the end
+# 127.0.0.1:5701-5703), runs tests/cluster.rs against it, one test at a time (a worker with
+# `amqp.urls` = the three nodes while the node leading the jobs queue is stopped mid-run; the
+# failover proof of three workers on PostgreSQL), then stops every node it started. Everything the nodes write lives in one temporary directory, removed at the end
 # (kept with KEYTURN_CLUSTER_KEEP_LOGS=1).
 #
 # The cluster is separate from the broker on 127.0.0.1:5672: its own node names, AMQP and
@@ -107,4 +107,4 @@ KEYTURN_TEST_CLUSTER_URLS="$(IFS=,; echo "${urls[*]}")" \
   KEYTURN_TEST_CLUSTER_NODES="$(IFS=,; echo "${nodes[*]}")" \
   KEYTURN_TEST_CLUSTER_CTL="$base/rabbitmqctl" \
   KEYTURN_TEST_AMQP_URL="${urls[0]}" \
-  cargo test --test cluster -- --ignored --nocapture
+  cargo test --test cluster -- --ignored --nocapture --test-threads=1
