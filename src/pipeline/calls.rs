@@ -225,8 +225,12 @@ impl Pipeline {
                 .ok_or(Ended::Held(Held::Shutdown))?;
             match claimed {
                 Claimed::Leased { marker, marked_now } => {
-                    let guard = self.leases.held(&request.job_id, request.rerun);
-                    *ctx.lease.lock().expect("lease slot") = Some(guard);
+                    let mut slot = ctx.lease.lock().expect("lease slot");
+                    match &*slot {
+                        // A second claim of this delivery (to mark a Modify) renewed its lease.
+                        Some(_) => self.leases.confirmed(&request.job_id, request.rerun),
+                        None => *slot = Some(self.leases.held(&request.job_id, request.rerun)),
+                    }
                     return Ok((marker, marked_now));
                 }
                 Claimed::Busy { owner, job_id } => {

@@ -76,6 +76,14 @@ impl Leases {
         }
     }
 
+    /// Notes that the store just renewed a lease this worker holds.
+    pub fn confirmed(&self, job_id: &str, rerun: u32) {
+        let mut state = self.state.lock().expect("leases");
+        if let Some(confirmed) = state.held.get_mut(&(job_id.to_owned(), rerun)) {
+            *confirmed = Instant::now();
+        }
+    }
+
     /// Whether the job may call the API now: its lease is confirmed recently enough that it
     /// cannot have expired in the store.
     pub fn trusted(&self, job_id: &str, rerun: u32) -> Trust {
