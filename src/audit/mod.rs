@@ -388,7 +388,10 @@ enum Written {
 /// Handle to the audit log; cheap to clone.
 #[derive(Clone)]
 pub struct AuditStore {
-    commands: mpsc::Sender<Command>,
+    /// The writer thread: every write, in group commits.
+    writes: mpsc::Sender<Command>,
+    /// The reader thread, on a connection of its own: lookups never queue behind a commit.
+    reads: mpsc::Sender<Command>,
     location: Location,
 }
 
@@ -409,12 +412,13 @@ impl AuditStore {
     /// Opens the store at `location`: migrates it (refusing a schema newer than this build) and
     /// starts the writer.
     pub fn open_at(location: &Location, options: &AuditOptions) -> Result<AuditStore, AuditError> {
-        let commands = match location {
+        let (writes, reads) = match location {
             Location::Sqlite(path) => sqlite::start(path, options)?,
             Location::Postgres(url) => postgres::start(url)?,
         };
         Ok(AuditStore {
-            commands,
+            writes,
+            reads,
             location: location.clone(),
         })
     }
@@ -632,9 +636,12 @@ impl AuditStore {
         command: impl FnOnce(oneshot::Sender<Result<T, AuditError>>) -> Command,
     ) -> Result<T, AuditError> {
         let (reply, answer) = oneshot::channel();
-        self.commands
-            .send(command(reply))
-            .map_err(|_| AuditError::Closed)?;
+        let command = command(reply);
+        let thread = match command {
+            Command::Write { .. } => &self.writes,
+            _ => &self.reads,
+        };
+        thread.send(command).map_err(|_| AuditError::Closed)?;
         answer.await.map_err(|_| AuditError::Closed)?
     }
 }
@@ -1090,7 +1097,8 @@ mod tests {
         let reopened = AuditStore::open_at(&location, &options());
         let kept = Store {
             audit: AuditStore {
-                commands: std::sync::mpsc::channel().0,
+                writes: std::sync::mpsc::channel().0,
+                reads: std::sync::mpsc::channel().0,
                 location,
             },
             _dir,

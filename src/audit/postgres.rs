@@ -63,15 +63,25 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// After a failed connection attempt, commands fail at once for this long.
 const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
 
-/// Connects, migrates and starts the writer thread. The connection is made on that thread: the
-/// blocking client runs a runtime of its own, which cannot start inside the worker's.
-pub(super) fn start(url: &str) -> Result<mpsc::Sender<Command>, AuditError> {
+/// Connects, migrates and starts the writer thread and the reader thread, each with a
+/// connection of its own. The connections are made on those threads: the blocking client runs
+/// a runtime of its own, which cannot start inside the worker's.
+pub(super) fn start(
+    url: &str,
+) -> Result<(mpsc::Sender<Command>, mpsc::Sender<Command>), AuditError> {
+    let writes = spawn(url, "keyturn-store", true)?;
+    let reads = spawn(url, "keyturn-store-read", false)?;
+    Ok((writes, reads))
+}
+
+fn spawn(url: &str, name: &str, migrating: bool) -> Result<mpsc::Sender<Command>, AuditError> {
     let url = url.to_owned();
     let (ready, opened) = mpsc::channel();
-    let commands = writer::spawn_with("keyturn-store", move || {
+    let commands = writer::spawn_with(name, move || {
         let opened = Postgres::connect(&url).and_then(|mut backend| {
-            let client = backend.client()?;
-            migrate(client)?;
+            if migrating {
+                migrate(backend.client()?)?;
+            }
             Ok(backend)
         });
         match opened {

@@ -43,11 +43,12 @@ pub(super) const MIGRATIONS: &[(&str, &str)] = &[
     ),
 ];
 
-/// Opens the file, migrates it and starts the thread that owns it.
+/// Opens the file, migrates it and starts the writer thread and the reader thread, each owning a
+/// connection (WAL: the reader sees every committed write and never waits for the writer).
 pub(super) fn start(
     path: &Path,
     options: &AuditOptions,
-) -> Result<mpsc::Sender<Command>, AuditError> {
+) -> Result<(mpsc::Sender<Command>, mpsc::Sender<Command>), AuditError> {
     let open_error = |source| AuditError::Open {
         path: path.to_owned(),
         source,
@@ -56,9 +57,13 @@ pub(super) fn start(
     configure(&connection, options).map_err(open_error)?;
     refuse_newer(&connection)?;
     migrate(&mut connection).map_err(open_error)?;
-    Ok(writer::spawn_with("keyturn-audit", move || {
-        Some(Sqlite { connection })
-    }))
+    let reader = Connection::open(path).map_err(open_error)?;
+    configure(&reader, options).map_err(open_error)?;
+    let writes = writer::spawn_with("keyturn-audit", move || Some(Sqlite { connection }));
+    let reads = writer::spawn_with("keyturn-audit-read", move || {
+        Some(Sqlite { connection: reader })
+    });
+    Ok((writes, reads))
 }
 
 fn configure(connection: &Connection, options: &AuditOptions) -> rusqlite::Result<()> {
