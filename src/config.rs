@@ -223,7 +223,7 @@ impl Default for StoreSettings {
     fn default() -> Self {
         StoreSettings {
             url: String::new(),
-            lease: Duration::from_secs(15),
+            lease: Duration::from_secs(60),
         }
     }
 }
@@ -625,6 +625,18 @@ impl Settings {
             return Err(config_error(
                 "store.lease",
                 "must be between 2s and 10m: renewed every third of it, a dead worker's jobs wait it out",
+            ));
+        }
+        // A call starts only while the lease will outlive it, and renewals come every third of
+        // it: below twice the request timeout no call could ever start.
+        if self.store.lease < 2 * self.api.request_timeout {
+            return Err(config_error(
+                "store.lease",
+                format!(
+                    "is {}, less than twice api.request_timeout ({}): a call must end well within the lease it runs under",
+                    humantime::format_duration(self.store.lease),
+                    humantime::format_duration(self.api.request_timeout)
+                ),
             ));
         }
         Ok(())
@@ -1060,6 +1072,48 @@ mod tests {
             toml::to_string(&loaded).unwrap(),
             toml::to_string(&defaults).unwrap()
         );
+    }
+
+    #[test]
+    fn store_settings_are_checked_and_the_url_never_repeated() {
+        let load = |pairs: &[(&str, &str)]| Settings::load(None, &env(pairs));
+        let postgres =
+            load(&[("KEYTURN_STORE__URL", "postgres://u:secret-pw@db:5432/kt")]).unwrap();
+        assert_eq!(
+            postgres.store_location(),
+            crate::audit::Location::Postgres("postgres://u:secret-pw@db:5432/kt".into())
+        );
+        assert!(
+            !format!("{postgres:?}").contains("secret-pw"),
+            "Debug hides it"
+        );
+        for (pairs, key) in [
+            (
+                vec![("KEYTURN_STORE__URL", "mysql://u:secret-pw@db/kt")],
+                "store.url",
+            ),
+            (
+                vec![("KEYTURN_STORE__URL", "postgres://u:secret-pw@db:99999/kt")],
+                "store.url",
+            ),
+            (vec![("KEYTURN_STORE__LEASE", "1s")], "store.lease"),
+            (
+                vec![
+                    ("KEYTURN_STORE__LEASE", "20s"),
+                    ("KEYTURN_API__REQUEST_TIMEOUT", "15s"),
+                ],
+                "store.lease",
+            ),
+        ] {
+            let error = load(&pairs).unwrap_err();
+            assert_eq!(error.key, key, "{pairs:?}: {error}");
+            assert!(!error.to_string().contains("secret-pw"), "{error}");
+        }
+        let fits = load(&[
+            ("KEYTURN_STORE__LEASE", "3s"),
+            ("KEYTURN_API__REQUEST_TIMEOUT", "1s"),
+        ]);
+        assert!(fits.is_ok(), "{fits:?}");
     }
 
     #[test]

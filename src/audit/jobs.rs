@@ -88,9 +88,12 @@ pub(super) fn claim(tx: &mut dyn Db, request: &ClaimRequest) -> Result<Claimed, 
     } = request;
     let rerun = *rerun;
     if let Some(row) = tx.query_opt(FIND_FINAL, args![job_id, rerun])? {
-        return Ok(Claimed::Finished(Box::new(StoredEvent::parse(
-            row.get(0)?,
-        )?)));
+        let stored = StoredEvent::parse(row.get(0)?)?;
+        let seen = Seen {
+            digest: row.get(1)?,
+            at: row.get(2)?,
+        };
+        return Ok(Claimed::Finished(Box::new((stored, seen))));
     }
     let marker = tx
         .query_opt(FIND_MARKER, args![job_id, rerun])?
@@ -198,7 +201,7 @@ pub(super) fn renew(
     Ok(lost)
 }
 
-pub(super) fn park(tx: &mut dyn Db, job: &ParkedJob) -> Result<(), AuditError> {
+pub(super) fn park(tx: &mut dyn Db, job: &ParkedJob, owner: &str) -> Result<(), AuditError> {
     tx.execute(
         "INSERT INTO parked (job_id, rerun, job_digest, rollout_id, scope, reason, body,
              message_id, correlation_id, reply_to, content_type, parked_at)
@@ -220,13 +223,13 @@ pub(super) fn park(tx: &mut dyn Db, job: &ParkedJob) -> Result<(), AuditError> {
             timestamp(job.parked_at),
         ],
     )?;
-    drop_lease(tx, &job.job_id, job.rerun)
+    drop_lease(tx, &job.job_id, job.rerun, owner)
 }
 
-fn drop_lease(tx: &mut dyn Db, job_id: &str, rerun: u32) -> Result<(), AuditError> {
+fn drop_lease(tx: &mut dyn Db, job_id: &str, rerun: u32, owner: &str) -> Result<(), AuditError> {
     tx.execute(
-        "DELETE FROM leases WHERE job_id = ?1 AND rerun = ?2",
-        args![job_id, rerun],
+        "DELETE FROM leases WHERE job_id = ?1 AND rerun = ?2 AND owner = ?3",
+        args![job_id, rerun, owner],
     )?;
     Ok(())
 }
@@ -332,10 +335,8 @@ pub(super) fn insert(tx: &mut dyn Db, record: &FinalRecord) -> Result<Committed,
         "DELETE FROM in_flight WHERE job_id = ?1 AND rerun = ?2",
         args![data.job_id, data.rerun],
     )?;
-    // A rejection (of a reused key, say) leaves the lease of a job that may be running.
-    if record.job_digest.is_some() {
-        drop_lease(tx, &data.job_id, data.rerun)?;
-    }
+    // Only this worker's own lease: another's may cover a call still in flight.
+    drop_lease(tx, &data.job_id, data.rerun, &record.lease_owner)?;
     if inserted == 0 {
         return Ok(Committed {
             recorded: Recorded::Existing(existing(tx, record)?),

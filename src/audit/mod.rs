@@ -16,6 +16,7 @@ pub mod postgres;
 pub mod query;
 mod rollouts;
 mod sqlite;
+#[doc(hidden)]
 pub mod test_support;
 mod writer;
 
@@ -143,6 +144,8 @@ pub struct FinalRecord {
     /// What a valid job asked for ([`crate::job::Job::digest`]); `None` for rejections.
     pub job_digest: Option<String>,
     pub worker_id: String,
+    /// The worker process whose lease on the key the record drops (see [`ClaimRequest::owner`]).
+    pub lease_owner: String,
     pub attempts: Vec<AttemptRecord>,
     /// Whether the outcome counts toward the job's rollout (not for the rejection of a reused
     /// key: the job's own outcome stands).
@@ -313,7 +316,8 @@ enum Write {
         released: Vec<(String, u32)>,
         lease: Duration,
     },
-    Park(Box<ParkedJob>),
+    /// The job, and the owner whose lease on it the park drops.
+    Park(Box<ParkedJob>, String),
     Unpark(Vec<(i64, i64)>),
     AdmitCanary {
         rollout_id: String,
@@ -368,8 +372,9 @@ pub enum Claimed {
     },
     /// Another worker holds a live lease on the job or on its instance: wait.
     Busy { owner: String, job_id: String },
-    /// The job has its final record now (another worker finished it): replay that.
-    Finished(Box<StoredEvent>),
+    /// The job has its final record now (another worker finished it): replay that, unless it
+    /// was for another body (its `Seen` digest differs).
+    Finished(Box<(StoredEvent, Seen)>),
     /// The job's rollout stopped since the job was admitted: no marker was written.
     RolloutStopped(crate::rollout::State),
 }
@@ -564,10 +569,19 @@ impl AuditStore {
     /// Claims the job key and its instance for this worker before an API call (and, with
     /// `mark`, durably notes that a Modify is about to go out, unless an earlier delivery did).
     /// A job whose rollout was paused, halted or cancelled meanwhile is not marked.
-    pub async fn claim(&self, request: ClaimRequest) -> Result<Claimed, AuditError> {
-        match self.write(Write::Claim(Box::new(request))).await? {
-            Written::Claimed(claimed) => Ok(claimed),
-            _ => unreachable!("a claim answers Claimed"),
+    ///
+    /// The claim is queued to the writer when this is called, not when the future is first
+    /// polled: a caller that orders it against a renewal under a lock gets that order.
+    pub fn claim(
+        &self,
+        request: ClaimRequest,
+    ) -> impl std::future::Future<Output = Result<Claimed, AuditError>> + use<> {
+        let queued = self.queue_write(Write::Claim(Box::new(request)));
+        async move {
+            match queued?.await.map_err(|_| AuditError::Closed)?? {
+                Written::Claimed(claimed) => Ok(claimed),
+                _ => unreachable!("a claim answers Claimed"),
+            }
         }
     }
 
@@ -582,28 +596,34 @@ impl AuditStore {
 
     /// Renews `owner`'s leases on `active` keys and drops those on `released` ones; returns
     /// the active keys whose lease is gone (expired and taken, or dropped by a final record).
-    pub async fn renew_leases(
+    /// Queued when called, like [`AuditStore::claim`].
+    pub fn renew_leases(
         &self,
         owner: &str,
         active: Vec<(String, u32)>,
         released: Vec<(String, u32)>,
         lease: Duration,
-    ) -> Result<Vec<(String, u32)>, AuditError> {
-        let write = Write::Renew {
+    ) -> impl std::future::Future<Output = Result<Vec<(String, u32)>, AuditError>> + use<> {
+        let queued = self.queue_write(Write::Renew {
             owner: owner.to_owned(),
             active,
             released,
             lease,
-        };
-        match self.write(write).await? {
-            Written::Renewed(lost) => Ok(lost),
-            _ => unreachable!("a renewal answers Renewed"),
+        });
+        async move {
+            match queued?.await.map_err(|_| AuditError::Closed)?? {
+                Written::Renewed(lost) => Ok(lost),
+                _ => unreachable!("a renewal answers Renewed"),
+            }
         }
     }
 
-    /// Stores `job` until its scope reopens (a second park of the same key keeps the first).
-    pub async fn park(&self, job: ParkedJob) -> Result<(), AuditError> {
-        self.write(Write::Park(Box::new(job))).await.map(|_| ())
+    /// Stores `job` until its scope reopens (a second park of the same key keeps the first),
+    /// dropping `lease_owner`'s lease on it.
+    pub async fn park(&self, job: ParkedJob, lease_owner: &str) -> Result<(), AuditError> {
+        self.write(Write::Park(Box::new(job), lease_owner.to_owned()))
+            .await
+            .map(|_| ())
     }
 
     /// Forgets parked rows, given as (id, generation), once they are safely back on the queue;
@@ -629,6 +649,18 @@ impl AuditStore {
 
     async fn write(&self, write: Write) -> Result<Written, AuditError> {
         self.ask(|reply| Command::Write { write, reply }).await
+    }
+
+    /// Puts `write` in the writer's queue now; the answer comes through the receiver.
+    fn queue_write(
+        &self,
+        write: Write,
+    ) -> Result<oneshot::Receiver<Result<Written, AuditError>>, AuditError> {
+        let (reply, answer) = oneshot::channel();
+        self.writes
+            .send(Command::Write { write, reply })
+            .map_err(|_| AuditError::Closed)?;
+        Ok(answer)
     }
 
     async fn ask<T>(
@@ -718,6 +750,7 @@ mod tests {
         a_claim_keeps_the_first_digest_and_lives_until_the_final_record,
         a_live_lease_keeps_the_job_and_its_instance_from_other_workers,
         an_expired_lease_is_taken_over_and_its_marker_seen,
+        a_bucket_gives_its_burst_then_a_token_per_interval_all_or_none,
         parked_jobs_are_kept_once_per_key_until_unparked,
         one_write_that_cannot_commit_fails_alone,
         toggles_and_attempts_refuse_update_and_delete,
@@ -753,6 +786,7 @@ mod tests {
             body_sha256: digest.into(),
             job_digest: (outcome != Outcome::Rejected).then(|| format!("job-{digest}")),
             worker_id: "w-1".into(),
+            lease_owner: "w-1".into(),
             attempts: vec![AttemptRecord {
                 call: "modify",
                 started_at: Utc::now(),
@@ -989,6 +1023,44 @@ mod tests {
         assert_eq!(marker.digest.as_deref(), Some("d"));
     }
 
+    async fn a_bucket_gives_its_burst_then_a_token_per_interval_all_or_none(audit: Store) {
+        let bucket = |name: &str, per_second: f64, burst: f64| Bucket {
+            name: name.into(),
+            per_second,
+            burst,
+        };
+        let global = bucket("global", 10.0, 3.0);
+        // Refills once in 1,000 s: only takes move it during the test.
+        let project = bucket("project:r/p", 0.001, 5.0);
+        for _ in 0..3 {
+            let taken = audit
+                .take_tokens(vec![global.clone(), project.clone()])
+                .await
+                .unwrap();
+            assert_eq!(taken, None, "the burst");
+        }
+        let short = audit
+            .take_tokens(vec![global.clone(), project.clone()])
+            .await
+            .unwrap()
+            .expect("the global burst is spent");
+        assert!(
+            short > Duration::ZERO && short <= Duration::from_millis(100),
+            "a token every 100 ms: {short:?}"
+        );
+        // The refused take took nothing: the project bucket still has its last two.
+        for _ in 0..2 {
+            assert_eq!(audit.take_tokens(vec![project.clone()]).await.unwrap(), None);
+        }
+        assert!(audit.take_tokens(vec![project.clone()]).await.unwrap().is_some());
+        tokio::time::sleep(short).await;
+        assert_eq!(
+            audit.take_tokens(vec![global.clone()]).await.unwrap(),
+            None,
+            "refilled after the wait it named"
+        );
+    }
+
     fn parked_job(job_id: &str, scope: &str) -> ParkedJob {
         ParkedJob {
             id: 0,
@@ -1009,10 +1081,16 @@ mod tests {
     }
 
     async fn parked_jobs_are_kept_once_per_key_until_unparked(audit: Store) {
-        audit.park(parked_job("P-1", "credentials")).await.unwrap();
-        audit.park(parked_job("P-1", "credentials")).await.unwrap();
         audit
-            .park(parked_job("P-2", "region:cn-north-4"))
+            .park(parked_job("P-1", "credentials"), "w-1")
+            .await
+            .unwrap();
+        audit
+            .park(parked_job("P-1", "credentials"), "w-1")
+            .await
+            .unwrap();
+        audit
+            .park(parked_job("P-2", "region:cn-north-4"), "w-1")
             .await
             .unwrap();
         assert_eq!(

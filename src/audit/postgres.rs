@@ -16,7 +16,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use postgres::types::{IsNull, ToSql, Type};
-use postgres::{Client, GenericClient, NoTls, Statement};
+use postgres::{Client, GenericClient, IsolationLevel, NoTls, Statement};
 
 use super::db::{Db, Dialect, Row, Value, numbered_dollars};
 use super::writer::{self, Backend};
@@ -60,6 +60,10 @@ const WRITE_LOCK: i64 = 0x006b_6579_7475_726e;
 const MIGRATE_LOCK: i64 = WRITE_LOCK + 1;
 /// How long a connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A session idle inside a transaction this long is ended by the server (it holds the lock).
+const IDLE_IN_TRANSACTION: Duration = Duration::from_secs(30);
+/// The longest a write transaction waits for the write lock before it fails (and is retried).
+const LOCK_TIMEOUT: &str = "60s";
 /// After a failed connection attempt, commands fail at once for this long.
 const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
 
@@ -216,6 +220,17 @@ impl Postgres {
                 .map_err(|_| AuditError::Postgres(NOT_A_POSTGRES_URL.into()))?;
             config.connect_timeout(CONNECT_TIMEOUT);
             config.application_name("keyturn");
+            // A worker cut off mid-transaction would hold the write lock until TCP noticed
+            // (hours, by default): the server ends such a session, and keepalives notice a dead
+            // peer within a minute.
+            config.keepalives(true);
+            config.keepalives_idle(Duration::from_secs(30));
+            let options = format!(
+                "{} -c idle_in_transaction_session_timeout={}",
+                config.get_options().unwrap_or_default(),
+                IDLE_IN_TRANSACTION.as_millis()
+            );
+            config.options(options.trim());
             match config.connect(NoTls) {
                 Ok(client) => {
                     self.client = Some(client);
@@ -251,9 +266,17 @@ impl Backend for Postgres {
     ) -> Result<T, AuditError> {
         self.client()?;
         let client = self.client.as_mut().expect("connected");
-        let mut tx = client.transaction().map_err(error)?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])
+        // Read committed (pinned, whatever the server's default): each statement sees what
+        // the transactions before the lock committed.
+        let mut tx = client
+            .build_transaction()
+            .isolation_level(IsolationLevel::ReadCommitted)
+            .start()
             .map_err(error)?;
+        tx.batch_execute(&format!(
+            "SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'; SELECT pg_advisory_xact_lock({WRITE_LOCK})"
+        ))
+        .map_err(error)?;
         let result = work(&mut Pg {
             client: &mut tx,
             statements: &mut self.statements,
@@ -262,7 +285,32 @@ impl Backend for Postgres {
         Ok(result)
     }
 
+    /// One snapshot for all of `work`'s statements (a lookup reads several tables).
     fn read<T>(
+        &mut self,
+        work: impl FnOnce(&mut dyn Db) -> Result<T, AuditError>,
+    ) -> Result<T, AuditError> {
+        self.client()?;
+        let client = self.client.as_mut().expect("connected");
+        let mut tx = client
+            .build_transaction()
+            .isolation_level(IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .map_err(error)?;
+        let result = work(&mut Pg {
+            client: &mut tx,
+            statements: &mut self.statements,
+        })?;
+        tx.commit().map_err(error)?;
+        Ok(result)
+    }
+}
+
+impl Postgres {
+    /// Runs `work` on the connection outside any transaction (for the audit queries, whose
+    /// verification opens and rolls back one of its own).
+    pub(super) fn with<T>(
         &mut self,
         work: impl FnOnce(&mut dyn Db) -> Result<T, AuditError>,
     ) -> Result<T, AuditError> {
@@ -272,16 +320,6 @@ impl Backend for Postgres {
             client,
             statements: &mut self.statements,
         })
-    }
-}
-
-impl Postgres {
-    /// Runs `work` against the connection (for the audit queries).
-    pub(super) fn with<T>(
-        &mut self,
-        work: impl FnOnce(&mut dyn Db) -> Result<T, AuditError>,
-    ) -> Result<T, AuditError> {
-        self.read(work)
     }
 }
 
@@ -367,6 +405,11 @@ impl ToSql for Value {
             },
             // PostgreSQL text cannot hold NUL, which SQLite keeps: it is stored as U+FFFD
             // rather than failing the record (the event JSON escapes it and keeps it).
+            Value::Text(_)
+                if !matches!(*ty, Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME) =>
+            {
+                Err(format!("text cannot be bound as {ty}").into())
+            }
             Value::Text(text) if text.contains('\0') => {
                 text.replace('\0', "\u{fffd}").to_sql(ty, out)
             }

@@ -158,11 +158,17 @@ impl Backend for Sqlite {
         Ok(result)
     }
 
+    /// One snapshot for all of `work`'s statements (a lookup reads several tables).
     fn read<T>(
         &mut self,
         work: impl FnOnce(&mut dyn Db) -> Result<T, AuditError>,
     ) -> Result<T, AuditError> {
-        work(&mut Lite(&self.connection))
+        let tx = self
+            .connection
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Deferred)?;
+        let result = work(&mut Lite(&tx))?;
+        tx.commit()?;
+        Ok(result)
     }
 }
 

@@ -1,4 +1,5 @@
-//! A PostgreSQL database of a test's own, made on the server the tests use and dropped after.
+//! For tests (this crate's and its integration tests'; not part of keyturn's interface): a
+//! PostgreSQL database of a test's own, made on the server the tests use and dropped after.
 //!
 //! The server is `KEYTURN_TEST_POSTGRES_URL` (a URL to a database the user may create databases
 //! from), else the local one at `postgres://postgres@127.0.0.1:5432/postgres`. With neither, the
@@ -31,8 +32,10 @@ fn off_runtime<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> 
 fn admin() -> Client {
     let url = server_url();
     Client::connect(&url, NoTls).unwrap_or_else(|error| {
+        // The URL may hold a password: only its host and database are shown.
+        let server = crate::audit::Location::Postgres(url).describe();
         panic!(
-            "the PostgreSQL tests need a server: none at {url} ({error}). Start the local one \
+            "the PostgreSQL tests need a server: none at {server} ({error}). Start the local one \
              (`pg_ctlcluster 15 main start`, or `service postgresql start`) or set \
              KEYTURN_TEST_POSTGRES_URL to a URL whose user may create databases"
         )

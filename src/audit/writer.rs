@@ -183,8 +183,8 @@ fn apply(tx: &mut dyn Db, write: &Write) -> Result<Written, AuditError> {
             )?;
             Written::Done
         }
-        Write::Park(job) => {
-            jobs::park(tx, job)?;
+        Write::Park(job, owner) => {
+            jobs::park(tx, job, owner)?;
             Written::Done
         }
         Write::Unpark(ids) => {

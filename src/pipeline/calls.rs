@@ -137,8 +137,14 @@ impl Pipeline {
                 return ended;
             }
             // The store's tokens last, next to the call: a token spent early would bunch calls.
+            // The wait for them may be long, so the lease is looked at again after it.
             if self.fleet_limits
                 && let Err(ended) = self.take_fleet_tokens(&key, rate.as_ref(), ctx).await
+            {
+                return ended;
+            }
+            if self.fleet_limits
+                && let Err(ended) = self.trust_lease(job, ctx).await
             {
                 return ended;
             }
@@ -152,7 +158,10 @@ impl Pipeline {
             let error = match result {
                 Ok(status) if status == job.change.status() => {
                     return Ended::Finished(match call {
-                        Call::Modify => self.confirm(job, status, progress.exchanges).await,
+                        Call::Modify => {
+                            self.confirm(job, status, progress.exchanges, rate.as_ref(), ctx)
+                                .await
+                        }
                         Call::Describe => Run::ok(status, progress.exchanges),
                     });
                 }
@@ -197,7 +206,7 @@ impl Pipeline {
 
     /// Claims the job key and its instance in the store, waiting while another worker holds
     /// either. Returns the in-flight marker as stored and whether this claim wrote it.
-    async fn claim(
+    pub(super) async fn claim(
         &self,
         job: &Job,
         digest: &str,
@@ -217,19 +226,20 @@ impl Pipeline {
         };
         let mut waited = false;
         loop {
-            let claimed = self
+            let (claimed, asked) = self
                 .infra(Infra::InFlightMarker, ctx.shutdown, || {
-                    self.audit.claim(request.clone())
+                    self.leases.claim(&self.audit, request.clone())
                 })
                 .await
                 .ok_or(Ended::Held(Held::Shutdown))?;
             match claimed {
                 Claimed::Leased { marker, marked_now } => {
+                    let (job_id, rerun) = (&request.job_id, request.rerun);
                     let mut slot = ctx.lease.lock().expect("lease slot");
                     match &*slot {
                         // A second claim of this delivery (to mark a Modify) renewed its lease.
-                        Some(_) => self.leases.confirmed(&request.job_id, request.rerun),
-                        None => *slot = Some(self.leases.held(&request.job_id, request.rerun)),
+                        Some(_) => self.leases.confirmed(job_id, rerun, asked),
+                        None => *slot = Some(self.leases.held(job_id, rerun, asked)),
                     }
                     return Ok((marker, marked_now));
                 }
@@ -242,7 +252,14 @@ impl Pipeline {
                         .await
                         .map_err(Ended::Held)?;
                 }
-                Claimed::Finished(stored) => return Err(Ended::Replay(stored)),
+                Claimed::Finished(finished) => {
+                    let (stored, seen) = *finished;
+                    // The key finished for another body: this one reused it.
+                    if seen.digest.as_deref().is_some_and(|d| d != digest) {
+                        return Err(Ended::Conflict(seen));
+                    }
+                    return Err(Ended::Replay(Box::new(stored)));
+                }
                 Claimed::RolloutStopped(state) => return Err(Ended::RolloutStopped(state)),
             }
         }
@@ -322,8 +339,16 @@ impl Pipeline {
                 burst: 1.0,
             });
         }
+        // One job per bucket set asks at a time: a project or rollout that waits for its
+        // tokens does not hold up the others.
+        let gate = buckets
+            .iter()
+            .skip(1)
+            .map(|bucket| bucket.name.as_str())
+            .collect::<Vec<_>>()
+            .join("|");
         let _one_at_a_time = self
-            .hold(ctx, self.fleet_gate.lock())
+            .hold(ctx, self.fleet_gates.lock(&gate))
             .await
             .map_err(Ended::Held)?;
         loop {
@@ -394,12 +419,23 @@ impl Pipeline {
     }
 
     /// After a successful Modify: optionally read the state back, as the operator asked.
-    async fn confirm(&self, job: &Job, status: Status, mut exchanges: Vec<Exchange>) -> Run {
+    async fn confirm(
+        &self,
+        job: &Job,
+        status: Status,
+        mut exchanges: Vec<Exchange>,
+        rate: Option<&(String, u32)>,
+        ctx: &Context<'_>,
+    ) -> Run {
         if !self.settings.api.confirm_after {
             return Run::ok(status, exchanges);
         }
         let key: LimitKey = (job.region.to_string(), job.project_id.to_string());
         self.acquire(&key).await;
+        // The Modify landed: a wait cut short by shutdown or a hold still reads nothing back.
+        if self.fleet_limits && self.take_fleet_tokens(&key, rate, ctx).await.is_err() {
+            return Run::ok(status, exchanges);
+        }
         let confirmation = self.api(Call::Describe, job).await;
         let confirmed = confirmation.result.clone();
         exchanges.push(confirmation);

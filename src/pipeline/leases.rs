@@ -4,9 +4,13 @@
 //! A job claims its key (and with it its instance) in the store before its first API call
 //! ([`crate::audit::AuditStore::claim`]); the final record or a park drops the lease in its own
 //! transaction. While a job runs, [`Leases::renew`] (every third of `store.lease`) extends every
-//! lease this process holds. A lease whose renewal has not been confirmed for two thirds of its
-//! life is not trusted: its job makes no call until a renewal succeeds, because another worker may
-//! take over a lease that expired.
+//! lease this process holds. A call is made only while the lease is sure to outlive it: the time
+//! since the lease was last confirmed (counted from before the confirming write was sent) plus
+//! `api.request_timeout` must stay under `store.lease`, because another worker may take over a
+//! lease that expired.
+//!
+//! Claims and renewals are queued to the store's writer under this module's lock, so a renewal
+//! that drops a released key can never be applied after a newer claim of the same key.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -14,7 +18,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::audit::AuditStore;
+use crate::audit::{AuditError, AuditStore, ClaimRequest, Claimed};
 
 type Key = (String, u32);
 
@@ -25,6 +29,8 @@ pub struct Leases {
     /// own.
     pub owner: String,
     pub lease: Duration,
+    /// The longest one API call may take (`api.request_timeout`).
+    call_time: Duration,
     state: Mutex<State>,
 }
 
@@ -54,33 +60,50 @@ impl Drop for LeaseGuard {
 }
 
 impl Leases {
-    pub fn new(worker_id: &str, lease: Duration) -> Leases {
+    pub fn new(worker_id: &str, lease: Duration, call_time: Duration) -> Leases {
         let token = uuid::Uuid::new_v4().simple().to_string();
         Leases {
             owner: format!("{worker_id}/{}", &token[..12]),
             lease,
+            call_time,
             state: Mutex::default(),
         }
     }
 
-    /// Notes a lease the store just granted (or confirmed).
-    pub fn held(self: &Arc<Self>, job_id: &str, rerun: u32) -> LeaseGuard {
+    /// Queues a claim of the request's key to the store. The key leaves the list of keys to
+    /// release first, under the lock a renewal queues under.
+    pub fn claim(
+        &self,
+        audit: &AuditStore,
+        request: ClaimRequest,
+    ) -> impl std::future::Future<Output = Result<(Claimed, Instant), AuditError>> + use<> {
+        let asked = Instant::now();
+        let claimed = {
+            let mut state = self.state.lock().expect("leases");
+            let key = (request.job_id.clone(), request.rerun);
+            state.released.retain(|released| *released != key);
+            audit.claim(request)
+        };
+        async move { claimed.await.map(|claimed| (claimed, asked)) }
+    }
+
+    /// Notes a lease the store granted to a claim sent at `asked`.
+    pub fn held(self: &Arc<Self>, job_id: &str, rerun: u32, asked: Instant) -> LeaseGuard {
         let key = (job_id.to_owned(), rerun);
         let mut state = self.state.lock().expect("leases");
-        state.held.insert(key.clone(), Instant::now());
+        state.held.insert(key.clone(), asked);
         state.lost.remove(&key);
-        state.released.retain(|released| *released != key);
         LeaseGuard {
             leases: self.clone(),
             key,
         }
     }
 
-    /// Notes that the store just renewed a lease this worker holds.
-    pub fn confirmed(&self, job_id: &str, rerun: u32) {
+    /// Notes that a claim sent at `asked` renewed a lease this worker holds.
+    pub fn confirmed(&self, job_id: &str, rerun: u32, asked: Instant) {
         let mut state = self.state.lock().expect("leases");
         if let Some(confirmed) = state.held.get_mut(&(job_id.to_owned(), rerun)) {
-            *confirmed = Instant::now();
+            *confirmed = (*confirmed).max(asked);
         }
     }
 
@@ -93,7 +116,7 @@ impl Leases {
             return Trust::Lost;
         }
         match state.held.get(&key) {
-            Some(confirmed) if confirmed.elapsed() < self.lease * 2 / 3 => Trust::Yes,
+            Some(confirmed) if confirmed.elapsed() + self.call_time < self.lease => Trust::Yes,
             Some(_) => Trust::Stale,
             None => Trust::Lost,
         }
@@ -101,21 +124,20 @@ impl Leases {
 
     /// Renews every held lease and drops the released ones, in one store write.
     pub async fn renew(&self, audit: &AuditStore) {
-        let (active, released) = {
-            let mut state = self.state.lock().expect("leases");
-            (
-                state.held.keys().cloned().collect::<Vec<_>>(),
-                std::mem::take(&mut state.released),
-            )
-        };
-        if active.is_empty() && released.is_empty() {
-            return;
-        }
         let asked = Instant::now();
-        match audit
-            .renew_leases(&self.owner, active.clone(), released.clone(), self.lease)
-            .await
-        {
+        let (active, released, renewed) = {
+            let mut state = self.state.lock().expect("leases");
+            let active = state.held.keys().cloned().collect::<Vec<_>>();
+            let released = std::mem::take(&mut state.released);
+            if active.is_empty() && released.is_empty() {
+                return;
+            }
+            // Queued under the lock: a later claim of a released key comes after this drop.
+            let renewed =
+                audit.renew_leases(&self.owner, active.clone(), released.clone(), self.lease);
+            (active, released, renewed)
+        };
+        match renewed.await {
             Ok(lost) => {
                 let mut state = self.state.lock().expect("leases");
                 for key in &active {
@@ -132,7 +154,13 @@ impl Leases {
             }
             Err(error) => {
                 tracing::warn!(%error, "renewing leases failed; retrying");
-                self.state.lock().expect("leases").released.extend(released);
+                let mut state = self.state.lock().expect("leases");
+                // A key claimed again meanwhile is no longer to be released.
+                let again: Vec<_> = released
+                    .into_iter()
+                    .filter(|key| !state.held.contains_key(key))
+                    .collect();
+                state.released.extend(again);
             }
         }
     }
@@ -163,12 +191,24 @@ mod tests {
     use super::*;
 
     #[tokio::test(start_paused = true)]
-    async fn a_lease_is_trusted_for_two_thirds_of_its_life_unless_renewed() {
-        let leases = Arc::new(Leases::new("w", Duration::from_secs(15)));
-        let guard = leases.held("J", 0);
+    async fn a_lease_is_trusted_only_while_a_call_started_now_ends_before_it_expires() {
+        let leases = Arc::new(Leases::new(
+            "w",
+            Duration::from_secs(60),
+            Duration::from_secs(30),
+        ));
+        let guard = leases.held("J", 0, Instant::now());
         assert_eq!(leases.trusted("J", 0), Trust::Yes);
-        tokio::time::advance(Duration::from_secs(11)).await;
-        assert_eq!(leases.trusted("J", 0), Trust::Stale);
+        tokio::time::advance(Duration::from_secs(29)).await;
+        assert_eq!(leases.trusted("J", 0), Trust::Yes);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(
+            leases.trusted("J", 0),
+            Trust::Stale,
+            "a call started now could outlive the lease"
+        );
+        leases.confirmed("J", 0, Instant::now());
+        assert_eq!(leases.trusted("J", 0), Trust::Yes);
         drop(guard);
         assert_eq!(leases.trusted("J", 0), Trust::Lost);
         assert_eq!(
@@ -179,9 +219,7 @@ mod tests {
 
     #[test]
     fn two_runs_of_one_worker_id_are_different_owners() {
-        assert_ne!(
-            Leases::new("w", Duration::from_secs(15)).owner,
-            Leases::new("w", Duration::from_secs(15)).owner
-        );
+        let new = || Leases::new("w", Duration::from_secs(60), Duration::from_secs(30));
+        assert_ne!(new().owner, new().owner);
     }
 }

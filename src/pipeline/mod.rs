@@ -135,8 +135,8 @@ pub struct Pipeline {
     /// The rate limits are also taken from the store's buckets, shared by every worker on it
     /// (on PostgreSQL; a SQLite store serves one host, whose workers keep their own limits).
     pub fleet_limits: bool,
-    /// One job at a time asks the store for tokens.
-    fleet_gate: tokio::sync::Mutex<()>,
+    /// One job at a time per set of buckets asks the store for tokens.
+    fleet_gates: JobLocks,
     pub metrics: crate::ops::Metrics,
     /// Cancelled when the worker stops: ends probes and releases.
     pub stopping: CancellationToken,
@@ -208,9 +208,13 @@ impl Pipeline {
         jobs: Arc<dyn JobQueue>,
     ) -> Pipeline {
         Pipeline {
-            leases: Arc::new(Leases::new(&worker_id, settings.store.lease)),
+            leases: Arc::new(Leases::new(
+                &worker_id,
+                settings.store.lease,
+                settings.api.request_timeout,
+            )),
             fleet_limits: matches!(audit.location(), crate::audit::Location::Postgres(_)),
-            fleet_gate: tokio::sync::Mutex::new(()),
+            fleet_gates: JobLocks::default(),
             limits: Limits::new(&settings.rate_limit),
             circuits: Circuits::new(settings.circuit.strikes_to_open),
             settings,
@@ -358,13 +362,52 @@ impl Pipeline {
             // being recorded as cancelled before it ran.
             Some(Admit::Cancel) if earlier.marker.is_some() => None,
             Some(Admit::Cancel) => {
-                let record = self.cancelled_record(job, &digest, ctx);
-                return self.commit(record, ctx).await;
+                // Under a lease no other worker is sending this job; with no marker stored
+                // under it, none sent it before: only then is it cancelled unsent.
+                match self.claim(job, &digest, false, ctx).await {
+                    Ok((None, _)) => {
+                        let record = self.cancelled_record(job, &digest, ctx);
+                        return self.commit(record, ctx).await;
+                    }
+                    Ok((Some(seen), _)) if seen.digest.as_deref().is_some_and(|d| d != digest) => {
+                        return self.reject(&reused_key(job, &seen), Counted::No, ctx).await;
+                    }
+                    Ok((Some(_), _)) => {
+                        return self.run(job, &digest, true, None, turn, ctx).await;
+                    }
+                    Err(ended) => return self.ended(job, &digest, ended, turn, ctx).await,
+                }
             }
             None => return Disposition::Abandon,
         };
         let uncertain = earlier.marker.is_some();
-        match self.call(job, &digest, uncertain, rate, ctx).await {
+        self.run(job, &digest, uncertain, rate, turn, ctx).await
+    }
+
+    /// The API phase of a job, and what its end means for the delivery.
+    async fn run(
+        self: &Arc<Self>,
+        job: &Job,
+        digest: &str,
+        uncertain: bool,
+        rate: Option<(String, u32)>,
+        turn: Option<&Turn>,
+        ctx: &Context<'_>,
+    ) -> Disposition {
+        let ended = self.call(job, digest, uncertain, rate, ctx).await;
+        self.ended(job, digest, ended, turn, ctx).await
+    }
+
+    async fn ended(
+        self: &Arc<Self>,
+        job: &Job,
+        digest: &str,
+        ended: Ended,
+        turn: Option<&Turn>,
+        ctx: &Context<'_>,
+    ) -> Disposition {
+        let digest = digest.to_owned();
+        match ended {
             Ended::Finished(run) => {
                 let record = self.record_of(job, &digest, run, ctx);
                 self.commit(record, ctx).await

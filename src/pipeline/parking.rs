@@ -58,7 +58,7 @@ impl Pipeline {
         };
         let stored = self
             .infra(Infra::Parking, ctx.shutdown, || {
-                self.audit.park(parked.clone())
+                self.audit.park(parked.clone(), &self.leases.owner)
             })
             .await;
         match stored {

@@ -90,6 +90,7 @@ impl Pipeline {
             body_sha256: ctx.body_digest.clone(),
             job_digest: None,
             worker_id: self.worker_id.clone(),
+            lease_owner: self.leases.owner.clone(),
             attempts: Vec::new(),
             counts_for_rollout: true,
         }

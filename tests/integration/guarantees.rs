@@ -61,9 +61,10 @@ async fn sigkill_at_random_moments_loses_nothing_and_toggles_nothing_twice() {
 
 #[tokio::test]
 async fn force_closed_broker_connections_are_survived_without_loss_or_double_toggles() {
-    // 60 jobs at 300 ms, 4 at a time, take ~4.5 s: longer than rabbitmqctl's few calls.
+    // 120 jobs at 300 ms, 4 at a time, take ~9 s: longer than rabbitmqctl's few calls, even on a
+    // busy machine.
     let app = TestApp::spawn_with_latency(300).await;
-    let jobs = publish_fleet(&app, 60, 20_000).await;
+    let jobs = publish_fleet(&app, 120, 20_000).await;
     let (shutdown, handle) = app.start_worker();
     wait_until(Duration::from_secs(60), || async {
         app.toggles().len() >= 8
