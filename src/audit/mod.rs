@@ -397,6 +397,8 @@ pub struct AuditStore {
     writes: mpsc::Sender<Command>,
     /// The reader thread, on a connection of its own: lookups never queue behind a commit.
     reads: mpsc::Sender<Command>,
+    /// Where rate-limit token takes go: a thread of their own on PostgreSQL, the writer on SQLite.
+    tokens: mpsc::Sender<Command>,
     location: Location,
 }
 
@@ -417,13 +419,20 @@ impl AuditStore {
     /// Opens the store at `location`: migrates it (refusing a schema newer than this build) and
     /// starts the writer.
     pub fn open_at(location: &Location, options: &AuditOptions) -> Result<AuditStore, AuditError> {
-        let (writes, reads) = match location {
-            Location::Sqlite(path) => sqlite::start(path, options)?,
-            Location::Postgres(url) => postgres::start(url)?,
+        let (writes, reads, tokens) = match location {
+            Location::Sqlite(path) => {
+                let (writes, reads) = sqlite::start(path, options)?;
+                (writes.clone(), reads, writes)
+            }
+            Location::Postgres(url) => {
+                let threads = postgres::start(url)?;
+                (threads.writes, threads.reads, threads.tokens)
+            }
         };
         Ok(AuditStore {
             writes,
             reads,
+            tokens,
             location: location.clone(),
         })
     }
@@ -588,7 +597,12 @@ impl AuditStore {
     /// Takes one token of each bucket for an API call, all or none; `Some(wait)`: one is short
     /// for about `wait`.
     pub async fn take_tokens(&self, buckets: Vec<Bucket>) -> Result<Option<Duration>, AuditError> {
-        match self.write(Write::TakeTokens(buckets)).await? {
+        let (reply, answer) = oneshot::channel();
+        let write = Write::TakeTokens(buckets);
+        self.tokens
+            .send(Command::Write { write, reply })
+            .map_err(|_| AuditError::Closed)?;
+        match answer.await.map_err(|_| AuditError::Closed)?? {
             Written::Tokens(wait) => Ok(wait),
             _ => unreachable!("a take of tokens answers Tokens"),
         }
@@ -1050,9 +1064,18 @@ mod tests {
         );
         // The refused take took nothing: the project bucket still has its last two.
         for _ in 0..2 {
-            assert_eq!(audit.take_tokens(vec![project.clone()]).await.unwrap(), None);
+            assert_eq!(
+                audit.take_tokens(vec![project.clone()]).await.unwrap(),
+                None
+            );
         }
-        assert!(audit.take_tokens(vec![project.clone()]).await.unwrap().is_some());
+        assert!(
+            audit
+                .take_tokens(vec![project.clone()])
+                .await
+                .unwrap()
+                .is_some()
+        );
         tokio::time::sleep(short).await;
         assert_eq!(
             audit.take_tokens(vec![global.clone()]).await.unwrap(),
@@ -1177,6 +1200,7 @@ mod tests {
             audit: AuditStore {
                 writes: std::sync::mpsc::channel().0,
                 reads: std::sync::mpsc::channel().0,
+                tokens: std::sync::mpsc::channel().0,
                 location,
             },
             _dir,

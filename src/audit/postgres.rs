@@ -58,6 +58,9 @@ pub(super) const MIGRATIONS: &[(&str, &str)] = &[
 const WRITE_LOCK: i64 = 0x006b_6579_7475_726e;
 /// The advisory lock migrations run under, so workers starting together migrate once.
 const MIGRATE_LOCK: i64 = WRITE_LOCK + 1;
+/// The advisory lock token takes run under: they touch only `rate_buckets`, so they need not
+/// wait for the audit's writes.
+const TOKEN_LOCK: i64 = WRITE_LOCK + 2;
 /// How long a connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A session idle inside a transaction this long is ended by the server (it holds the lock).
@@ -67,23 +70,43 @@ const LOCK_TIMEOUT: &str = "60s";
 /// After a failed connection attempt, commands fail at once for this long.
 const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
 
-/// Connects, migrates and starts the writer thread and the reader thread, each with a
-/// connection of its own. The connections are made on those threads: the blocking client runs
-/// a runtime of its own, which cannot start inside the worker's.
-pub(super) fn start(
-    url: &str,
-) -> Result<(mpsc::Sender<Command>, mpsc::Sender<Command>), AuditError> {
-    let writes = spawn(url, "keyturn-store", true)?;
-    let reads = spawn(url, "keyturn-store-read", false)?;
-    Ok((writes, reads))
+/// What a connection is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// The audit's writes, under [`WRITE_LOCK`]; migrates the store when it connects.
+    Writes,
+    /// Lookups and other reads.
+    Reads,
+    /// Rate-limit token takes, under [`TOKEN_LOCK`], committed without waiting for the flush:
+    /// a bucket's last takes lost in a crash of the server cost at most a burst.
+    Tokens,
 }
 
-fn spawn(url: &str, name: &str, migrating: bool) -> Result<mpsc::Sender<Command>, AuditError> {
+/// The store's threads, each with a connection of its own.
+pub(super) struct Threads {
+    pub writes: mpsc::Sender<Command>,
+    pub reads: mpsc::Sender<Command>,
+    pub tokens: mpsc::Sender<Command>,
+}
+
+/// Connects, migrates and starts the writer, reader and token threads. The connections are made
+/// on those threads: the blocking client runs a runtime of its own, which cannot start inside
+/// the worker's.
+pub(super) fn start(url: &str) -> Result<Threads, AuditError> {
+    Ok(Threads {
+        writes: spawn(url, "keyturn-store", Role::Writes)?,
+        reads: spawn(url, "keyturn-store-read", Role::Reads)?,
+        tokens: spawn(url, "keyturn-store-tokens", Role::Tokens)?,
+    })
+}
+
+fn spawn(url: &str, name: &str, role: Role) -> Result<mpsc::Sender<Command>, AuditError> {
     let url = url.to_owned();
     let (ready, opened) = mpsc::channel();
     let commands = writer::spawn_with(name, move || {
         let opened = Postgres::connect(&url).and_then(|mut backend| {
-            if migrating {
+            backend.role = role;
+            if role == Role::Writes {
                 migrate(backend.client()?)?;
             }
             Ok(backend)
@@ -169,6 +192,7 @@ pub(super) struct Postgres {
     url: String,
     client: Option<Client>,
     statements: HashMap<String, Statement>,
+    role: Role,
     /// When the last connection attempt failed, and how.
     failed_at: Option<(Instant, Failure)>,
 }
@@ -197,6 +221,7 @@ impl Postgres {
             url: url.to_owned(),
             client: None,
             statements: HashMap::new(),
+            role: Role::Reads,
             failed_at: None,
         };
         backend.client()?;
@@ -273,8 +298,12 @@ impl Backend for Postgres {
             .isolation_level(IsolationLevel::ReadCommitted)
             .start()
             .map_err(error)?;
+        let (lock, durability) = match self.role {
+            Role::Tokens => (TOKEN_LOCK, "SET LOCAL synchronous_commit = off;"),
+            Role::Writes | Role::Reads => (WRITE_LOCK, ""),
+        };
         tx.batch_execute(&format!(
-            "SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'; SELECT pg_advisory_xact_lock({WRITE_LOCK})"
+            "SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'; {durability} SELECT pg_advisory_xact_lock({lock})"
         ))
         .map_err(error)?;
         let result = work(&mut Pg {
