@@ -119,18 +119,7 @@ async fn losing_the_node_that_leads_the_jobs_queue_moves_the_worker_on_and_loses
     // unrouted queue, the test's own) live there. The quorum queues are declared on node 2 and
     // the rest on node 1, so the leader's node can stop while the classic queues stay up.
     let name = unique("kt-cluster");
-    let names = {
-        let name = name.clone();
-        move |settings: &mut keyturn::config::Settings| {
-            let amqp = &mut settings.amqp;
-            amqp.jobs_queue = format!("{name}.jobs");
-            amqp.dead_queue = format!("{name}.jobs.dead");
-            amqp.dead_letter_exchange = format!("{name}.dlx");
-            amqp.results_exchange = format!("{name}.results");
-            amqp.unrouted_queue = format!("{name}.results.unrouted");
-            amqp.control_queue = format!("{name}.control");
-        }
-    };
+    let names = queue_names(&name);
     declare_quorum_queues_on(&cluster.urls[1], &name, &names).await;
     let first = cluster.urls[0].clone();
     let app = TestApp::spawn_with(Options {
@@ -225,6 +214,20 @@ async fn losing_the_node_that_leads_the_jobs_queue_moves_the_worker_on_and_loses
     app.cleanup().await;
 }
 
+/// Sets every queue and exchange name of keyturn's topology to one under `name`.
+fn queue_names(name: &str) -> impl Fn(&mut keyturn::config::Settings) + Clone + Send + 'static {
+    let name = name.to_owned();
+    move |settings: &mut keyturn::config::Settings| {
+        let amqp = &mut settings.amqp;
+        amqp.jobs_queue = format!("{name}.jobs");
+        amqp.dead_queue = format!("{name}.jobs.dead");
+        amqp.dead_letter_exchange = format!("{name}.dlx");
+        amqp.results_exchange = format!("{name}.results");
+        amqp.unrouted_queue = format!("{name}.results.unrouted");
+        amqp.control_queue = format!("{name}.control");
+    }
+}
+
 /// keyturn's topology declared through node `url` (the unrouted queue under a throwaway name,
 /// deleted again), with the names `names` gives.
 async fn declare_quorum_queues_on(
@@ -291,18 +294,7 @@ async fn a_fleet_survives_killed_workers_and_a_lost_node_with_every_job_recorded
     const JOBS: u32 = 2_000;
     let cluster = Cluster::from_env();
     let name = unique("kt-failover");
-    let names = {
-        let name = name.clone();
-        move |settings: &mut keyturn::config::Settings| {
-            let amqp = &mut settings.amqp;
-            amqp.jobs_queue = format!("{name}.jobs");
-            amqp.dead_queue = format!("{name}.jobs.dead");
-            amqp.dead_letter_exchange = format!("{name}.dlx");
-            amqp.results_exchange = format!("{name}.results");
-            amqp.unrouted_queue = format!("{name}.results.unrouted");
-            amqp.control_queue = format!("{name}.control");
-        }
-    };
+    let names = queue_names(&name);
     // Quorum queues led by node 2 (index 1), classic ones on node 1 (index 0), as above.
     declare_quorum_queues_on(&cluster.urls[1], &name, &names).await;
     let first = cluster.urls[0].clone();

@@ -63,6 +63,20 @@ pub async fn run(
     };
     let mut housekeeping = None;
     let mut reconnects = Reconnects::new(backoff);
+    // A restarted worker's jobs come back at once: its earlier run's leases are dropped rather
+    // than waited out.
+    match pipeline
+        .audit
+        .release_predecessors(&pipeline.worker_id, &pipeline.leases.owner)
+        .await
+    {
+        Ok(0) => {}
+        Ok(released) => tracing::info!(
+            released,
+            "dropped the leases an earlier run of this worker left"
+        ),
+        Err(error) => tracing::warn!(%error, "could not drop an earlier run's leases; they expire"),
+    }
     while !stop.is_cancelled() {
         let started = Instant::now();
         let ended = session(&pipeline, &options, &stop, &mut housekeeping).await;

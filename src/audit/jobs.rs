@@ -168,6 +168,20 @@ pub(super) fn claim(tx: &mut dyn Db, request: &ClaimRequest) -> Result<Claimed, 
     })
 }
 
+/// Drops the leases of earlier runs of `worker_id` (owners `<worker_id>/<token>` other than
+/// `owner`): a worker id names one running worker, so they belong to a process that is gone.
+pub(super) fn release_predecessors(
+    tx: &mut dyn Db,
+    worker_id: &str,
+    owner: &str,
+) -> Result<u64, AuditError> {
+    let prefix = format!("{worker_id}/");
+    tx.execute(
+        "DELETE FROM leases WHERE substr(owner, 1, ?2) = ?1 AND owner <> ?3",
+        args![prefix, prefix.chars().count(), owner],
+    )
+}
+
 fn millis(duration: std::time::Duration) -> i64 {
     i64::try_from(duration.as_millis()).unwrap_or(i64::MAX / 2)
 }

@@ -310,6 +310,10 @@ enum Write {
     Record(Box<FinalRecord>),
     Claim(Box<ClaimRequest>),
     TakeTokens(Vec<Bucket>),
+    ReleasePredecessors {
+        worker_id: String,
+        owner: String,
+    },
     Renew {
         owner: String,
         active: Vec<(String, u32)>,
@@ -384,6 +388,7 @@ enum Written {
     Claimed(Claimed),
     Renewed(Vec<(String, u32)>),
     Tokens(Option<Duration>),
+    Released(u64),
     Admitted(bool),
     Applied(Box<(Reply, Effect)>),
     Events(Vec<PendingEvent>),
@@ -594,6 +599,23 @@ impl AuditStore {
         }
     }
 
+    /// Drops the leases of earlier runs of `worker_id` (any owner `<worker_id>/…` but `owner`);
+    /// returns how many. A worker id must name one running worker at a time.
+    pub async fn release_predecessors(
+        &self,
+        worker_id: &str,
+        owner: &str,
+    ) -> Result<u64, AuditError> {
+        let write = Write::ReleasePredecessors {
+            worker_id: worker_id.to_owned(),
+            owner: owner.to_owned(),
+        };
+        match self.write(write).await? {
+            Written::Released(count) => Ok(count),
+            _ => unreachable!("a release answers Released"),
+        }
+    }
+
     /// Takes one token of each bucket for an API call, all or none; `Some(wait)`: one is short
     /// for about `wait`.
     pub async fn take_tokens(&self, buckets: Vec<Bucket>) -> Result<Option<Duration>, AuditError> {
@@ -764,6 +786,7 @@ mod tests {
         a_claim_keeps_the_first_digest_and_lives_until_the_final_record,
         a_live_lease_keeps_the_job_and_its_instance_from_other_workers,
         an_expired_lease_is_taken_over_and_its_marker_seen,
+        a_restarted_worker_drops_only_its_earlier_runs_leases,
         a_bucket_gives_its_burst_then_a_token_per_interval_all_or_none,
         parked_jobs_are_kept_once_per_key_until_unparked,
         one_write_that_cannot_commit_fails_alone,
@@ -1011,6 +1034,39 @@ mod tests {
             .await
             .unwrap();
         assert!(matches!(next, Claimed::Leased { .. }), "{next:?}");
+    }
+
+    async fn a_restarted_worker_drops_only_its_earlier_runs_leases(audit: Store) {
+        for (job, instance, owner) in [
+            ("R-1", "r/p/1", "w-a/old"),
+            ("R-2", "r/p/2", "w-a/new"),
+            ("R-3", "r/p/3", "w-ab/other"),
+        ] {
+            let leased = audit
+                .claim(claim_of(job, instance, owner, "d"))
+                .await
+                .unwrap();
+            assert!(matches!(leased, Claimed::Leased { .. }), "{leased:?}");
+        }
+        assert_eq!(
+            audit.release_predecessors("w-a", "w-a/new").await.unwrap(),
+            1
+        );
+        let free = audit
+            .claim(claim_of("R-1", "r/p/1", "w-b/x", "d"))
+            .await
+            .unwrap();
+        assert!(
+            matches!(free, Claimed::Leased { .. }),
+            "the old run's lease is gone: {free:?}"
+        );
+        for (job, instance) in [("R-2", "r/p/2"), ("R-3", "r/p/3")] {
+            let busy = audit
+                .claim(claim_of(job, instance, "w-b/x", "d"))
+                .await
+                .unwrap();
+            assert!(matches!(busy, Claimed::Busy { .. }), "{job} kept: {busy:?}");
+        }
     }
 
     async fn an_expired_lease_is_taken_over_and_its_marker_seen(audit: Store) {

@@ -289,29 +289,16 @@ impl Backend for Postgres {
         &mut self,
         work: impl FnOnce(&mut dyn Db) -> Result<T, AuditError>,
     ) -> Result<T, AuditError> {
-        self.client()?;
-        let client = self.client.as_mut().expect("connected");
-        // Read committed (pinned, whatever the server's default): each statement sees what
-        // the transactions before the lock committed.
-        let mut tx = client
-            .build_transaction()
-            .isolation_level(IsolationLevel::ReadCommitted)
-            .start()
-            .map_err(error)?;
         let (lock, durability) = match self.role {
             Role::Tokens => (TOKEN_LOCK, "SET LOCAL synchronous_commit = off;"),
             Role::Writes | Role::Reads => (WRITE_LOCK, ""),
         };
-        tx.batch_execute(&format!(
+        // Read committed (pinned, whatever the server's default): each statement sees what
+        // the transactions before the lock committed.
+        let first = format!(
             "SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'; {durability} SELECT pg_advisory_xact_lock({lock})"
-        ))
-        .map_err(error)?;
-        let result = work(&mut Pg {
-            client: &mut tx,
-            statements: &mut self.statements,
-        })?;
-        tx.commit().map_err(error)?;
-        Ok(result)
+        );
+        self.transaction(IsolationLevel::ReadCommitted, false, &first, work)
     }
 
     /// One snapshot for all of `work`'s statements (a lookup reads several tables).
@@ -319,14 +306,31 @@ impl Backend for Postgres {
         &mut self,
         work: impl FnOnce(&mut dyn Db) -> Result<T, AuditError>,
     ) -> Result<T, AuditError> {
+        self.transaction(IsolationLevel::RepeatableRead, true, "", work)
+    }
+}
+
+impl Postgres {
+    /// Runs `work` in a transaction that first runs `first` (when not empty); commits if it
+    /// returns `Ok`.
+    fn transaction<T>(
+        &mut self,
+        isolation: IsolationLevel,
+        read_only: bool,
+        first: &str,
+        work: impl FnOnce(&mut dyn Db) -> Result<T, AuditError>,
+    ) -> Result<T, AuditError> {
         self.client()?;
         let client = self.client.as_mut().expect("connected");
         let mut tx = client
             .build_transaction()
-            .isolation_level(IsolationLevel::RepeatableRead)
-            .read_only(true)
+            .isolation_level(isolation)
+            .read_only(read_only)
             .start()
             .map_err(error)?;
+        if !first.is_empty() {
+            tx.batch_execute(first).map_err(error)?;
+        }
         let result = work(&mut Pg {
             client: &mut tx,
             statements: &mut self.statements,

@@ -141,6 +141,9 @@ fn apply(tx: &mut dyn Db, write: &Write) -> Result<Written, AuditError> {
         Write::Record(record) => Written::Recorded(Box::new(jobs::insert(tx, record)?)),
         Write::Claim(request) => Written::Claimed(jobs::claim(tx, request)?),
         Write::TakeTokens(buckets) => Written::Tokens(buckets::take(tx, buckets)?),
+        Write::ReleasePredecessors { worker_id, owner } => {
+            Written::Released(jobs::release_predecessors(tx, worker_id, owner)?)
+        }
         Write::Renew {
             owner,
             active,
