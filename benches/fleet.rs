@@ -32,17 +32,21 @@
 //! each delivery (up to `prefetch` at once) it parses the job's JSON, publishes one persistent
 //! mandatory event to the results (topic) exchange, waits for the confirm, then acks. Same window,
 //! same message count, same event queue and collector as the keyturn rows. It runs with 1, 2
-//! and 4 consumers (each with its own connections, as a process would); a 0 ms row's **vs raw**
-//! is its jobs/s ÷ the raw loop's with as many consumers as the row has workers.
+//! and 4 consumers (each with its own connections, as a process would), three runs each (a run
+//! is well under a second): its row shows the run with the median jobs/s. A 0 ms row's ratio
+//! (**× raw**) is its jobs/s ÷ that raw row's with as many consumers as the row has workers.
 //!
-//! **vs ideal** (50 ms rows): jobs/s ÷ (workers × worker.concurrency ÷ 0.050 s), the rate if
-//! every slot always had a call in flight and nothing else took time.
+//! **of ideal** (the 50 ms rows' ratio): jobs/s ÷ (workers × worker.concurrency ÷ 0.050 s), the
+//! rate if every slot always had a call in flight and nothing else took time.
 //!
 //! **Rate fidelity**: 4 workers on PostgreSQL with KEYTURN_RATE_LIMIT__PER_SECOND=60,
 //! KEYTURN_RATE_LIMIT__BURST=5 (per-project limits 100,000), simulator latency 0 ms, all jobs
 //! published at once. From the simulator's own log of Modify (POST) requests (`GET
 //! /_simulator/stats`, `recent[].at_ms`, the last 1,000 requests): calls/s after the first
-//! `burst` calls = (n − 1 − burst) ÷ (t[n−1] − t[burst]), divided by 60. Also the most Modify
+//! `burst` calls = (n − 1 − burst) ÷ (t[n−1] − t[burst]), divided by 60; beside it the
+//! least-squares slope of call number over time for the same calls, which one late first call
+//! or early last call moves less (timestamps are whole milliseconds); both are held against
+//! [0.98, 1.00] as printed, to three decimals. Also the most Modify
 //! calls in one calendar second (floor of at_ms ÷ 1000) and in any sliding 1-s window; a bucket
 //! of 60/s with burst 5 allows at most 65 in any second.
 //!
@@ -93,6 +97,9 @@ const RATE_PER_SECOND: u32 = 60;
 const RATE_BURST: u32 = 5;
 const RATE_WORKERS: usize = 4;
 const HIGH_LIMIT: &str = "100000";
+/// The raw loop runs this often per consumer count (a run is well under a second, so one
+/// broker hiccup moves it a lot); its row is the run with the median jobs/s.
+const RAW_RUNS: usize = 3;
 
 fn main() {
     let knobs = Knobs::from_env();
@@ -165,12 +172,13 @@ async fn run(knobs: Knobs) {
 
     let mut raw = HashMap::new();
     for consumers in WORKER_COUNTS {
-        let measured = raw_loop(&knobs, consumers).await;
-        eprintln!(
-            "raw lapin loop ×{consumers}: {}",
-            measured.collected.summary()
-        );
-        raw.insert(consumers, measured);
+        let mut runs = Vec::new();
+        for _ in 0..RAW_RUNS {
+            let collected = raw_loop(&knobs, consumers).await;
+            eprintln!("raw lapin loop ×{consumers}: {}", collected.summary());
+            runs.push(collected);
+        }
+        raw.insert(consumers, RawMeasured::median_of(runs));
     }
 
     let mut fleets = Vec::new();
@@ -602,11 +610,25 @@ async fn wait_for_consumers(harness: &Harness, expected: u32) {
 // ---------------------------------------------------------------------------------------------
 // The raw lapin loop
 
+/// The raw loop's run with the median jobs/s of [`RAW_RUNS`], and every run's jobs/s.
 struct RawMeasured {
     collected: Collected,
+    all_per_second: Vec<f64>,
 }
 
-async fn raw_loop(knobs: &Knobs, consumers: usize) -> RawMeasured {
+impl RawMeasured {
+    fn median_of(mut runs: Vec<Collected>) -> RawMeasured {
+        runs.sort_by(|a, b| a.per_second().total_cmp(&b.per_second()));
+        let all_per_second = runs.iter().map(Collected::per_second).collect();
+        let collected = runs.swap_remove(runs.len() / 2);
+        RawMeasured {
+            collected,
+            all_per_second,
+        }
+    }
+}
+
+async fn raw_loop(knobs: &Knobs, consumers: usize) -> Collected {
     let tag = unique(&format!("raw{consumers}"));
     let mut harness = Harness::open(names(knobs, &tag), &tag).await;
     let stop = CancellationToken::new();
@@ -633,7 +655,7 @@ async fn raw_loop(knobs: &Knobs, consumers: usize) -> RawMeasured {
         }
     }
     harness.close().await;
-    RawMeasured { collected }
+    collected
 }
 
 /// One consumer of the raw loop: consume (prefetch), publish one confirmed event per delivery,
@@ -1036,6 +1058,25 @@ impl RateMeasured {
         Some((rate, rate / f64::from(RATE_PER_SECOND)))
     }
 
+    /// The least-squares slope of call number over time for the calls after the first `burst`
+    /// (calls/s): less moved by when the first and last of them happened to arrive.
+    fn slope(&self) -> Option<f64> {
+        let at = self.modify_at_ms.get(RATE_BURST as usize..)?;
+        if at.len() < 2 {
+            return None;
+        }
+        let n = at.len() as f64;
+        let mean_t = at.iter().map(|t| (t - at[0]) as f64).sum::<f64>() / n;
+        let mean_k = (n - 1.0) / 2.0;
+        let (mut covariance, mut variance) = (0.0, 0.0);
+        for (k, t) in at.iter().enumerate() {
+            let dt = (t - at[0]) as f64 - mean_t;
+            covariance += dt * (k as f64 - mean_k);
+            variance += dt * dt;
+        }
+        (variance > 0.0).then(|| covariance / variance * 1e3)
+    }
+
     /// The most calls in one calendar second, and in any sliding 1-s window.
     fn busiest(&self) -> (usize, usize) {
         let mut per_second: HashMap<i64, usize> = HashMap::new();
@@ -1123,6 +1164,13 @@ fn ms(value: f64) -> String {
     }
 }
 
+/// Whether a fidelity is in [0.98, 1.00] as printed (three decimals): a slope of 60.002/s is
+/// 1.000, not a miss; the timestamps are whole milliseconds anyway.
+fn within_fidelity_target(fidelity: f64) -> bool {
+    let shown = (fidelity * 1e3).round() / 1e3;
+    (0.98..=1.0).contains(&shown)
+}
+
 fn met(ok: bool) -> &'static str {
     if ok { "met" } else { "missed" }
 }
@@ -1137,13 +1185,19 @@ fn print_throughput(knobs: &Knobs, raw: &HashMap<usize, RawMeasured>, fleets: &[
             continue;
         };
         let c = &measured.collected;
+        let runs: Vec<String> = measured
+            .all_per_second
+            .iter()
+            .map(|r| format!("{r:.0}"))
+            .collect();
         println!(
-            "| raw lapin loop | {consumers} consumer{} | — | — | {} | {:.0} | {} | {} | — | — | —{} |",
+            "| raw lapin loop | {consumers} consumer{} | — | — | {} | {:.0} | {} | {} | — | median of {RAW_RUNS} runs: {} jobs/s | —{} |",
             if consumers == 1 { "" } else { "s" },
             c.received,
             c.per_second(),
             ms(percentile(&c.latencies_ms, 0.5)),
             ms(percentile(&c.latencies_ms, 0.99)),
+            runs.join(" / "),
             c.notes().map(|n| format!(" ({n})")).unwrap_or_default(),
         );
     }
@@ -1206,11 +1260,18 @@ fn print_rate(rate: &RateMeasured) {
     match rate.fidelity() {
         Some((per_second, fidelity)) => println!(
             "| calls/s after the first {RATE_BURST} (simulator's clock) ÷ {RATE_PER_SECOND} | {per_second:.2}/s = {fidelity:.3} | [0.98, 1.00]: {} |",
-            met((0.98..=1.0).contains(&fidelity))
+            met(within_fidelity_target(fidelity))
         ),
         None => {
             println!("| calls/s after the first {RATE_BURST} | not measurable | [0.98, 1.00] |")
         }
+    }
+    if let Some(slope) = rate.slope() {
+        let fidelity = slope / f64::from(RATE_PER_SECOND);
+        println!(
+            "| the same as a least-squares slope over those calls ÷ {RATE_PER_SECOND} | {slope:.2}/s = {fidelity:.3} | [0.98, 1.00]: {} |",
+            met(within_fidelity_target(fidelity))
+        );
     }
     let (calendar, sliding) = rate.busiest();
     println!(
