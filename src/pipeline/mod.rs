@@ -169,6 +169,13 @@ struct Context<'a> {
     lease: std::sync::Mutex<Option<leases::LeaseGuard>>,
 }
 
+impl Context<'_> {
+    /// Forgets the job's lease once its record or park dropped it in the store.
+    fn settle_lease(&self) {
+        drop(self.lease.lock().expect("lease slot").take());
+    }
+}
+
 /// Whether a rejection counts toward its rollout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Counted {
@@ -537,6 +544,8 @@ impl Pipeline {
         let Some(committed) = committed else {
             return Disposition::Abandon;
         };
+        // The record dropped the lease in its transaction: nothing is left to renew.
+        ctx.settle_lease();
         match &committed.recorded {
             Recorded::New(stored) => self
                 .metrics

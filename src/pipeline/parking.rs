@@ -63,6 +63,7 @@ impl Pipeline {
             .await;
         match stored {
             Some(()) => {
+                ctx.settle_lease();
                 tracing::info!(scope, reason, "job parked");
                 Disposition::Ack
             }
