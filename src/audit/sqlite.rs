@@ -49,6 +49,48 @@ pub(super) fn start(
     path: &Path,
     options: &AuditOptions,
 ) -> Result<(mpsc::Sender<Command>, mpsc::Sender<Command>), AuditError> {
+    // Workers starting together on a new file contend for it while one of them turns on WAL and
+    // migrates; a "database is locked" that outlasts the busy timeout then is tried again.
+    let mut attempt = 0;
+    let connection = loop {
+        match open_writer(path, options) {
+            Err(error) if attempt < 4 && busy(&error) => {
+                attempt += 1;
+                tracing::warn!(
+                    attempt,
+                    "the audit file is locked by another process; trying again"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(250));
+            }
+            opened => break opened?,
+        }
+    };
+    let open_error = |source| AuditError::Open {
+        path: path.to_owned(),
+        source,
+    };
+    // The reader needs no pragma but the busy timeout: WAL is the file's own setting.
+    let reader = Connection::open(path).map_err(open_error)?;
+    reader
+        .busy_timeout(options.busy_timeout)
+        .map_err(open_error)?;
+    let writes = writer::spawn_with("keyturn-audit", move || Some(Sqlite { connection }));
+    let reads = writer::spawn_with("keyturn-audit-read", move || {
+        Some(Sqlite { connection: reader })
+    });
+    Ok((writes, reads))
+}
+
+fn busy(error: &AuditError) -> bool {
+    let source = match error {
+        AuditError::Open { source, .. } | AuditError::Sql(source) => source,
+        _ => return false,
+    };
+    source.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy)
+}
+
+/// The writer's connection: configured, checked and migrated.
+fn open_writer(path: &Path, options: &AuditOptions) -> Result<Connection, AuditError> {
     let open_error = |source| AuditError::Open {
         path: path.to_owned(),
         source,
@@ -57,13 +99,7 @@ pub(super) fn start(
     configure(&connection, options).map_err(open_error)?;
     refuse_newer(&connection)?;
     migrate(&mut connection).map_err(open_error)?;
-    let reader = Connection::open(path).map_err(open_error)?;
-    configure(&reader, options).map_err(open_error)?;
-    let writes = writer::spawn_with("keyturn-audit", move || Some(Sqlite { connection }));
-    let reads = writer::spawn_with("keyturn-audit-read", move || {
-        Some(Sqlite { connection: reader })
-    });
-    Ok((writes, reads))
+    Ok(connection)
 }
 
 fn configure(connection: &Connection, options: &AuditOptions) -> rusqlite::Result<()> {
