@@ -197,7 +197,14 @@ async fn run(knobs: Knobs) {
     }
 
     let rate = rate_fidelity(&knobs).await;
-    eprintln!("rate fidelity: {:?}", rate.fidelity());
+    match rate.fidelity() {
+        Some((per_second, ratio)) => {
+            eprintln!(
+                "rate fidelity: {per_second:.2} calls/s after the burst = {ratio:.3} of the limit"
+            )
+        }
+        None => eprintln!("rate fidelity: too few calls to measure"),
+    }
 
     println!();
     println!("{header}");
