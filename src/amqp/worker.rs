@@ -63,20 +63,9 @@ pub async fn run(
     };
     let mut housekeeping = None;
     let mut reconnects = Reconnects::new(backoff);
-    // A restarted worker's jobs come back at once: its earlier run's leases are dropped rather
-    // than waited out.
-    match pipeline
-        .audit
-        .release_predecessors(&pipeline.worker_id, &pipeline.leases.owner)
-        .await
-    {
-        Ok(0) => {}
-        Ok(released) => tracing::info!(
-            released,
-            "dropped the leases an earlier run of this worker left"
-        ),
-        Err(error) => tracing::warn!(%error, "could not drop an earlier run's leases; they expire"),
-    }
+    // A worker restarted under its id takes its earlier run's jobs back once every call that run
+    // can have started has ended (`api.request_timeout` after this start), not a whole lease later.
+    let releasing = tokio::spawn(release_predecessors(pipeline.clone(), stop.clone()));
     while !stop.is_cancelled() {
         let started = Instant::now();
         let ended = session(&pipeline, &options, &stop, &mut housekeeping).await;
@@ -102,12 +91,33 @@ pub async fn run(
         }
     }
     pipeline.stopping.cancel();
+    releasing.abort();
     if let Some(task) = housekeeping {
         let _ = task.await;
     }
     // The leases of jobs handed back or abandoned: another worker need not wait them out.
     pipeline.leases.renew(&pipeline.audit).await;
     Ok(())
+}
+
+/// Drops the leases of earlier runs of this worker's id, `api.request_timeout` after the start.
+async fn release_predecessors(pipeline: Arc<Pipeline>, stop: CancellationToken) {
+    tokio::select! {
+        () = stop.cancelled() => return,
+        () = tokio::time::sleep(pipeline.settings.api.request_timeout) => {}
+    }
+    match pipeline
+        .audit
+        .release_predecessors(&pipeline.worker_id, &pipeline.leases.owner)
+        .await
+    {
+        Ok(0) => {}
+        Ok(released) => tracing::info!(
+            released,
+            "dropped the leases an earlier run of this worker left"
+        ),
+        Err(error) => tracing::warn!(%error, "could not drop an earlier run's leases; they expire"),
+    }
 }
 
 /// The reconnect backoff: its ceiling doubles with every session that died young (or never

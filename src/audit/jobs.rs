@@ -344,11 +344,15 @@ pub(super) fn insert(tx: &mut dyn Db, record: &FinalRecord) -> Result<Committed,
             record.job_digest,
         ],
     )?;
-    // The marker and lease go either way: this delivery finished the job, or another did.
-    tx.execute(
-        "DELETE FROM in_flight WHERE job_id = ?1 AND rerun = ?2",
-        args![data.job_id, data.rerun],
-    )?;
+    // The marker goes with the job's final record, this delivery's or another's; a rejection
+    // (of a reused key, say) leaves the marker of the body that may have been sent.
+    if let Some(digest) = &record.job_digest {
+        tx.execute(
+            "DELETE FROM in_flight WHERE job_id = ?1 AND rerun = ?2
+             AND (job_digest = ?3 OR job_digest IS NULL)",
+            args![data.job_id, data.rerun, digest],
+        )?;
+    }
     // Only this worker's own lease: another's may cover a call still in flight.
     drop_lease(tx, &data.job_id, data.rerun, &record.lease_owner)?;
     if inserted == 0 {

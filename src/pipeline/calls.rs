@@ -148,7 +148,9 @@ impl Pipeline {
             {
                 return ended;
             }
+            self.leases.calling(job.id.as_str(), job.rerun);
             let exchange = self.api(call, job).await;
+            self.leases.called(job.id.as_str(), job.rerun);
             progress.spent = progress.spent.saturating_add(exchange.latency);
             let result = exchange.result.clone();
             if let Some(scope) = self.watch_circuits(job, &result) {
@@ -436,7 +438,9 @@ impl Pipeline {
         if self.fleet_limits && self.take_fleet_tokens(&key, rate, ctx).await.is_err() {
             return Run::ok(status, exchanges);
         }
+        self.leases.calling(job.id.as_str(), job.rerun);
         let confirmation = self.api(Call::Describe, job).await;
+        self.leases.called(job.id.as_str(), job.rerun);
         let confirmed = confirmation.result.clone();
         exchanges.push(confirmation);
         match confirmed {

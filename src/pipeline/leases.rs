@@ -42,6 +42,8 @@ struct State {
     released: Vec<Key>,
     /// Keys the store no longer has a lease of ours for.
     lost: HashSet<Key>,
+    /// Keys with an API call under way, and when it started.
+    calls: HashMap<Key, Instant>,
 }
 
 /// A held lease; dropping it hands the key to the next renewal to release.
@@ -55,7 +57,15 @@ impl Drop for LeaseGuard {
         let mut state = self.leases.state.lock().expect("leases");
         state.held.remove(&self.key);
         state.lost.remove(&self.key);
-        state.released.push(self.key.clone());
+        // A delivery dropped in the middle of a call (aborted at the end of a grace period)
+        // keeps its lease until it expires: the call may still land.
+        let calling = state
+            .calls
+            .remove(&self.key)
+            .is_some_and(|started| started.elapsed() < self.leases.call_time);
+        if !calling {
+            state.released.push(self.key.clone());
+        }
     }
 }
 
@@ -107,6 +117,20 @@ impl Leases {
         }
     }
 
+    /// Notes that a call of the job starts now.
+    pub fn calling(&self, job_id: &str, rerun: u32) {
+        let mut state = self.state.lock().expect("leases");
+        state
+            .calls
+            .insert((job_id.to_owned(), rerun), Instant::now());
+    }
+
+    /// Notes that the job's call ended.
+    pub fn called(&self, job_id: &str, rerun: u32) {
+        let mut state = self.state.lock().expect("leases");
+        state.calls.remove(&(job_id.to_owned(), rerun));
+    }
+
     /// Whether the job may call the API now: its lease is confirmed recently enough that it
     /// cannot have expired in the store.
     pub fn trusted(&self, job_id: &str, rerun: u32) -> Trust {
@@ -125,7 +149,7 @@ impl Leases {
     /// Renews every held lease and drops the released ones, in one store write.
     pub async fn renew(&self, audit: &AuditStore) {
         let asked = Instant::now();
-        let (active, released, renewed) = {
+        let (active, renewed) = {
             let mut state = self.state.lock().expect("leases");
             let active = state.held.keys().cloned().collect::<Vec<_>>();
             let released = std::mem::take(&mut state.released);
@@ -133,9 +157,8 @@ impl Leases {
                 return;
             }
             // Queued under the lock: a later claim of a released key comes after this drop.
-            let renewed =
-                audit.renew_leases(&self.owner, active.clone(), released.clone(), self.lease);
-            (active, released, renewed)
+            let renewed = audit.renew_leases(&self.owner, active.clone(), released, self.lease);
+            (active, renewed)
         };
         match renewed.await {
             Ok(lost) => {
@@ -152,16 +175,9 @@ impl Leases {
                     }
                 }
             }
-            Err(error) => {
-                tracing::warn!(%error, "renewing leases failed; retrying");
-                let mut state = self.state.lock().expect("leases");
-                // A key claimed again meanwhile is no longer to be released.
-                let again: Vec<_> = released
-                    .into_iter()
-                    .filter(|key| !state.held.contains_key(key))
-                    .collect();
-                state.released.extend(again);
-            }
+            // The released keys are not asked again: one may be claimed anew by now, and an
+            // unreleased lease only expires.
+            Err(error) => tracing::warn!(%error, "renewing leases failed; retrying"),
         }
     }
 }

@@ -25,7 +25,12 @@ async fn sigkill_at_random_moments_loses_nothing_and_toggles_nothing_twice() {
     let mut killed_at = Vec::new();
     for round in 0..4u32 {
         let mut child = app
-            .worker_process(&[("KEYTURN_WORKER__CONCURRENCY", "8")])
+            .worker_process(&[
+                ("KEYTURN_WORKER__CONCURRENCY", "8"),
+                // A restarted run takes the killed run's leases back a request timeout after it
+                // starts.
+                ("KEYTURN_API__REQUEST_TIMEOUT", "2s"),
+            ])
             .spawn()
             .unwrap();
         let target = (round as usize + 1) * 40 + rand::random_range(0..20);
@@ -39,7 +44,12 @@ async fn sigkill_at_random_moments_loses_nothing_and_toggles_nothing_twice() {
         killed_at.push(app.toggles().len());
     }
     let status = app
-        .worker_process(&[("KEYTURN_WORKER__CONCURRENCY", "8")])
+        .worker_process(&[
+            ("KEYTURN_WORKER__CONCURRENCY", "8"),
+            // A restarted run takes the killed run's leases back a request timeout after it
+            // starts.
+            ("KEYTURN_API__REQUEST_TIMEOUT", "2s"),
+        ])
         .arg("--exit-when-idle")
         .arg("1s")
         .status()
@@ -342,9 +352,11 @@ async fn a_message_that_kills_every_worker_is_dead_lettered_by_the_delivery_limi
     app.publish_job(&job("J-behind", 61, "on")).await;
     let limit_setting = limit.to_string();
     let worker = || {
+        // A restarted run takes the killed run's lease back a request timeout after it starts.
         app.worker_process(&[
             ("KEYTURN_WORKER__CONCURRENCY", "1"),
             ("KEYTURN_AMQP__DELIVERY_LIMIT", &limit_setting),
+            ("KEYTURN_API__REQUEST_TIMEOUT", "3s"),
         ])
     };
     let dead_queue = app.settings.amqp.dead_queue.clone();

@@ -508,6 +508,9 @@ impl TestApp {
         command
             .arg("worker")
             .env("KEYTURN_WORKER__ID", &self.settings.worker.id)
+            // The simulator answers at once unless told to hang; a short timeout also lets a
+            // restarted worker take its killed run's leases back soon after it starts.
+            .env("KEYTURN_API__REQUEST_TIMEOUT", "5s")
             .env("KEYTURN_RETRY__BASE_DELAY", "20ms")
             .env("KEYTURN_RETRY__MAX_DELAY", "200ms")
             .env("KEYTURN_RATE_LIMIT__PER_PROJECT_PER_SECOND", "1000")
