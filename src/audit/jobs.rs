@@ -147,23 +147,20 @@ pub(super) fn claim(tx: &mut dyn Db, request: &ClaimRequest) -> Result<Claimed, 
             marked_now: false,
         });
     }
+    let first_sent_at = timestamp(Utc::now());
     tx.execute(
         "INSERT INTO in_flight (job_id, rerun, job_digest, first_sent_at, worker_id, rollout_id)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        args![
-            job_id,
-            rerun,
-            digest,
-            timestamp(Utc::now()),
-            worker_id,
-            rollout_id
-        ],
+        args![job_id, rerun, digest, first_sent_at, worker_id, rollout_id],
     )?;
     if let Some(rollout_id) = rollout_id {
         rollouts::started(tx, rollout_id, worker_id)?;
     }
     Ok(Claimed::Leased {
-        marker: Some(seen(&tx.query_one(FIND_MARKER, args![job_id, rerun])?)?),
+        marker: Some(Seen {
+            digest: Some(digest.clone()),
+            at: first_sent_at,
+        }),
         marked_now: true,
     })
 }

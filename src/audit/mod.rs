@@ -181,6 +181,13 @@ pub struct Seen {
     pub at: String,
 }
 
+impl Seen {
+    /// The key was seen asking for something other than `digest`: it is being reused.
+    pub fn other_body(&self, digest: &str) -> bool {
+        self.digest.as_deref().is_some_and(|seen| seen != digest)
+    }
+}
+
 /// What the store knows of a job key before a delivery of it is worked on.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Earlier {

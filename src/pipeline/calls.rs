@@ -122,7 +122,7 @@ impl Pipeline {
                     };
                 progress.leased = true;
                 if let Some(seen) = &marker
-                    && seen.digest.as_deref().is_some_and(|d| d != digest)
+                    && seen.other_body(digest)
                 {
                     return Ended::Conflict(seen.clone());
                 }
@@ -257,7 +257,7 @@ impl Pipeline {
                 Claimed::Finished(finished) => {
                     let (stored, seen) = *finished;
                     // The key finished for another body: this one reused it.
-                    if seen.digest.as_deref().is_some_and(|d| d != digest) {
+                    if seen.other_body(digest) {
                         return Err(Ended::Conflict(seen));
                     }
                     return Err(Ended::Replay(Box::new(stored)));

@@ -376,7 +376,7 @@ impl Pipeline {
                         let record = self.cancelled_record(job, &digest, ctx);
                         return self.commit(record, ctx).await;
                     }
-                    Ok((Some(seen), _)) if seen.digest.as_deref().is_some_and(|d| d != digest) => {
+                    Ok((Some(seen), _)) if seen.other_body(&digest) => {
                         return self.reject(&reused_key(job, &seen), Counted::No, ctx).await;
                     }
                     Ok((Some(_), _)) => {
@@ -413,25 +413,24 @@ impl Pipeline {
         turn: Option<&Turn>,
         ctx: &Context<'_>,
     ) -> Disposition {
-        let digest = digest.to_owned();
         match ended {
             Ended::Finished(run) => {
-                let record = self.record_of(job, &digest, run, ctx);
+                let record = self.record_of(job, digest, run, ctx);
                 self.commit(record, ctx).await
             }
             Ended::Conflict(seen) => self.reject(&reused_key(job, &seen), Counted::No, ctx).await,
             Ended::Parked(scope) => {
-                self.park(job, &digest, &scope.key(), "circuit open", ctx)
+                self.park(job, digest, &scope.key(), "circuit open", ctx)
                     .await
             }
             Ended::RolloutStopped(crate::rollout::State::Cancelled) => {
-                let record = self.cancelled_record(job, &digest, ctx);
+                let record = self.cancelled_record(job, digest, ctx);
                 self.commit(record, ctx).await
             }
             Ended::RolloutStopped(state) => {
                 let rollout = job.rollout_id.as_ref().map_or("", |id| id.as_str());
                 let reason = format!("rollout {state}");
-                self.park(job, &digest, &format!("rollout:{rollout}"), &reason, ctx)
+                self.park(job, digest, &format!("rollout:{rollout}"), &reason, ctx)
                     .await
             }
             Ended::Held(held) => self.held(held, turn, ctx).await,
@@ -649,7 +648,7 @@ fn conflict(earlier: &Earlier, digest: &str) -> Option<Seen> {
     ];
     seen.into_iter()
         .flatten()
-        .find(|seen| seen.digest.as_deref().is_some_and(|d| d != digest))
+        .find(|seen| seen.other_body(digest))
         .cloned()
 }
 

@@ -387,6 +387,20 @@ impl TestApp {
         }
     }
 
+    /// Every message waiting in `queue` now, taken off it.
+    pub async fn take_waiting(&self, queue: &str) -> Vec<lapin::message::Delivery> {
+        let mut taken = Vec::new();
+        while let Some(message) = self
+            .channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
+            taken.push(message.delivery);
+        }
+        taken
+    }
+
     pub async fn queue_len(&self, queue: &str) -> u32 {
         self.inspect(queue).await.message_count()
     }
@@ -409,19 +423,11 @@ impl TestApp {
 
     /// Takes every message from the dead queue (acking them) and returns their bodies.
     pub async fn dead_letters(&self) -> Vec<Vec<u8>> {
-        let mut bodies = Vec::new();
-        while let Some(message) = self
-            .channel
-            .basic_get(
-                self.settings.amqp.dead_queue.as_str().into(),
-                BasicGetOptions { no_ack: true },
-            )
+        self.take_waiting(&self.settings.amqp.dead_queue)
             .await
-            .unwrap()
-        {
-            bodies.push(message.delivery.data.clone());
-        }
-        bodies
+            .into_iter()
+            .map(|delivery| delivery.data)
+            .collect()
     }
 
     pub fn stats(&self) -> Stats {

@@ -65,14 +65,9 @@ impl TestApp {
 
     async fn rollout_events(&self, queue: &str) -> Vec<RolloutEvent> {
         let mut events = Vec::new();
-        while let Some(message) = self
-            .channel
-            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
-            .await
-            .unwrap()
-        {
-            let routing_key = message.delivery.routing_key.to_string();
-            let value: Value = serde_json::from_slice(&message.delivery.data).unwrap();
+        for delivery in self.take_waiting(queue).await {
+            let routing_key = delivery.routing_key.to_string();
+            let value: Value = serde_json::from_slice(&delivery.data).unwrap();
             let kind = routing_key.strip_prefix("rollout.").unwrap().to_owned();
             assert_eq!(value["type"], format!("dev.keyturn.rollout.{kind}"));
             assert_eq!(value["specversion"], "1.0");
