@@ -28,7 +28,7 @@
 //!
 //! **raw lapin loop** (the baseline, in this process): per consumer one connection consuming from
 //! a quorum queue declared exactly like keyturn's jobs queue (`topology::declare`), with the
-//! same prefetch as the workers' concurrency, and one connection in confirm mode publishing. For
+//! same prefetch as the workers (`worker.prefetch`), and one connection in confirm mode publishing. For
 //! each delivery (up to `prefetch` at once) it parses the job's JSON, publishes one persistent
 //! mandatory event to the results (topic) exchange, waits for the confirm, then acks. Same window,
 //! same message count, same event queue and collector as the keyturn rows. It runs with 1, 2
@@ -60,7 +60,9 @@
 //! would do alone. Knobs: KEYTURN_BENCH_JOBS (0 ms rows, default 2000), KEYTURN_BENCH_ROUNDS
 //! (50 ms rows run workers × concurrency × rounds jobs, default 100 ≈ 5 s at the ideal rate),
 //! KEYTURN_BENCH_RATE_JOBS (default 600, at most 1000), KEYTURN_BENCH_CONCURRENCY (default 16,
-//! the shipped worker.concurrency), KEYTURN_BENCH_WINDOW (default 2).
+//! the shipped worker.concurrency), KEYTURN_BENCH_PREFETCH (default twice the concurrency, the
+//! shipped worker.prefetch), KEYTURN_BENCH_WINDOW (default 2), KEYTURN_BENCH_ONLY (comma-separated words; only rows whose
+//! label holds one run: `sqlite/0ms/1`, `postgres/50ms/4`, `rate`; e.g. `sqlite/0ms`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -102,7 +104,7 @@ const HIGH_LIMIT: &str = "100000";
 const RAW_RUNS: usize = 3;
 
 fn main() {
-    let knobs = Knobs::from_env();
+    let knobs = Knobs::from_env().with_prefetch();
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(run(knobs));
 }
@@ -113,7 +115,12 @@ struct Knobs {
     rounds_50ms: usize,
     rate_jobs: usize,
     concurrency: u16,
+    /// The workers' `worker.prefetch`, and the raw loop's prefetch.
+    prefetch: u16,
     window_factor: usize,
+    /// `KEYTURN_BENCH_ONLY`: run only the rows whose label (`sqlite/0ms/1`, `postgres/50ms/4`,
+    /// `rate`) contains one of these comma-separated words; empty = every row.
+    only: Vec<String>,
 }
 
 impl Knobs {
@@ -132,13 +139,41 @@ impl Knobs {
             rounds_50ms: number("KEYTURN_BENCH_ROUNDS", 100),
             // The simulator keeps the last 1,000 requests; the rate is read from them.
             rate_jobs: number("KEYTURN_BENCH_RATE_JOBS", 600).min(1_000),
-            concurrency: number("KEYTURN_BENCH_CONCURRENCY", 16).min(u16::MAX.into()) as u16,
+            concurrency: number("KEYTURN_BENCH_CONCURRENCY", 16).min(2_000) as u16,
             window_factor: number("KEYTURN_BENCH_WINDOW", 2),
+            prefetch: 0,
+            only: std::env::var("KEYTURN_BENCH_ONLY")
+                .unwrap_or_default()
+                .split(',')
+                .map(|word| word.trim().to_lowercase())
+                .filter(|word| !word.is_empty())
+                .collect(),
         }
     }
 
+    /// The prefetch: KEYTURN_BENCH_PREFETCH, else the worker's default of twice the concurrency.
+    fn with_prefetch(mut self) -> Knobs {
+        let default = usize::from(self.concurrency) * 2;
+        self.prefetch = std::env::var("KEYTURN_BENCH_PREFETCH")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|v| *v >= usize::from(self.concurrency))
+            .unwrap_or(default)
+            .min(4_000) as u16;
+        self
+    }
+
+    /// Whether the row labelled `label` runs (see `only`).
+    fn runs(&self, label: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|word| label.contains(word.as_str()))
+    }
+
+    fn fleet_label(store: StoreKind, latency_ms: u64, workers: usize) -> String {
+        format!("{}/{latency_ms}ms/{workers}", store.name().to_lowercase())
+    }
+
     fn window(&self, consumers: usize) -> usize {
-        self.window_factor * consumers * usize::from(self.concurrency)
+        self.window_factor * consumers * usize::from(self.prefetch)
     }
 
     fn jobs_for(&self, workers: usize, latency_ms: u64) -> usize {
@@ -172,6 +207,12 @@ async fn run(knobs: Knobs) {
 
     let mut raw = HashMap::new();
     for consumers in WORKER_COUNTS {
+        let needed = [StoreKind::Sqlite, StoreKind::Postgres]
+            .into_iter()
+            .any(|store| knobs.runs(&Knobs::fleet_label(store, 0, consumers)));
+        if !needed {
+            continue;
+        }
         let mut runs = Vec::new();
         for _ in 0..RAW_RUNS {
             let collected = raw_loop(&knobs, consumers).await;
@@ -185,6 +226,9 @@ async fn run(knobs: Knobs) {
     for store in [StoreKind::Sqlite, StoreKind::Postgres] {
         for latency_ms in LATENCIES_MS {
             for workers in WORKER_COUNTS {
+                if !knobs.runs(&Knobs::fleet_label(store, latency_ms, workers)) {
+                    continue;
+                }
                 let measured = keyturn_throughput(&knobs, workers, store, latency_ms).await;
                 eprintln!(
                     "keyturn ×{workers} {} {latency_ms} ms: {}",
@@ -196,33 +240,39 @@ async fn run(knobs: Knobs) {
         }
     }
 
-    let rate = rate_fidelity(&knobs).await;
-    match rate.fidelity() {
-        Some((per_second, ratio)) => {
-            eprintln!(
+    let rate = if knobs.runs("rate") {
+        let rate = rate_fidelity(&knobs).await;
+        match rate.fidelity() {
+            Some((per_second, ratio)) => eprintln!(
                 "rate fidelity: {per_second:.2} calls/s after the burst = {ratio:.3} of the limit"
-            )
+            ),
+            None => eprintln!("rate fidelity: too few calls to measure"),
         }
-        None => eprintln!("rate fidelity: too few calls to measure"),
-    }
+        Some(rate)
+    } else {
+        None
+    };
 
     println!();
     println!("{header}");
     println!();
     print_throughput(&knobs, &raw, &fleets);
     println!();
-    print_rate(&rate);
-    println!();
-    print_workers(&fleets, &rate);
+    if let Some(rate) = &rate {
+        print_rate(rate);
+        println!();
+    }
+    print_workers(&fleets, rate.as_ref());
     println!();
     println!(
-        "Whole bench: {:.0} s. Jobs: {} per 0 ms row, workers × {} × {} per 50 ms row, {} for the rate run; concurrency (= prefetch) {}, window {} × consumers × prefetch.",
+        "Whole bench: {:.0} s. Jobs: {} per 0 ms row, workers × {} × {} per 50 ms row, {} for the rate run; worker.concurrency {}, prefetch {}, window {} × consumers × prefetch.",
         started.elapsed().as_secs_f64(),
         knobs.jobs_0ms,
         knobs.concurrency,
         knobs.rounds_50ms,
         knobs.rate_jobs,
         knobs.concurrency,
+        knobs.prefetch,
         knobs.window_factor,
     );
 }
@@ -643,7 +693,7 @@ async fn raw_loop(knobs: &Knobs, consumers: usize) -> Collected {
     for n in 0..consumers {
         tasks.push(tokio::spawn(raw_consumer(
             harness.names.clone(),
-            knobs.concurrency,
+            knobs.prefetch,
             format!("/raw/{tag}/{n}"),
             stop.clone(),
         )));
@@ -858,6 +908,7 @@ impl Fleet {
                 .env("KEYTURN_AMQP__CONTROL_QUEUE", &amqp.control_queue)
                 .env("KEYTURN_WORKER__ID", &id)
                 .env("KEYTURN_WORKER__CONCURRENCY", knobs.concurrency.to_string())
+                .env("KEYTURN_WORKER__PREFETCH", knobs.prefetch.to_string())
                 .env("KEYTURN_API__ENDPOINT", &simulator.url)
                 .env("KEYTURN_AUDIT__PATH", &audit)
                 .env("KEYTURN_OPS__LISTEN", "");
@@ -1296,7 +1347,7 @@ fn print_rate(rate: &RateMeasured) {
     );
 }
 
-fn print_workers(fleets: &[FleetMeasured], rate: &RateMeasured) {
+fn print_workers(fleets: &[FleetMeasured], rate: Option<&RateMeasured>) {
     println!(
         "| worker processes | jobs run, per process | peak RSS MiB (VmHWM), per process | CPU ms per job run, per process | RSS ≤ 50 MiB |"
     );
@@ -1310,10 +1361,12 @@ fn print_workers(fleets: &[FleetMeasured], rate: &RateMeasured) {
             )
         })
         .collect();
-    rows.push((
-        format!("{RATE_WORKERS} × PostgreSQL, rate fidelity run"),
-        rate.usage.as_slice(),
-    ));
+    if let Some(rate) = rate {
+        rows.push((
+            format!("{RATE_WORKERS} × PostgreSQL, rate fidelity run"),
+            rate.usage.as_slice(),
+        ));
+    }
     for (label, usage) in rows {
         let join = |values: Vec<String>| values.join(" / ");
         let peak = usage.iter().map(|u| u.peak_rss_kib).max().unwrap_or(0);

@@ -80,7 +80,12 @@ pub struct AmqpSettings {
 pub struct WorkerSettings {
     /// Names this worker in event sources and audit rows; empty = host name and process id.
     pub id: String,
+    /// API calls in flight at once (a job holds a call slot only while it waits for its rate
+    /// tokens and makes a call).
     pub concurrency: u16,
+    /// Deliveries the worker holds at once (the AMQP prefetch); 0 = twice `concurrency`, so the
+    /// store writes, result events and acks of finished jobs overlap the next jobs' calls.
+    pub prefetch: u16,
     #[serde(with = "duration_text")]
     pub grace_period: Duration,
     /// Region for jobs that name none; empty = none.
@@ -340,11 +345,22 @@ impl Default for AmqpSettings {
     }
 }
 
+impl WorkerSettings {
+    /// The AMQP prefetch: `prefetch`, or twice `concurrency` when it is 0.
+    pub fn prefetch(&self) -> u16 {
+        match self.prefetch {
+            0 => self.concurrency.saturating_mul(2),
+            set => set,
+        }
+    }
+}
+
 impl Default for WorkerSettings {
     fn default() -> Self {
         WorkerSettings {
             id: String::new(),
             concurrency: 16,
+            prefetch: 0,
             grace_period: Duration::from_secs(30),
             default_region: String::new(),
             max_hold: Duration::from_secs(10 * 60),
@@ -553,6 +569,14 @@ impl Settings {
             1,
             2000,
         )?;
+        if self.worker.prefetch != 0 {
+            range(
+                "worker.prefetch",
+                self.worker.prefetch.into(),
+                self.worker.concurrency.into(),
+                4000,
+            )?;
+        }
         bounded(
             "amqp.reconnect_max_backoff",
             amqp.reconnect_max_backoff,
@@ -1217,6 +1241,8 @@ mod tests {
         let cases = [
             ("KEYTURN_WORKER__CONCURRENCY", "many", "worker.concurrency"),
             ("KEYTURN_WORKER__CONCURRENCY", "0", "worker.concurrency"),
+            ("KEYTURN_WORKER__PREFETCH", "15", "worker.prefetch"),
+            ("KEYTURN_WORKER__PREFETCH", "4001", "worker.prefetch"),
             ("KEYTURN_AMQP__URL", "http://x", "amqp.url"),
             ("KEYTURN_API__ENDPOINT", "not a url", "api.endpoint"),
             ("KEYTURN_RETRY__BASE_DELAY", "soon", "retry.base_delay"),

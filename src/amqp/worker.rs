@@ -1,6 +1,7 @@
 //! The consuming side: a supervisor loop that (re)connects with capped backoff, declares the
-//! topology, applies the prefetch, and feeds deliveries to the pipeline, at most `concurrency` at
-//! a time; then settles each one as the pipeline decided.
+//! topology, applies the prefetch, and feeds deliveries to the pipeline, at most `prefetch` at a
+//! time (of which at most `concurrency` are in an API call); then settles each one as the
+//! pipeline decided.
 //!
 //! Shutdown: on cancel the consumer is cancelled (no new deliveries), in-flight jobs get the grace
 //! period, and closing the channel hands anything unfinished back to the queue.
@@ -202,9 +203,9 @@ async fn session_on(
     let settings = &pipeline.settings;
     let channel = connection.create_channel().await?;
     topology::declare(&channel, &settings.amqp).await?;
-    let concurrency = settings.worker.concurrency;
+    let prefetch = settings.worker.prefetch();
     channel
-        .basic_qos(concurrency, BasicQosOptions::default())
+        .basic_qos(prefetch, BasicQosOptions::default())
         .await?;
     if housekeeping_task.is_none() {
         // Jobs parked before a restart go back to the queue before anything else happens.
@@ -212,7 +213,7 @@ async fn session_on(
         *housekeeping_task = Some(housekeeping(pipeline));
     }
     let mut consuming = Consuming::start(pipeline, &channel).await?;
-    tracing::info!(queue = %settings.amqp.jobs_queue, prefetch = concurrency, "consuming");
+    tracing::info!(queue = %settings.amqp.jobs_queue, prefetch, calls = settings.worker.concurrency, "consuming");
     // Commands have a channel and a consumer of their own: they are taken even while the
     // credentials circuit stops the jobs.
     let control_channel = connection.create_channel().await?;
@@ -235,7 +236,7 @@ async fn session_on(
     let (commands, queued) = tokio::sync::mpsc::unbounded_channel();
     let runner = tokio::spawn(apply_commands(pipeline.clone(), queued, stop.clone()));
     let mut tasks = JoinSet::new();
-    let slots = Arc::new(Semaphore::new(concurrency.into()));
+    let slots = Arc::new(Semaphore::new(prefetch.into()));
     let idle = IdleWatch::new(options.exit_when_idle);
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     let mut circuits = pipeline.circuits.watch();

@@ -237,6 +237,22 @@ pub(super) fn park(tx: &mut dyn Db, job: &ParkedJob, owner: &str) -> Result<(), 
     drop_lease(tx, &job.job_id, job.rerun, owner)
 }
 
+/// Drops the key's in-flight marker, only while `owner` holds the key's lease: under it no other
+/// delivery can have marked (or sent) the key.
+pub(super) fn unmark(
+    tx: &mut dyn Db,
+    job_id: &str,
+    rerun: u32,
+    owner: &str,
+) -> Result<(), AuditError> {
+    tx.execute(
+        "DELETE FROM in_flight WHERE job_id = ?1 AND rerun = ?2 AND EXISTS (
+             SELECT 1 FROM leases WHERE job_id = ?1 AND rerun = ?2 AND owner = ?3)",
+        args![job_id, rerun, owner],
+    )?;
+    Ok(())
+}
+
 fn drop_lease(tx: &mut dyn Db, job_id: &str, rerun: u32, owner: &str) -> Result<(), AuditError> {
     tx.execute(
         "DELETE FROM leases WHERE job_id = ?1 AND rerun = ?2 AND owner = ?3",

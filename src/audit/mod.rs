@@ -307,6 +307,10 @@ enum Command {
     OutcomeCounts {
         reply: oneshot::Sender<Result<Vec<(String, i64)>, AuditError>>,
     },
+    RolloutState {
+        rollout_id: String,
+        reply: oneshot::Sender<Result<Option<crate::rollout::State>, AuditError>>,
+    },
     Write {
         write: Write,
         reply: oneshot::Sender<Result<Written, AuditError>>,
@@ -329,6 +333,12 @@ enum Write {
     },
     /// The job, and the owner whose lease on it the park drops.
     Park(Box<ParkedJob>, String),
+    /// Drops the in-flight marker of a key whose lease `owner` holds: its Modify was not sent.
+    Unmark {
+        job_id: String,
+        rerun: u32,
+        owner: String,
+    },
     Unpark(Vec<(i64, i64)>),
     AdmitCanary {
         rollout_id: String,
@@ -464,6 +474,30 @@ impl AuditStore {
     /// Finished jobs per outcome.
     pub async fn outcome_counts(&self) -> Result<Vec<(String, i64)>, AuditError> {
         self.ask(|reply| Command::OutcomeCounts { reply }).await
+    }
+
+    /// Drops the in-flight marker that `owner` wrote under its lease on (`job_id`, `rerun`), when
+    /// the Modify it announced was never sent (the job's rollout stopped first).
+    pub async fn unmark(&self, job_id: &str, rerun: u32, owner: &str) -> Result<(), AuditError> {
+        self.write(Write::Unmark {
+            job_id: job_id.to_owned(),
+            rerun,
+            owner: owner.to_owned(),
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// The rollout's state now; `None` for a rollout the store does not know.
+    pub async fn rollout_state(
+        &self,
+        rollout_id: &str,
+    ) -> Result<Option<crate::rollout::State>, AuditError> {
+        self.ask(|reply| Command::RolloutState {
+            rollout_id: rollout_id.to_owned(),
+            reply,
+        })
+        .await
     }
 
     /// What the store holds about (`job_id`, `rerun`), about these body bytes, and about the

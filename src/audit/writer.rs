@@ -103,6 +103,9 @@ fn answer<B: Backend>(backend: &mut B, command: Command) {
         Command::OutcomeCounts { reply } => {
             let _ = reply.send(backend.read(jobs::outcome_counts));
         }
+        Command::RolloutState { rollout_id, reply } => {
+            let _ = reply.send(backend.read(|db| rollouts::state(db, &rollout_id)));
+        }
         Command::Write { .. } => unreachable!("writes are batched"),
     }
 }
@@ -188,6 +191,14 @@ fn apply(tx: &mut dyn Db, write: &Write) -> Result<Written, AuditError> {
         }
         Write::Park(job, owner) => {
             jobs::park(tx, job, owner)?;
+            Written::Done
+        }
+        Write::Unmark {
+            job_id,
+            rerun,
+            owner,
+        } => {
+            jobs::unmark(tx, job_id, *rerun, owner)?;
             Written::Done
         }
         Write::Unpark(ids) => {

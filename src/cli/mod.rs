@@ -327,6 +327,7 @@ fn log_start(settings: &Settings, source: &str, worker_id: &str) {
         endpoint,
         auth = %settings.api.source().1,
         concurrency = settings.worker.concurrency,
+        prefetch = settings.worker.prefetch(),
         per_second = limits.per_second,
         per_project_per_second = limits.per_project_per_second,
         worker_id,

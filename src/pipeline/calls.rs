@@ -106,7 +106,7 @@ impl Pipeline {
             if progress.spent >= retry.deadline {
                 return progress.failed("keyturn.deadline_exceeded");
             }
-            if let Err(ended) = self.wait_to_call(region, &key, rate.as_ref(), ctx).await {
+            if let Err(ended) = self.wait_until_open(region, ctx).await {
                 return ended;
             }
             let mut call = if uncertain {
@@ -114,24 +114,34 @@ impl Pipeline {
             } else {
                 Call::Modify
             };
+            // The claim comes before the call slot: its store write overlaps other jobs' calls.
+            let mut marked_now = false;
             if !progress.leased || (call == Call::Modify && !progress.marked) {
-                let (marker, marked_now) =
-                    match self.claim(job, digest, call == Call::Modify, ctx).await {
-                        Ok(claimed) => claimed,
-                        Err(ended) => return ended,
-                    };
+                let (marker, wrote) = match self.claim(job, digest, call == Call::Modify, ctx).await
+                {
+                    Ok(claimed) => claimed,
+                    Err(ended) => return ended,
+                };
                 progress.leased = true;
                 if let Some(seen) = &marker
                     && seen.other_body(digest)
                 {
                     return Ended::Conflict(seen.clone());
                 }
-                if call == Call::Modify && marker.is_some() && !marked_now {
+                if call == Call::Modify && marker.is_some() && !wrote {
                     // Another delivery (a worker that died) may have sent the Modify: ask first.
                     uncertain = true;
                     call = Call::Describe;
                 }
                 progress.marked = marker.is_some();
+                marked_now = wrote;
+            }
+            let slot = match self.wait_to_call(region, &key, rate.as_ref(), ctx).await {
+                Ok(slot) => slot,
+                Err(ended) => return self.unsent(ended, marked_now, job, ctx).await,
+            };
+            if marked_now && let Err(ended) = self.rollout_still_runs(job, ctx).await {
+                return self.unsent(ended, marked_now, job, ctx).await;
             }
             if let Err(ended) = self.trust_lease(job, ctx).await {
                 return ended;
@@ -151,6 +161,8 @@ impl Pipeline {
             self.leases.calling(job.id.as_str(), job.rerun);
             let exchange = self.api(call, job).await;
             self.leases.called(job.id.as_str(), job.rerun);
+            // The slot is for calls: the backoff, the read-back and the record go without it.
+            drop(slot);
             progress.spent = progress.spent.saturating_add(exchange.latency);
             let result = exchange.result.clone();
             if let Some(scope) = self.watch_circuits(job, &result) {
@@ -283,22 +295,29 @@ impl Pipeline {
         }
     }
 
-    /// Waits until a call may go out: the health gate, the rollout's cap, then the rate limits; a circuit that is
-    /// open (or opens meanwhile) parks the job instead.
+    /// Waits for the health gate; a circuit that holds the region parks the job instead.
+    async fn wait_until_open(&self, region: &str, ctx: &Context<'_>) -> Result<(), Ended> {
+        if let Some(scope) = self.circuits.holding(region) {
+            return Err(Ended::Parked(scope));
+        }
+        self.hold(ctx, self.health.wait_healthy())
+            .await
+            .map_err(Ended::Held)
+    }
+
+    /// Waits until a call may go out: a call slot, the health gate, the rollout's cap, then the
+    /// rate limits; a circuit that is open (or opens meanwhile) parks the job instead. The slot
+    /// is taken before the tokens, so a token is never spent on a call that then waits.
     async fn wait_to_call(
         &self,
         region: &str,
         key: &LimitKey,
         rate: Option<&(String, u32)>,
         ctx: &Context<'_>,
-    ) -> Result<(), Ended> {
+    ) -> Result<tokio::sync::SemaphorePermit<'_>, Ended> {
+        let slot = self.call_slot(ctx).await?;
+        self.wait_until_open(region, ctx).await?;
         let holding = |pipeline: &Pipeline| pipeline.circuits.holding(region).map(Ended::Parked);
-        if let Some(parked) = holding(self) {
-            return Err(parked);
-        }
-        self.hold(ctx, self.health.wait_healthy())
-            .await
-            .map_err(Ended::Held)?;
         let waiting = tokio::time::Instant::now();
         if let Some((rollout_id, per_second)) = rate {
             self.hold(ctx, self.limits.acquire_rollout(rollout_id, *per_second))
@@ -309,7 +328,56 @@ impl Pipeline {
             .await
             .map_err(Ended::Held)?;
         observe(&self.metrics.rate_limit_wait, waiting.elapsed());
-        holding(self).map_or(Ok(()), Err)
+        holding(self).map_or(Ok(slot), Err)
+    }
+
+    /// Before a job's first Modify, with its call slot: its rollout may have been paused, halted
+    /// or cancelled while the job waited for the slot (the claim looked before the wait).
+    async fn rollout_still_runs(&self, job: &Job, ctx: &Context<'_>) -> Result<(), Ended> {
+        let Some(rollout_id) = job.rollout_id.as_ref().map(|id| id.as_str()) else {
+            return Ok(());
+        };
+        let state = self
+            .infra(Infra::AuditLookup, ctx.shutdown, || {
+                self.audit.rollout_state(rollout_id)
+            })
+            .await
+            .ok_or(Ended::Held(Held::Shutdown))?;
+        match state {
+            Some(state @ (State::Paused | State::Halted | State::Cancelled)) => {
+                Err(Ended::RolloutStopped(state))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// A job parked or stopped between its claim and its first Modify: the marker the claim
+    /// wrote goes (under the job's lease no other delivery sent it), so the job is not counted
+    /// in flight while it waits, and its next run need not Describe first.
+    async fn unsent(&self, ended: Ended, marked_now: bool, job: &Job, ctx: &Context<'_>) -> Ended {
+        if marked_now && matches!(ended, Ended::Parked(_) | Ended::RolloutStopped(_)) {
+            let unmarked = self
+                .infra(Infra::InFlightMarker, ctx.shutdown, || {
+                    self.audit
+                        .unmark(job.id.as_str(), job.rerun, &self.leases.owner)
+                })
+                .await;
+            if unmarked.is_none() {
+                return Ended::Held(Held::Shutdown);
+            }
+        }
+        ended
+    }
+
+    /// One of the worker's `worker.concurrency` call slots.
+    async fn call_slot(
+        &self,
+        ctx: &Context<'_>,
+    ) -> Result<tokio::sync::SemaphorePermit<'_>, Ended> {
+        let slot = self.hold(ctx, self.call_slots.acquire()).await;
+        Ok(slot
+            .map_err(Ended::Held)?
+            .expect("the call slots are never closed"))
     }
 
     /// Takes the call's tokens from the store's buckets, which every worker on the store shares:
@@ -433,8 +501,11 @@ impl Pipeline {
             return Run::ok(status, exchanges);
         }
         let key: LimitKey = (job.region.to_string(), job.project_id.to_string());
-        self.acquire(&key).await;
         // The Modify landed: a wait cut short by shutdown or a hold still reads nothing back.
+        let Ok(_slot) = self.call_slot(ctx).await else {
+            return Run::ok(status, exchanges);
+        };
+        self.acquire(&key).await;
         if self.fleet_limits && self.take_fleet_tokens(&key, rate, ctx).await.is_err() {
             return Run::ok(status, exchanges);
         }

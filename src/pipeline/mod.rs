@@ -137,6 +137,10 @@ pub struct Pipeline {
     pub fleet_limits: bool,
     /// One job at a time per set of buckets asks the store for tokens.
     fleet_gates: JobLocks,
+    /// Call slots (`worker.concurrency`): a job holds one from its rate-limit wait to its
+    /// call's answer. The deliveries the worker holds (`worker.prefetch`) may be more: their
+    /// store writes, result events and acks do not hold a slot.
+    call_slots: tokio::sync::Semaphore,
     pub metrics: crate::ops::Metrics,
     /// Cancelled when the worker stops: ends probes and releases.
     pub stopping: CancellationToken,
@@ -222,6 +226,7 @@ impl Pipeline {
             )),
             fleet_limits: matches!(audit.location(), crate::audit::Location::Postgres(_)),
             fleet_gates: JobLocks::default(),
+            call_slots: tokio::sync::Semaphore::new(settings.worker.concurrency.into()),
             limits: Limits::new(&settings.rate_limit),
             circuits: Circuits::new(settings.circuit.strikes_to_open),
             settings,

@@ -172,6 +172,9 @@ pub struct Stats {
     /// Every IAM and metadata fetch, oldest first.
     #[serde(default)]
     pub credential_fetches: Vec<FetchRecord>,
+    /// The most API requests, over all instances, it ever answered at once.
+    #[serde(default)]
+    pub max_in_flight: u64,
 }
 
 /// What one instance saw and where it stands.
@@ -232,6 +235,8 @@ struct World {
     recent: VecDeque<RequestRecord>,
     /// Requests per instance being answered now, and the most ever at once.
     in_flight: HashMap<String, (u64, u64)>,
+    /// The same over all instances.
+    in_flight_total: (u64, u64),
     fetches: Vec<FetchRecord>,
 }
 
@@ -288,9 +293,11 @@ struct InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        if let Some(entry) = self.sim.world().in_flight.get_mut(&self.instance_id) {
+        let mut world = self.sim.world();
+        if let Some(entry) = world.in_flight.get_mut(&self.instance_id) {
             entry.0 = entry.0.saturating_sub(1);
         }
+        world.in_flight_total.0 = world.in_flight_total.0.saturating_sub(1);
     }
 }
 
@@ -314,6 +321,7 @@ impl Simulator {
             totals: Totals::default(),
             recent: VecDeque::new(),
             in_flight: HashMap::new(),
+            in_flight_total: (0, 0),
             fetches: Vec::new(),
         };
         let keys = Keys {
@@ -375,6 +383,9 @@ impl Simulator {
         let entry = world.in_flight.entry(instance_id.to_owned()).or_default();
         entry.0 += 1;
         entry.1 = entry.1.max(entry.0);
+        let total = &mut world.in_flight_total;
+        total.0 += 1;
+        total.1 = total.1.max(total.0);
         InFlight {
             sim: self.clone(),
             instance_id: instance_id.to_owned(),
@@ -399,6 +410,7 @@ impl Simulator {
                 .collect(),
             recent: world.recent.iter().cloned().collect(),
             credential_fetches: world.fetches.clone(),
+            max_in_flight: world.in_flight_total.1,
         }
     }
 

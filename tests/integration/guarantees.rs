@@ -89,9 +89,61 @@ async fn force_closed_broker_connections_are_survived_without_loss_or_double_tog
     assert_fleet_recovers(&app, &jobs, done_at_close).await;
     assert_eq!(
         prefetch_of_consumers(&app.settings.amqp.jobs_queue).await,
-        vec![app.settings.worker.concurrency],
+        vec![app.settings.worker.prefetch()],
         "one consumer again, with its prefetch re-applied"
     );
+    shutdown.cancel();
+    handle.await.unwrap();
+    app.cleanup().await;
+}
+
+/// `worker.concurrency` bounds the API calls in flight; the prefetch (`worker.prefetch`) holds
+/// more deliveries, so finished jobs' writes, events and acks go on beside the next calls.
+#[tokio::test]
+async fn calls_in_flight_stay_within_concurrency_while_the_prefetch_holds_more() {
+    let app = TestApp::spawn_with(Options {
+        faults: Faults {
+            latency_ms: 1_000,
+            ..Faults::default()
+        },
+        tweak: Box::new(|settings| {
+            settings.worker.concurrency = 2;
+            settings.worker.prefetch = 6;
+        }),
+        ..Options::default()
+    })
+    .await;
+    let jobs = publish_fleet(&app, 12, 21_000).await;
+    let (shutdown, handle) = app.start_worker();
+    let queue = app.settings.amqp.jobs_queue.clone();
+    // While the first two calls take their second, the worker holds six deliveries: six wait
+    // ready in the queue (ten if the prefetch were the call slots).
+    wait_until(Duration::from_secs(30), || async {
+        app.queue_len(&queue).await == 6
+    })
+    .await;
+    let finished = app.toggles().len();
+    assert!(
+        finished <= 2,
+        "six deliveries held before a second round of calls ended ({finished} finished)"
+    );
+    assert_eq!(prefetch_of_consumers(&queue).await, vec![6]);
+    wait_until(Duration::from_secs(60), || async {
+        app.toggles().len() == jobs.len()
+    })
+    .await;
+    let stats = app.stats();
+    assert_eq!(
+        stats.max_in_flight, 2,
+        "never more calls at once than worker.concurrency, and that many were reached"
+    );
+    for (job_id, n, status) in &jobs {
+        assert_eq!(
+            app.simulator.status_of(PROJECT, &instance(*n)).as_deref(),
+            Some(*status),
+            "{job_id}"
+        );
+    }
     shutdown.cancel();
     handle.await.unwrap();
     app.cleanup().await;
@@ -355,6 +407,8 @@ async fn a_message_that_kills_every_worker_is_dead_lettered_by_the_delivery_limi
         // A restarted run takes the killed run's lease back a request timeout after it starts.
         app.worker_process(&[
             ("KEYTURN_WORKER__CONCURRENCY", "1"),
+            // One delivery at a time: the job behind waits in the queue behind the poison.
+            ("KEYTURN_WORKER__PREFETCH", "1"),
             ("KEYTURN_AMQP__DELIVERY_LIMIT", &limit_setting),
             ("KEYTURN_API__REQUEST_TIMEOUT", "3s"),
         ])
