@@ -136,28 +136,13 @@ impl Pipeline {
                 progress.marked = marker.is_some();
                 marked_now = wrote;
             }
-            let slot = match self.wait_to_call(region, &key, rate.as_ref(), ctx).await {
+            let slot = match self
+                .ready_to_send(job, &key, rate.as_ref(), marked_now, ctx)
+                .await
+            {
                 Ok(slot) => slot,
                 Err(ended) => return self.unsent(ended, marked_now, job, ctx).await,
             };
-            if marked_now && let Err(ended) = self.rollout_still_runs(job, ctx).await {
-                return self.unsent(ended, marked_now, job, ctx).await;
-            }
-            if let Err(ended) = self.trust_lease(job, ctx).await {
-                return ended;
-            }
-            // The store's tokens last, next to the call: a token spent early would bunch calls.
-            // The wait for them may be long, so the lease is looked at again after it.
-            if self.fleet_limits
-                && let Err(ended) = self.take_fleet_tokens(&key, rate.as_ref(), ctx).await
-            {
-                return ended;
-            }
-            if self.fleet_limits
-                && let Err(ended) = self.trust_lease(job, ctx).await
-            {
-                return ended;
-            }
             self.leases.calling(job.id.as_str(), job.rerun);
             let exchange = self.api(call, job).await;
             self.leases.called(job.id.as_str(), job.rerun);
@@ -307,7 +292,7 @@ impl Pipeline {
 
     /// Waits until a call may go out: a call slot, the health gate, the rollout's cap, then the
     /// rate limits; a circuit that is open (or opens meanwhile) parks the job instead. The slot
-    /// is taken before the tokens, so a token is never spent on a call that then waits.
+    /// is taken before the tokens, so no token is spent on a call that then waits for a slot.
     async fn wait_to_call(
         &self,
         region: &str,
@@ -331,17 +316,46 @@ impl Pipeline {
         holding(self).map_or(Ok(slot), Err)
     }
 
-    /// Before a job's first Modify, with its call slot: its rollout may have been paused, halted
-    /// or cancelled while the job waited for the slot (the claim looked before the wait).
+    /// Everything between a job's claim and its call: a call slot and the rate limits, the lease
+    /// still trusted, the store's tokens (last, next to the call: a token spent early would
+    /// bunch calls), the lease looked at again after that wait, and, before the first Modify,
+    /// the rollout read again.
+    async fn ready_to_send(
+        &self,
+        job: &Job,
+        key: &LimitKey,
+        rate: Option<&(String, u32)>,
+        marked_now: bool,
+        ctx: &Context<'_>,
+    ) -> Result<tokio::sync::SemaphorePermit<'_>, Ended> {
+        let slot = self
+            .wait_to_call(job.region.as_str(), key, rate, ctx)
+            .await?;
+        self.trust_lease(job, ctx).await?;
+        if self.fleet_limits {
+            self.take_fleet_tokens(key, rate, ctx).await?;
+            self.trust_lease(job, ctx).await?;
+        }
+        if marked_now {
+            self.rollout_still_runs(job, ctx).await?;
+        }
+        Ok(slot)
+    }
+
+    /// Before a job's first Modify, just before the call: its rollout may have been paused,
+    /// halted or cancelled while the job waited for its slot and tokens (the claim looked before
+    /// those waits). One read of the store, on the reader: it holds the tokens a moment only.
     async fn rollout_still_runs(&self, job: &Job, ctx: &Context<'_>) -> Result<(), Ended> {
         let Some(rollout_id) = job.rollout_id.as_ref().map(|id| id.as_str()) else {
             return Ok(());
         };
+        let read = self.infra(Infra::AuditLookup, ctx.shutdown, || {
+            self.audit.rollout_state(rollout_id)
+        });
         let state = self
-            .infra(Infra::AuditLookup, ctx.shutdown, || {
-                self.audit.rollout_state(rollout_id)
-            })
+            .hold(ctx, read)
             .await
+            .map_err(Ended::Held)?
             .ok_or(Ended::Held(Held::Shutdown))?;
         match state {
             Some(state @ (State::Paused | State::Halted | State::Cancelled)) => {
@@ -351,22 +365,25 @@ impl Pipeline {
         }
     }
 
-    /// A job parked or stopped between its claim and its first Modify: the marker the claim
-    /// wrote goes (under the job's lease no other delivery sent it), so the job is not counted
-    /// in flight while it waits, and its next run need not Describe first.
+    /// A job that stops between its claim and its first Modify (parked, its rollout stopped,
+    /// held too long, shut down): the marker its claim wrote goes, as no Modify went out under
+    /// it and under the job's lease no other delivery sent one. So the job is not counted in
+    /// flight while it waits, its next run need not Describe first, and a later cancel of its
+    /// rollout records it cancelled unsent.
     async fn unsent(&self, ended: Ended, marked_now: bool, job: &Job, ctx: &Context<'_>) -> Ended {
-        if marked_now && matches!(ended, Ended::Parked(_) | Ended::RolloutStopped(_)) {
-            let unmarked = self
-                .infra(Infra::InFlightMarker, ctx.shutdown, || {
-                    self.audit
-                        .unmark(job.id.as_str(), job.rerun, &self.leases.owner)
-                })
-                .await;
-            if unmarked.is_none() {
-                return Ended::Held(Held::Shutdown);
-            }
+        if !marked_now {
+            return ended;
         }
-        ended
+        let unmarked = self
+            .infra(Infra::InFlightMarker, ctx.shutdown, || {
+                self.audit
+                    .unmark(job.id.as_str(), job.rerun, &self.leases.owner)
+            })
+            .await;
+        match unmarked {
+            Some(()) => ended,
+            None => Ended::Held(Held::Shutdown),
+        }
     }
 
     /// One of the worker's `worker.concurrency` call slots.
