@@ -991,6 +991,44 @@ async fn a_pause_stops_jobs_already_admitted_before_their_first_call() {
     app.cleanup().await;
 }
 
+/// Jobs that claimed their key and wait for a call slot when the worker stops leave no in-flight
+/// marker: nothing was sent under it, so their rollout does not count them in flight and a later
+/// cancel would record them cancelled unsent rather than run them.
+#[tokio::test]
+async fn jobs_waiting_for_a_call_slot_at_shutdown_leave_no_marker() {
+    let app = TestApp::spawn_with(Options {
+        faults: Faults {
+            latency_ms: 1_500,
+            ..Faults::default()
+        },
+        tweak: Box::new(|settings| {
+            settings.worker.concurrency = 1;
+            settings.worker.prefetch = 4;
+        }),
+        ..Options::default()
+    })
+    .await;
+    let (stop, worker) = app.start_worker();
+    assert!(app.command(declare("R-slots", 4, json!({}))).await.ok);
+    for n in 3400..3404 {
+        app.publish_job(&rollout_job("R-slots", n)).await;
+    }
+    // One job is in its call; the other three claimed their keys and wait for the slot.
+    wait_until(Duration::from_secs(20), || async {
+        app.stats().requests == 1 && app.status("R-slots").await.counts.in_flight == 4
+    })
+    .await;
+    stop.cancel();
+    worker.await.unwrap();
+    assert_eq!(
+        app.store_rows("SELECT job_id FROM in_flight"),
+        Vec::<Value>::new(),
+        "the call in flight finished within the grace period; the waiting jobs dropped their markers"
+    );
+    assert_eq!(app.stats().requests, 1, "one call only");
+    app.cleanup().await;
+}
+
 /// A worker whose every job slot is busy still reads and answers commands.
 #[tokio::test]
 async fn commands_are_answered_while_every_job_slot_is_busy() {
