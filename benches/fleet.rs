@@ -62,7 +62,8 @@
 //! KEYTURN_BENCH_RATE_JOBS (default 600, at most 1000), KEYTURN_BENCH_CONCURRENCY (default 16,
 //! the shipped worker.concurrency), KEYTURN_BENCH_PREFETCH (default twice the concurrency, the
 //! shipped worker.prefetch), KEYTURN_BENCH_WINDOW (default 2), KEYTURN_BENCH_ONLY (comma-separated words; only rows whose
-//! label holds one run: `sqlite/0ms/1`, `postgres/50ms/4`, `rate`; e.g. `sqlite/0ms`).
+//! label starts with one run, part by part: labels are `sqlite/0ms/1`, `postgres/50ms/4`, `rate`;
+//! e.g. `sqlite/0ms` or `postgres`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -119,7 +120,7 @@ struct Knobs {
     prefetch: u16,
     window_factor: usize,
     /// `KEYTURN_BENCH_ONLY`: run only the rows whose label (`sqlite/0ms/1`, `postgres/50ms/4`,
-    /// `rate`) contains one of these comma-separated words; empty = every row.
+    /// `rate`) starts with the parts of one of these comma-separated words; empty = every row.
     only: Vec<String>,
 }
 
@@ -163,13 +164,23 @@ impl Knobs {
         self
     }
 
-    /// Whether the row labelled `label` runs (see `only`).
+    /// Whether the row labelled `label` runs (see `only`): a word's `/`-separated parts equal the
+    /// label's first parts (`sqlite/0ms` runs `sqlite/0ms/1`, `/2` and `/4`, not `sqlite/50ms/1`).
     fn runs(&self, label: &str) -> bool {
-        self.only.is_empty() || self.only.iter().any(|word| label.contains(word.as_str()))
+        let parts: Vec<&str> = label.split('/').collect();
+        self.only.is_empty()
+            || self.only.iter().any(|word| {
+                let wanted: Vec<&str> = word.split('/').collect();
+                wanted.len() <= parts.len() && parts.iter().zip(&wanted).all(|(p, w)| p == w)
+            })
     }
 
     fn fleet_label(store: StoreKind, latency_ms: u64, workers: usize) -> String {
-        format!("{}/{latency_ms}ms/{workers}", store.name().to_lowercase())
+        let store = match store {
+            StoreKind::Sqlite => "sqlite",
+            StoreKind::Postgres => "postgres",
+        };
+        format!("{store}/{latency_ms}ms/{workers}")
     }
 
     fn window(&self, consumers: usize) -> usize {

@@ -80,8 +80,8 @@ pub struct AmqpSettings {
 pub struct WorkerSettings {
     /// Names this worker in event sources and audit rows; empty = host name and process id.
     pub id: String,
-    /// API calls in flight at once (a job holds a call slot only while it waits for its rate
-    /// tokens and makes a call).
+    /// API calls in flight at once: a job holds a call slot from its rate-limit wait to its
+    /// call's answer.
     pub concurrency: u16,
     /// Deliveries the worker holds at once (the AMQP prefetch); 0 = twice `concurrency`, so the
     /// store writes, result events and acks of finished jobs overlap the next jobs' calls.

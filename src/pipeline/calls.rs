@@ -63,6 +63,8 @@ struct Progress {
     leased: bool,
     /// The in-flight marker is written (by this delivery or an earlier one).
     marked: bool,
+    /// This delivery sent a Modify.
+    modified: bool,
 }
 
 impl Progress {
@@ -98,6 +100,7 @@ impl Pipeline {
             retries: 0,
             leased: false,
             marked: uncertain,
+            modified: false,
         };
         loop {
             if progress.counted >= retry.max_attempts {
@@ -136,14 +139,19 @@ impl Pipeline {
                 progress.marked = marker.is_some();
                 marked_now = wrote;
             }
+            // Before this delivery's first Modify its rollout is read again, whoever wrote the
+            // marker: a job marked by a delivery that died, whose Describe found nothing, has not
+            // made its first Modify either.
+            let first_modify = call == Call::Modify && !progress.modified;
             let slot = match self
-                .ready_to_send(job, &key, rate.as_ref(), marked_now, ctx)
+                .ready_to_send(job, &key, rate.as_ref(), first_modify, ctx)
                 .await
             {
                 Ok(slot) => slot,
                 Err(ended) => return self.unsent(ended, marked_now, job, ctx).await,
             };
             self.leases.calling(job.id.as_str(), job.rerun);
+            progress.modified |= call == Call::Modify;
             let exchange = self.api(call, job).await;
             self.leases.called(job.id.as_str(), job.rerun);
             // The slot is for calls: the backoff, the read-back and the record go without it.
@@ -316,35 +324,35 @@ impl Pipeline {
         holding(self).map_or(Ok(slot), Err)
     }
 
-    /// Everything between a job's claim and its call: a call slot and the rate limits, the lease
-    /// still trusted, the store's tokens (last, next to the call: a token spent early would
-    /// bunch calls), the lease looked at again after that wait, and, before the first Modify,
-    /// the rollout read again.
+    /// Everything between a job's claim and its call: a call slot and the local rate limits,
+    /// before a first Modify the rollout read again, the lease still trusted, the store's tokens
+    /// (last, next to the call: a token spent early would bunch calls), and the lease looked at
+    /// again after that wait.
     async fn ready_to_send(
         &self,
         job: &Job,
         key: &LimitKey,
         rate: Option<&(String, u32)>,
-        marked_now: bool,
+        first_modify: bool,
         ctx: &Context<'_>,
     ) -> Result<tokio::sync::SemaphorePermit<'_>, Ended> {
         let slot = self
             .wait_to_call(job.region.as_str(), key, rate, ctx)
             .await?;
+        if first_modify {
+            self.rollout_still_runs(job, ctx).await?;
+        }
         self.trust_lease(job, ctx).await?;
         if self.fleet_limits {
             self.take_fleet_tokens(key, rate, ctx).await?;
             self.trust_lease(job, ctx).await?;
         }
-        if marked_now {
-            self.rollout_still_runs(job, ctx).await?;
-        }
         Ok(slot)
     }
 
-    /// Before a job's first Modify, just before the call: its rollout may have been paused,
-    /// halted or cancelled while the job waited for its slot and tokens (the claim looked before
-    /// those waits). One read of the store, on the reader: it holds the tokens a moment only.
+    /// Before a delivery's first Modify, after its waits for a slot and the local rate limits:
+    /// its rollout may have been paused, halted or cancelled meanwhile (the claim looked before
+    /// those waits). One read of the store, on the reader connection.
     async fn rollout_still_runs(&self, job: &Job, ctx: &Context<'_>) -> Result<(), Ended> {
         let Some(rollout_id) = job.rollout_id.as_ref().map(|id| id.as_str()) else {
             return Ok(());
