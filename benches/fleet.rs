@@ -360,16 +360,12 @@ fn unique(label: &str) -> String {
 }
 
 fn names(knobs: &Knobs, tag: &str) -> AmqpSettings {
-    AmqpSettings {
+    let mut names = AmqpSettings {
         url: knobs.amqp_url.clone(),
-        jobs_queue: format!("{tag}.jobs"),
-        dead_queue: format!("{tag}.jobs.dead"),
-        dead_letter_exchange: format!("{tag}.dlx"),
-        results_exchange: format!("{tag}.results"),
-        unrouted_queue: format!("{tag}.results.unrouted"),
-        control_queue: format!("{tag}.control"),
         ..AmqpSettings::default()
-    }
+    };
+    names.name_under(tag);
+    names
 }
 
 /// The harness's side of one configuration: keyturn's topology, an events queue bound to the
@@ -908,15 +904,7 @@ impl Fleet {
             command
                 .arg("worker")
                 .env("KEYTURN_AMQP__URL", &amqp.url)
-                .env("KEYTURN_AMQP__JOBS_QUEUE", &amqp.jobs_queue)
-                .env("KEYTURN_AMQP__DEAD_QUEUE", &amqp.dead_queue)
-                .env(
-                    "KEYTURN_AMQP__DEAD_LETTER_EXCHANGE",
-                    &amqp.dead_letter_exchange,
-                )
-                .env("KEYTURN_AMQP__RESULTS_EXCHANGE", &amqp.results_exchange)
-                .env("KEYTURN_AMQP__UNROUTED_QUEUE", &amqp.unrouted_queue)
-                .env("KEYTURN_AMQP__CONTROL_QUEUE", &amqp.control_queue)
+                .envs(amqp.topology_env())
                 .env("KEYTURN_WORKER__ID", &id)
                 .env("KEYTURN_WORKER__CONCURRENCY", knobs.concurrency.to_string())
                 .env("KEYTURN_WORKER__PREFETCH", knobs.prefetch.to_string())

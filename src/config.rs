@@ -543,14 +543,7 @@ impl Settings {
             url.parse::<lapin::uri::AMQPUri>()
                 .map_err(|_| config_error(key, NOT_AN_AMQP_URL))?;
         }
-        for (key, name) in [
-            ("amqp.jobs_queue", &amqp.jobs_queue),
-            ("amqp.dead_letter_exchange", &amqp.dead_letter_exchange),
-            ("amqp.dead_queue", &amqp.dead_queue),
-            ("amqp.results_exchange", &amqp.results_exchange),
-            ("amqp.unrouted_queue", &amqp.unrouted_queue),
-            ("amqp.control_queue", &amqp.control_queue),
-        ] {
+        for (key, name) in amqp.topology_names() {
             if name.is_empty() || name.len() > 255 || name.starts_with("amq.") {
                 return Err(config_error(
                     key,
@@ -852,6 +845,36 @@ fn refuse_secrets_in_file(table: &toml::Table) -> Result<(), ConfigError> {
 const SECRET_API_KEYS: [&str; 2] = ["token", "iam_password"];
 
 impl AmqpSettings {
+    /// The queue and exchange names of keyturn's topology, each with its key.
+    pub fn topology_names(&self) -> [(&'static str, &str); 6] {
+        [
+            ("amqp.jobs_queue", &self.jobs_queue),
+            ("amqp.dead_letter_exchange", &self.dead_letter_exchange),
+            ("amqp.dead_queue", &self.dead_queue),
+            ("amqp.results_exchange", &self.results_exchange),
+            ("amqp.unrouted_queue", &self.unrouted_queue),
+            ("amqp.control_queue", &self.control_queue),
+        ]
+    }
+
+    /// Names every queue and exchange of the topology under `prefix` (`{prefix}.jobs`,
+    /// `{prefix}.jobs.dead`, `{prefix}.dlx`, ...), so that one run's topology meets no other's.
+    pub fn name_under(&mut self, prefix: &str) {
+        self.jobs_queue = format!("{prefix}.jobs");
+        self.dead_queue = format!("{prefix}.jobs.dead");
+        self.dead_letter_exchange = format!("{prefix}.dlx");
+        self.results_exchange = format!("{prefix}.results");
+        self.unrouted_queue = format!("{prefix}.results.unrouted");
+        self.control_queue = format!("{prefix}.control");
+    }
+
+    /// The `KEYTURN_AMQP__…` variables that give a `keyturn` process this topology's names.
+    pub fn topology_env(&self) -> Vec<(String, &str)> {
+        self.topology_names()
+            .into_iter()
+            .map(|(key, name)| (env_name(key), name))
+            .collect()
+    }
     /// The broker nodes to connect to, each with the key that names it in errors: the entries
     /// of `amqp.urls` (`amqp.urls[0]`, ...) when there are any, else `amqp.url`.
     pub fn nodes(&self) -> Vec<(String, &str)> {
@@ -980,6 +1003,11 @@ fn read_table(path: &Path) -> Result<toml::Table, ConfigError> {
             format!("is not valid TOML{at}: {}", error.message()),
         )
     })
+}
+
+/// The environment variable that sets `key` (`amqp.jobs_queue` → `KEYTURN_AMQP__JOBS_QUEUE`).
+pub fn env_name(key: &str) -> String {
+    format!("KEYTURN_{}", key.replacen('.', "__", 1).to_uppercase())
 }
 
 /// Applies `KEYTURN_<SECTION>__<KEY>` variables. Each value takes the type the key has in the

@@ -218,13 +218,7 @@ async fn losing_the_node_that_leads_the_jobs_queue_moves_the_worker_on_and_loses
 fn queue_names(name: &str) -> impl Fn(&mut keyturn::config::Settings) + Clone + Send + 'static {
     let name = name.to_owned();
     move |settings: &mut keyturn::config::Settings| {
-        let amqp = &mut settings.amqp;
-        amqp.jobs_queue = format!("{name}.jobs");
-        amqp.dead_queue = format!("{name}.jobs.dead");
-        amqp.dead_letter_exchange = format!("{name}.dlx");
-        amqp.results_exchange = format!("{name}.results");
-        amqp.unrouted_queue = format!("{name}.results.unrouted");
-        amqp.control_queue = format!("{name}.control");
+        settings.amqp.name_under(&name);
     }
 }
 

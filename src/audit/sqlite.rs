@@ -186,12 +186,7 @@ impl Backend for Sqlite {
         &mut self,
         work: impl FnOnce(&mut dyn Db) -> Result<T, AuditError>,
     ) -> Result<T, AuditError> {
-        let tx = self
-            .connection
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let result = work(&mut Lite(&tx))?;
-        tx.commit()?;
-        Ok(result)
+        self.transaction(rusqlite::TransactionBehavior::Immediate, work)
     }
 
     /// One snapshot for all of `work`'s statements (a lookup reads several tables).
@@ -199,9 +194,17 @@ impl Backend for Sqlite {
         &mut self,
         work: impl FnOnce(&mut dyn Db) -> Result<T, AuditError>,
     ) -> Result<T, AuditError> {
-        let tx = self
-            .connection
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Deferred)?;
+        self.transaction(rusqlite::TransactionBehavior::Deferred, work)
+    }
+}
+
+impl Sqlite {
+    fn transaction<T>(
+        &mut self,
+        behavior: rusqlite::TransactionBehavior,
+        work: impl FnOnce(&mut dyn Db) -> Result<T, AuditError>,
+    ) -> Result<T, AuditError> {
+        let tx = self.connection.transaction_with_behavior(behavior)?;
         let result = work(&mut Lite(&tx))?;
         tx.commit()?;
         Ok(result)

@@ -155,17 +155,14 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
 
 /// Queues and exchanges of this run only, and its audit file in `dir`.
 fn own_names(settings: &mut Settings, run_id: &str, dir: &Path) {
-    let names = &mut settings.amqp;
-    names.jobs_queue = format!("keyturn.demo.{run_id}.jobs");
-    names.dead_queue = format!("keyturn.demo.{run_id}.jobs.dead");
-    names.dead_letter_exchange = format!("keyturn.demo.{run_id}.dlx");
-    names.results_exchange = format!("keyturn.demo.{run_id}.results");
-    names.unrouted_queue = format!("keyturn.demo.{run_id}.results.unrouted");
-    names.control_queue = format!("keyturn.demo.{run_id}.control");
+    settings.amqp.name_under(&format!("keyturn.demo.{run_id}"));
     settings.audit.path = dir.join("audit.db");
     // The demo's workers are its own: they leave the ops port to a real worker on this host.
     settings.ops.listen = String::new();
     settings.worker.concurrency = 4;
+    // The canary places go to the first jobs that ask, among the deliveries held: with four
+    // held, no doomed instance (the first is the 6th job) can take one.
+    settings.worker.prefetch = 4;
     settings.retry.base_delay = Duration::from_millis(50);
     settings.retry.max_delay = Duration::from_millis(500);
     settings.rate_limit.throttle_pause = Duration::from_millis(300);

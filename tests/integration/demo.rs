@@ -48,7 +48,7 @@ async fn the_demo_tells_the_story_of_a_halted_fixed_and_retried_rollout() {
         "What happened, in plain words:",
         "  failed     the job was valid but the API refused it",
         "  rejected   the job itself was invalid",
-        "rollout events in order: declared, started, progress, halted, resumed, ",
+        "rollout events in order: declared, started, progress, ",
         "One event, as a consumer",
         "keyturn audit --rollout DEMO-",
         "keyturn audit report DEMO-",
@@ -63,18 +63,17 @@ async fn the_demo_tells_the_story_of_a_halted_fixed_and_retried_rollout() {
             .unwrap_or_else(|| panic!("{part:?} after byte {from} of:\n{stdout}"));
         from += at + part.len();
     }
-    // A progress event goes out at most once a second: whether one falls between resumed and
-    // completed depends on how fast the machine runs the resumed jobs.
+    // A progress event goes out at most once a second: how many fall before the halt and after
+    // the resume depends on how fast the machine runs the jobs. The other events come once each,
+    // in this order.
     let order = stdout
         .lines()
         .find_map(|line| line.split("rollout events in order: ").nth(1))
         .expect("the events line");
-    assert!(
-        [
-            "declared, started, progress, halted, resumed, completed",
-            "declared, started, progress, halted, resumed, progress, completed",
-        ]
-        .contains(&order),
+    let changes: Vec<&str> = order.split(", ").filter(|e| *e != "progress").collect();
+    assert_eq!(
+        changes,
+        ["declared", "started", "halted", "resumed", "completed"],
         "{order}"
     );
     let parked: u64 = stdout

@@ -109,6 +109,8 @@ async fn calls_in_flight_stay_within_concurrency_while_the_prefetch_holds_more()
         tweak: Box::new(|settings| {
             settings.worker.concurrency = 2;
             settings.worker.prefetch = 6;
+            // The read-back after each Modify takes a call slot too.
+            settings.api.confirm_after = true;
         }),
         ..Options::default()
     })

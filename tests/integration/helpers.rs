@@ -175,12 +175,7 @@ impl TestApp {
         let name = unique("kt-test");
         let mut settings = Settings::load(None, &[]).unwrap();
         settings.amqp.url = broker_url().await;
-        settings.amqp.jobs_queue = format!("{name}.jobs");
-        settings.amqp.dead_queue = format!("{name}.jobs.dead");
-        settings.amqp.dead_letter_exchange = format!("{name}.dlx");
-        settings.amqp.results_exchange = format!("{name}.results");
-        settings.amqp.unrouted_queue = format!("{name}.results.unrouted");
-        settings.amqp.control_queue = format!("{name}.control");
+        settings.amqp.name_under(&name);
         settings.amqp.reconnect_max_backoff = Duration::from_secs(2);
         settings.worker.id = name.clone();
         settings.worker.concurrency = 4;
@@ -490,15 +485,7 @@ impl TestApp {
         let mut command = keyturn_binary();
         command
             .env("KEYTURN_AMQP__URL", &names.url)
-            .env("KEYTURN_AMQP__JOBS_QUEUE", &names.jobs_queue)
-            .env("KEYTURN_AMQP__DEAD_QUEUE", &names.dead_queue)
-            .env(
-                "KEYTURN_AMQP__DEAD_LETTER_EXCHANGE",
-                &names.dead_letter_exchange,
-            )
-            .env("KEYTURN_AMQP__RESULTS_EXCHANGE", &names.results_exchange)
-            .env("KEYTURN_AMQP__UNROUTED_QUEUE", &names.unrouted_queue)
-            .env("KEYTURN_AMQP__CONTROL_QUEUE", &names.control_queue)
+            .envs(names.topology_env())
             .env("KEYTURN_API__ENDPOINT", &self.simulator_url)
             .env("KEYTURN_AUDIT__PATH", self.audit_path())
             .env("KEYTURN_STORE__URL", &self.settings.store.url)
