@@ -43,6 +43,11 @@ pub(super) const MIGRATIONS: &[(&str, &str)] = &[
     ),
 ];
 
+/// Statements each connection keeps prepared. A job's claim and record with its rollout's counts
+/// use more than rusqlite's default of 16, and the cache evicts the least recently used: a cycle
+/// longer than it would prepare every statement anew each time.
+const STATEMENT_CACHE: usize = 64;
+
 /// Opens the file, migrates it and starts the writer thread and the reader thread, each owning a
 /// connection (WAL: the reader sees every committed write and never waits for the writer).
 pub(super) fn start(
@@ -74,6 +79,7 @@ pub(super) fn start(
     reader
         .busy_timeout(options.busy_timeout)
         .map_err(open_error)?;
+    reader.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     let writes = writer::spawn_with("keyturn-audit", move || Some(Sqlite { connection }));
     let reads = writer::spawn_with("keyturn-audit-read", move || {
         Some(Sqlite { connection: reader })
@@ -104,6 +110,7 @@ fn open_writer(path: &Path, options: &AuditOptions) -> Result<Connection, AuditE
 
 fn configure(connection: &Connection, options: &AuditOptions) -> rusqlite::Result<()> {
     connection.busy_timeout(options.busy_timeout)?;
+    connection.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     connection
         .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get::<_, String>(0))?;
     let synchronous = if options.synchronous_full {

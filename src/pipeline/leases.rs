@@ -39,17 +39,27 @@ struct State {
     /// Held keys and when each was last confirmed (claimed or renewed).
     held: HashMap<Key, Instant>,
     /// Keys whose job ended without a final record or a park: drop them at the next renewal.
-    released: Vec<Key>,
+    released: HashSet<Key>,
     /// Keys the store no longer has a lease of ours for.
     lost: HashSet<Key>,
     /// Keys with an API call under way, and when it started.
     calls: HashMap<Key, Instant>,
 }
 
-/// A held lease; dropping it hands the key to the next renewal to release.
+/// A held lease; dropping it hands the key to the next renewal to release, unless
+/// [`LeaseGuard::settle`] said the store dropped it already.
 pub struct LeaseGuard {
     leases: Arc<Leases>,
     key: Key,
+    settled: bool,
+}
+
+impl LeaseGuard {
+    /// Forgets the lease that the job's final record or park dropped in the store: nothing is
+    /// left for a renewal to release.
+    pub fn settle(mut self) {
+        self.settled = true;
+    }
 }
 
 impl Drop for LeaseGuard {
@@ -63,8 +73,8 @@ impl Drop for LeaseGuard {
             .calls
             .remove(&self.key)
             .is_some_and(|started| started.elapsed() < self.leases.call_time);
-        if !calling {
-            state.released.push(self.key.clone());
+        if !calling && !self.settled {
+            state.released.insert(self.key.clone());
         }
     }
 }
@@ -91,7 +101,7 @@ impl Leases {
         let claimed = {
             let mut state = self.state.lock().expect("leases");
             let key = (request.job_id.clone(), request.rerun);
-            state.released.retain(|released| *released != key);
+            state.released.remove(&key);
             audit.claim(request)
         };
         async move { claimed.await.map(|claimed| (claimed, asked)) }
@@ -106,6 +116,7 @@ impl Leases {
         LeaseGuard {
             leases: self.clone(),
             key,
+            settled: false,
         }
     }
 
@@ -152,7 +163,9 @@ impl Leases {
         let (active, renewed) = {
             let mut state = self.state.lock().expect("leases");
             let active = state.held.keys().cloned().collect::<Vec<_>>();
-            let released = std::mem::take(&mut state.released);
+            let released = std::mem::take(&mut state.released)
+                .into_iter()
+                .collect::<Vec<_>>();
             if active.is_empty() && released.is_empty() {
                 return;
             }
@@ -229,7 +242,23 @@ mod tests {
         assert_eq!(leases.trusted("J", 0), Trust::Lost);
         assert_eq!(
             leases.state.lock().unwrap().released,
-            vec![("J".to_owned(), 0)]
+            HashSet::from([("J".to_owned(), 0)])
+        );
+    }
+
+    #[test]
+    fn a_settled_lease_is_not_released_again() {
+        let leases = Arc::new(Leases::new(
+            "w",
+            Duration::from_secs(60),
+            Duration::from_secs(30),
+        ));
+        leases.held("J", 0, Instant::now()).settle();
+        let state = leases.state.lock().unwrap();
+        assert!(state.held.is_empty());
+        assert!(
+            state.released.is_empty(),
+            "the store dropped it with the record"
         );
     }
 

@@ -176,7 +176,9 @@ struct Context<'a> {
 impl Context<'_> {
     /// Forgets the job's lease once its record or park dropped it in the store.
     fn settle_lease(&self) {
-        drop(self.lease.lock().expect("lease slot").take());
+        if let Some(lease) = self.lease.lock().expect("lease slot").take() {
+            lease.settle();
+        }
     }
 }
 
