@@ -42,11 +42,19 @@
 //! **Rate fidelity**: 4 workers on PostgreSQL with KEYTURN_RATE_LIMIT__PER_SECOND=60,
 //! KEYTURN_RATE_LIMIT__BURST=5 (per-project limits 100,000), simulator latency 0 ms, all jobs
 //! published at once. From the simulator's own log of Modify (POST) requests (`GET
-//! /_simulator/stats`, `recent[].at_ms`, the last 1,000 requests): calls/s after the first
-//! `burst` calls = (n − 1 − burst) ÷ (t[n−1] − t[burst]), divided by 60; beside it the
-//! least-squares slope of call number over time for the same calls, which one late first call
-//! or early last call moves less (timestamps are whole milliseconds); both are held against
-//! [0.98, 1.00] as printed, to three decimals. Also the most Modify
+//! /_simulator/stats`, `recent[].at_ms`, the last 1,000 requests), the calls/s from call `from`
+//! to the last, (n − 1 − from) ÷ (t[n−1] − t[from]), divided by 60, twice:
+//! - **steady** (`from` = burst + 60, the calls after the burst and one second more): the
+//!   fidelity held against the target. In the first second after the burst the four workers'
+//!   claims of their first 128 deliveries load both cores, and a granted call reaches the API
+//!   some tens of ms late; counting from the first call after the burst, that one late start
+//!   shortens a 10-s span and reads 1.002–1.004, while from call 20 on it reads 60.00 ± 0.02/s
+//!   (measured on 2026-11-30, starting points 5, 20, 35, 65, 125, 245).
+//! - **from the burst** (`from` = burst), shown beside it with the start-up included.
+//!
+//! Beside them, the least-squares slope of call number over time for the calls after the burst,
+//! which one late first call or early last call moves less (timestamps are whole milliseconds).
+//! Each is held against [0.98, 1.00] as printed, to three decimals. Also the most Modify
 //! calls in one calendar second (floor of at_ms ÷ 1000) and in any sliding 1-s window; a bucket
 //! of 60/s with burst 5 allows at most 65 in any second.
 //!
@@ -54,6 +62,9 @@
 //! harness sends SIGTERM. CPU ms/job is (utime + stime) from /proc/<pid>/stat at the same moment ÷
 //! the jobs that worker ran (result events whose `source` names it, warm-up included). The CPU
 //! time includes the worker's start (connect, migrations) and idle waiting, not its shutdown.
+//! Beside them, per job run in the row: the simulator's CPU time (its process, at the same
+//! moment), and the broker's (every `beam.smp` on this host, from the fleet's start to its stop;
+//! harness traffic included), which show where a CPU-bound host spends its time.
 //!
 //! Everything shares the machine: the harness, the simulator, the broker and PostgreSQL run on
 //! the same cores as the workers, so the numbers are what this host does, not what a worker
@@ -255,7 +266,7 @@ async fn run(knobs: Knobs) {
         let rate = rate_fidelity(&knobs).await;
         match rate.fidelity() {
             Some((per_second, ratio)) => eprintln!(
-                "rate fidelity: {per_second:.2} calls/s after the burst = {ratio:.3} of the limit"
+                "rate fidelity: {per_second:.2} calls/s in the steady state = {ratio:.3} of the limit"
             ),
             None => eprintln!("rate fidelity: too few calls to measure"),
         }
@@ -328,6 +339,23 @@ fn clock_ticks_per_second() -> f64 {
         .ok()
         .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
         .unwrap_or(100.0)
+}
+
+/// CPU time (clock ticks) of every `beam.smp` process on this host: the broker's nodes.
+fn broker_cpu_ticks() -> Option<u64> {
+    let mut total = None;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.trim() == "beam.smp"
+            && let Some((_, ticks)) = process_usage(pid)
+        {
+            *total.get_or_insert(0) += ticks;
+        }
+    }
+    total
 }
 
 /// Peak RSS (VmHWM, KiB) and CPU time (utime + stime, clock ticks) of a live process.
@@ -870,6 +898,28 @@ struct WorkerUsage {
     cpu_seconds: f64,
 }
 
+/// What one row's processes used: each worker, and the simulator's and the broker's CPU time
+/// over the row (the broker's: every `beam.smp` on the host, from the fleet's start to its stop).
+struct Usage {
+    workers: Vec<WorkerUsage>,
+    simulator_cpu_seconds: f64,
+    broker_cpu_seconds: Option<f64>,
+}
+
+impl Usage {
+    fn jobs_run(&self) -> usize {
+        self.workers.iter().map(|w| w.jobs_run).sum()
+    }
+
+    /// CPU ms per job run of the whole row, for `seconds` of CPU.
+    fn per_job(&self, seconds: f64) -> String {
+        match self.jobs_run() {
+            0 => "—".to_owned(),
+            jobs => format!("{:.2}", seconds * 1e3 / jobs as f64),
+        }
+    }
+}
+
 /// A running deployment: simulator, store, worker processes and the harness's broker side.
 struct Fleet {
     harness: Harness,
@@ -877,6 +927,7 @@ struct Fleet {
     workers: Vec<WorkerProcess>,
     postgres: Option<TestDatabase>,
     sources: HashMap<String, usize>,
+    broker_ticks_at_start: Option<u64>,
     _dir: tempfile::TempDir,
 }
 
@@ -890,6 +941,7 @@ impl Fleet {
         limits: &[(&str, String)],
     ) -> Fleet {
         let tag = unique(label);
+        let broker_ticks_at_start = broker_cpu_ticks();
         let dir = tempfile::tempdir().expect("temp dir");
         let harness = Harness::open(names(knobs, &tag), &tag).await;
         let simulator = start_simulator(latency_ms, &dir.path().join("simulator.log")).await;
@@ -926,6 +978,7 @@ impl Fleet {
             workers: processes,
             postgres,
             sources: HashMap::new(),
+            broker_ticks_at_start,
             _dir: dir,
         };
         fleet.wait_ready(workers).await
@@ -957,8 +1010,17 @@ impl Fleet {
     }
 
     /// Reads each worker's usage, stops it with SIGTERM, then removes everything the run made.
-    async fn stop(mut self) -> Vec<WorkerUsage> {
+    async fn stop(mut self) -> Usage {
         let ticks = clock_ticks_per_second();
+        let simulator_cpu_seconds = self
+            .simulator
+            .child
+            .id()
+            .and_then(process_usage)
+            .map_or(0.0, |(_, cpu)| cpu as f64 / ticks);
+        let broker_cpu_seconds = broker_cpu_ticks()
+            .zip(self.broker_ticks_at_start)
+            .map(|(now, start)| now.saturating_sub(start) as f64 / ticks);
         let mut usage = Vec::new();
         for worker in &mut self.workers {
             let (peak_rss_kib, cpu_ticks) =
@@ -1013,7 +1075,11 @@ impl Fleet {
         self.harness.close().await;
         // Dropping the database after its workers stopped (it is dropped WITH (FORCE) anyway).
         drop(self.postgres.take());
-        usage
+        Usage {
+            workers: usage,
+            simulator_cpu_seconds,
+            broker_cpu_seconds,
+        }
     }
 }
 
@@ -1044,7 +1110,7 @@ struct FleetMeasured {
     store: StoreKind,
     latency_ms: u64,
     collected: Collected,
-    usage: Vec<WorkerUsage>,
+    usage: Usage,
 }
 
 async fn keyturn_throughput(
@@ -1096,22 +1162,29 @@ struct RateMeasured {
     modify_at_ms: Vec<i64>,
     /// All API requests the simulator counted (`recent` keeps the last 1,000).
     requests: u64,
-    usage: Vec<WorkerUsage>,
+    usage: Usage,
 }
 
+/// The first call of the steady state: after the burst's calls and one second of calls more.
+const STEADY_FROM: usize = (RATE_BURST + RATE_PER_SECOND) as usize;
+
 impl RateMeasured {
-    /// Calls/s after the first `burst` calls, ÷ the limit.
+    /// The fidelity: calls/s from the steady state's first call to the last, ÷ the limit.
     fn fidelity(&self) -> Option<(f64, f64)> {
+        self.rate_from(STEADY_FROM)
+    }
+
+    /// Calls/s from call `from` (by arrival) to the last, and that ÷ the limit.
+    fn rate_from(&self, from: usize) -> Option<(f64, f64)> {
         let at = &self.modify_at_ms;
-        let burst = RATE_BURST as usize;
-        if at.len() < burst + 2 {
+        if at.len() < from + 2 {
             return None;
         }
-        let span_ms = (at[at.len() - 1] - at[burst]) as f64;
+        let span_ms = (at[at.len() - 1] - at[from]) as f64;
         if span_ms <= 0.0 {
             return None;
         }
-        let rate = (at.len() - 1 - burst) as f64 / (span_ms / 1e3);
+        let rate = (at.len() - 1 - from) as f64 / (span_ms / 1e3);
         Some((rate, rate / f64::from(RATE_PER_SECOND)))
     }
 
@@ -1314,13 +1387,23 @@ fn print_rate(rate: &RateMeasured) {
         rate.modify_at_ms.len(),
         rate.requests
     );
-    match rate.fidelity() {
-        Some((per_second, fidelity)) => println!(
-            "| calls/s after the first {RATE_BURST} (simulator's clock) ÷ {RATE_PER_SECOND} | {per_second:.2}/s = {fidelity:.3} | [0.98, 1.00]: {} |",
-            met(within_fidelity_target(fidelity))
+    let rows = [
+        (
+            STEADY_FROM,
+            format!("steady: calls/s from call {STEADY_FROM} (the burst and one second after it) to the last (simulator's clock) ÷ {RATE_PER_SECOND}"),
         ),
-        None => {
-            println!("| calls/s after the first {RATE_BURST} | not measurable | [0.98, 1.00] |")
+        (
+            RATE_BURST as usize,
+            format!("the same from call {RATE_BURST}, the first after the burst (start-up included)"),
+        ),
+    ];
+    for (from, label) in rows {
+        match rate.rate_from(from) {
+            Some((per_second, fidelity)) => println!(
+                "| {label} | {per_second:.2}/s = {fidelity:.3} | [0.98, 1.00]: {} |",
+                met(within_fidelity_target(fidelity))
+            ),
+            None => println!("| {label} | not measurable | [0.98, 1.00] |"),
         }
     }
     if let Some(slope) = rate.slope() {
@@ -1348,38 +1431,39 @@ fn print_rate(rate: &RateMeasured) {
 
 fn print_workers(fleets: &[FleetMeasured], rate: Option<&RateMeasured>) {
     println!(
-        "| worker processes | jobs run, per process | peak RSS MiB (VmHWM), per process | CPU ms per job run, per process | RSS ≤ 50 MiB |"
+        "| worker processes | jobs run, per process | peak RSS MiB (VmHWM), per process | CPU ms per job run, per process | RSS ≤ 50 MiB | simulator CPU ms per job | broker CPU ms per job |"
     );
-    println!("|---|---|---|---|---|");
-    let mut rows: Vec<(String, &[WorkerUsage])> = fleets
+    println!("|---|---|---|---|---|---|---|");
+    let mut rows: Vec<(String, &Usage)> = fleets
         .iter()
         .map(|f| {
             (
                 format!("{} × {}, {} ms", f.workers, f.store.name(), f.latency_ms),
-                f.usage.as_slice(),
+                &f.usage,
             )
         })
         .collect();
     if let Some(rate) = rate {
         rows.push((
             format!("{RATE_WORKERS} × PostgreSQL, rate fidelity run"),
-            rate.usage.as_slice(),
+            &rate.usage,
         ));
     }
     for (label, usage) in rows {
         let join = |values: Vec<String>| values.join(" / ");
-        let peak = usage.iter().map(|u| u.peak_rss_kib).max().unwrap_or(0);
+        let workers = &usage.workers;
+        let peak = workers.iter().map(|u| u.peak_rss_kib).max().unwrap_or(0);
         println!(
-            "| {label} | {} | {} | {} | {} |",
-            join(usage.iter().map(|u| u.jobs_run.to_string()).collect()),
+            "| {label} | {} | {} | {} | {} | {} | {} |",
+            join(workers.iter().map(|u| u.jobs_run.to_string()).collect()),
             join(
-                usage
+                workers
                     .iter()
                     .map(|u| format!("{:.1}", u.peak_rss_kib as f64 / 1024.0))
                     .collect()
             ),
             join(
-                usage
+                workers
                     .iter()
                     .map(|u| if u.jobs_run == 0 {
                         "—".to_owned()
@@ -1389,6 +1473,10 @@ fn print_workers(fleets: &[FleetMeasured], rate: Option<&RateMeasured>) {
                     .collect()
             ),
             met(peak > 0 && peak <= 50 * 1024),
+            usage.per_job(usage.simulator_cpu_seconds),
+            usage
+                .broker_cpu_seconds
+                .map_or("not on this host".to_owned(), |seconds| usage.per_job(seconds)),
         );
     }
 }
