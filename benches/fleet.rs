@@ -63,8 +63,10 @@
 //! the jobs that worker ran (result events whose `source` names it, warm-up included). The CPU
 //! time includes the worker's start (connect, migrations) and idle waiting, not its shutdown.
 //! Beside them, per job run in the row: the simulator's CPU time (its process, at the same
-//! moment), and the broker's (every `beam.smp` on this host, from the fleet's start to its stop;
-//! harness traffic included), which show where a CPU-bound host spends its time.
+//! moment), the broker's (every `beam.smp` on this host, from the fleet's start to its stop;
+//! harness traffic included) and PostgreSQL's (every `postgres` process on this host, the same
+//! way; SQLite rows show what other databases on it did meanwhile), which show where a
+//! CPU-bound host spends its time.
 //!
 //! Everything shares the machine: the harness, the simulator, the broker and PostgreSQL run on
 //! the same cores as the workers, so the numbers are what this host does, not what a worker
@@ -341,15 +343,16 @@ fn clock_ticks_per_second() -> f64 {
         .unwrap_or(100.0)
 }
 
-/// CPU time (clock ticks) of every `beam.smp` process on this host: the broker's nodes.
-fn broker_cpu_ticks() -> Option<u64> {
+/// CPU time (clock ticks) of every process named `command` on this host (`beam.smp`: the
+/// broker's nodes; `postgres`: PostgreSQL's server and its backends).
+fn cpu_ticks_of(command: &str) -> Option<u64> {
     let mut total = None;
     for entry in std::fs::read_dir("/proc").ok()?.flatten() {
         let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
             continue;
         };
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        if comm.trim() == "beam.smp"
+        if comm.trim() == command
             && let Some((_, ticks)) = process_usage(pid)
         {
             *total.get_or_insert(0) += ticks;
@@ -898,12 +901,14 @@ struct WorkerUsage {
     cpu_seconds: f64,
 }
 
-/// What one row's processes used: each worker, and the simulator's and the broker's CPU time
-/// over the row (the broker's: every `beam.smp` on the host, from the fleet's start to its stop).
+/// What one row's processes used: each worker, and the simulator's, the broker's and
+/// PostgreSQL's CPU time over the row (the last two: every `beam.smp` or `postgres` process on
+/// the host, from the fleet's start to its stop).
 struct Usage {
     workers: Vec<WorkerUsage>,
     simulator_cpu_seconds: f64,
     broker_cpu_seconds: Option<f64>,
+    postgres_cpu_seconds: Option<f64>,
 }
 
 impl Usage {
@@ -928,6 +933,7 @@ struct Fleet {
     postgres: Option<TestDatabase>,
     sources: HashMap<String, usize>,
     broker_ticks_at_start: Option<u64>,
+    postgres_ticks_at_start: Option<u64>,
     _dir: tempfile::TempDir,
 }
 
@@ -941,7 +947,8 @@ impl Fleet {
         limits: &[(&str, String)],
     ) -> Fleet {
         let tag = unique(label);
-        let broker_ticks_at_start = broker_cpu_ticks();
+        let broker_ticks_at_start = cpu_ticks_of("beam.smp");
+        let postgres_ticks_at_start = cpu_ticks_of("postgres");
         let dir = tempfile::tempdir().expect("temp dir");
         let harness = Harness::open(names(knobs, &tag), &tag).await;
         let simulator = start_simulator(latency_ms, &dir.path().join("simulator.log")).await;
@@ -979,6 +986,7 @@ impl Fleet {
             postgres,
             sources: HashMap::new(),
             broker_ticks_at_start,
+            postgres_ticks_at_start,
             _dir: dir,
         };
         fleet.wait_ready(workers).await
@@ -1018,9 +1026,13 @@ impl Fleet {
             .id()
             .and_then(process_usage)
             .map_or(0.0, |(_, cpu)| cpu as f64 / ticks);
-        let broker_cpu_seconds = broker_cpu_ticks()
-            .zip(self.broker_ticks_at_start)
-            .map(|(now, start)| now.saturating_sub(start) as f64 / ticks);
+        let since_start = |command: &str, start: Option<u64>| {
+            cpu_ticks_of(command)
+                .zip(start)
+                .map(|(now, start)| now.saturating_sub(start) as f64 / ticks)
+        };
+        let broker_cpu_seconds = since_start("beam.smp", self.broker_ticks_at_start);
+        let postgres_cpu_seconds = since_start("postgres", self.postgres_ticks_at_start);
         let mut usage = Vec::new();
         for worker in &mut self.workers {
             let (peak_rss_kib, cpu_ticks) =
@@ -1079,6 +1091,7 @@ impl Fleet {
             workers: usage,
             simulator_cpu_seconds,
             broker_cpu_seconds,
+            postgres_cpu_seconds,
         }
     }
 }
@@ -1431,9 +1444,9 @@ fn print_rate(rate: &RateMeasured) {
 
 fn print_workers(fleets: &[FleetMeasured], rate: Option<&RateMeasured>) {
     println!(
-        "| worker processes | jobs run, per process | peak RSS MiB (VmHWM), per process | CPU ms per job run, per process | RSS ≤ 50 MiB | simulator CPU ms per job | broker CPU ms per job |"
+        "| worker processes | jobs run, per process | peak RSS MiB (VmHWM), per process | CPU ms per job run, per process | RSS ≤ 50 MiB | simulator CPU ms per job | broker CPU ms per job | PostgreSQL CPU ms per job |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     let mut rows: Vec<(String, &Usage)> = fleets
         .iter()
         .map(|f| {
@@ -1454,7 +1467,7 @@ fn print_workers(fleets: &[FleetMeasured], rate: Option<&RateMeasured>) {
         let workers = &usage.workers;
         let peak = workers.iter().map(|u| u.peak_rss_kib).max().unwrap_or(0);
         println!(
-            "| {label} | {} | {} | {} | {} | {} | {} |",
+            "| {label} | {} | {} | {} | {} | {} | {} | {} |",
             join(workers.iter().map(|u| u.jobs_run.to_string()).collect()),
             join(
                 workers
@@ -1476,6 +1489,9 @@ fn print_workers(fleets: &[FleetMeasured], rate: Option<&RateMeasured>) {
             usage.per_job(usage.simulator_cpu_seconds),
             usage
                 .broker_cpu_seconds
+                .map_or("not on this host".to_owned(), |seconds| usage.per_job(seconds)),
+            usage
+                .postgres_cpu_seconds
                 .map_or("not on this host".to_owned(), |seconds| usage.per_job(seconds)),
         );
     }
