@@ -236,7 +236,8 @@ async fn two_thousand_jobs_of_one_project_at_20_per_second_fail_none() {
 }
 
 /// A job that waits longer than `worker.max_hold` goes back to the queue's tail as a fresh
-/// message (no delivery spent) and still runs once.
+/// message (no delivery spent) and still runs once. It waited after its claim had written the
+/// in-flight marker, and drops it on the way back: its next run does not Describe first.
 #[tokio::test]
 async fn a_job_held_too_long_is_handed_back_and_still_runs_once() {
     let app = TestApp::spawn().await;
@@ -261,6 +262,11 @@ async fn a_job_held_too_long_is_handed_back_and_still_runs_once() {
     let stats = app.stats();
     for (job_id, n, _) in &jobs {
         assert_eq!(stats.instances[&instance(*n)].modify_calls, 1, "{job_id}");
+        assert_eq!(
+            stats.instances[&instance(*n)].describe_calls,
+            0,
+            "{job_id}: handed back unsent, it left no marker to make its next run ask first"
+        );
     }
     assert_eq!(
         terminate(&mut worker, Duration::from_secs(30)).await,
