@@ -89,6 +89,19 @@ async fn wrong_keys_hold_every_job_until_the_keys_are_accepted_then_all_succeed(
         taken,
         "probes fail, and nothing more is taken meanwhile"
     );
+    // Only a job whose Modify went out keeps its in-flight marker; a job that claimed its key
+    // and was parked while it waited for a call slot dropped its own.
+    let marked = app.store_rows("SELECT job_id FROM in_flight").len();
+    let sent = app
+        .stats()
+        .recent
+        .iter()
+        .filter(|request| request.method == "POST")
+        .count();
+    assert!(
+        marked <= sent,
+        "{marked} markers for {sent} Modify requests sent ({taken} jobs parked)"
+    );
     assert!(
         app.toggles().is_empty(),
         "no job ended while the keys were wrong"
