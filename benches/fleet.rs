@@ -348,7 +348,11 @@ fn clock_ticks_per_second() -> f64 {
 fn cpu_ticks_of(command: &str) -> Option<u64> {
     let mut total = None;
     for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
             continue;
         };
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
@@ -1403,11 +1407,15 @@ fn print_rate(rate: &RateMeasured) {
     let rows = [
         (
             STEADY_FROM,
-            format!("steady: calls/s from call {STEADY_FROM} (the burst and one second after it) to the last (simulator's clock) ÷ {RATE_PER_SECOND}"),
+            format!(
+                "steady: calls/s from call {STEADY_FROM} (the burst and one second after it) to the last (simulator's clock) ÷ {RATE_PER_SECOND}"
+            ),
         ),
         (
             RATE_BURST as usize,
-            format!("the same from call {RATE_BURST}, the first after the burst (start-up included)"),
+            format!(
+                "the same from call {RATE_BURST}, the first after the burst (start-up included)"
+            ),
         ),
     ];
     for (from, label) in rows {
@@ -1489,10 +1497,12 @@ fn print_workers(fleets: &[FleetMeasured], rate: Option<&RateMeasured>) {
             usage.per_job(usage.simulator_cpu_seconds),
             usage
                 .broker_cpu_seconds
-                .map_or("not on this host".to_owned(), |seconds| usage.per_job(seconds)),
+                .map_or("not on this host".to_owned(), |seconds| usage
+                    .per_job(seconds)),
             usage
                 .postgres_cpu_seconds
-                .map_or("not on this host".to_owned(), |seconds| usage.per_job(seconds)),
+                .map_or("not on this host".to_owned(), |seconds| usage
+                    .per_job(seconds)),
         );
     }
 }

@@ -1,12 +1,14 @@
 //! Fleet mode: workers sharing one PostgreSQL store. Each test makes a database of its own on the
 //! machine's PostgreSQL (or `KEYTURN_TEST_POSTGRES_URL`) and drops it.
 
+use std::process::Stdio;
 use std::time::Duration;
 
 use keyturn::audit::{AuditOptions, AuditStore, Location};
 use keyturn::events::Outcome;
 use keyturn::simulator::{Faults, Step};
 use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::helpers::*;
 
@@ -283,4 +285,88 @@ async fn a_worker_refuses_a_store_whose_schema_is_newer_and_never_shows_the_pass
         assert!(stderr.contains("store.url"), "{why}: {stderr}");
         assert!(!stderr.contains("pw-never-shown"), "{why}: {stderr}");
     }
+}
+
+/// A worker started while PostgreSQL cannot be reached holds its jobs (it takes no delivery and
+/// fails none) and says so, retrying; once the store answers it runs them all. The store is
+/// reached through a TCP forwarder of the test's that is not listening at first.
+#[tokio::test]
+async fn a_worker_started_while_the_store_is_unreachable_holds_its_jobs_until_it_answers() {
+    let app = TestApp::spawn_with(on_postgres(|_| {})).await;
+    let mut direct = reqwest::Url::parse(&app.settings.store.url).unwrap();
+    let target = format!(
+        "{}:{}",
+        direct.host_str().unwrap(),
+        direct.port().unwrap_or(5432)
+    );
+    // A free port, closed again: connections to it are refused until the forwarder binds it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    direct.set_host(Some("127.0.0.1")).unwrap();
+    direct.set_port(Some(port)).unwrap();
+    let jobs = publish_fleet(&app, 3, 4100).await;
+
+    let mut worker = app
+        .worker_process(&[("KEYTURN_STORE__URL", direct.as_str())])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let mut stderr = BufReader::new(worker.stderr.take().unwrap()).lines();
+    let collected = lines.clone();
+    let reader = tokio::spawn(async move {
+        while let Ok(Some(line)) = stderr.next_line().await {
+            collected.lock().unwrap().push(line);
+        }
+    });
+    let retries = || {
+        lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|line| line.contains("the store does not answer yet; retrying"))
+            .count()
+    };
+    wait_until(Duration::from_secs(30), || async { retries() >= 2 }).await;
+    assert!(
+        worker.try_wait().unwrap().is_none(),
+        "the worker waits for its store instead of exiting"
+    );
+    assert_eq!(
+        app.queue_len(&app.settings.amqp.jobs_queue).await,
+        3,
+        "no job was taken while the store was away"
+    );
+
+    // The store comes back: the forwarder binds the port and passes connections through.
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let forwarder = tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let target = target.clone();
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    assert_one_outcome_per_job(&app, &jobs).await;
+    assert!(
+        app.toggles()
+            .iter()
+            .all(|row| row["outcome"] == json!("succeeded")),
+        "the wait failed no job"
+    );
+    assert_eq!(
+        terminate(&mut worker, Duration::from_secs(30)).await,
+        Some(0)
+    );
+    reader.await.unwrap();
+    forwarder.abort();
+    app.cleanup().await;
 }
