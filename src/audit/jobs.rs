@@ -132,10 +132,13 @@ pub(super) fn claim(tx: &mut dyn Db, request: &ClaimRequest) -> Result<Claimed, 
             });
         }
     }
-    tx.execute(
-        "DELETE FROM leases WHERE instance = ?1 OR (job_id = ?2 AND rerun = ?3)",
-        args![instance, job_id, rerun],
-    )?;
+    // Only ours or expired ones are left: taken over. (None, mostly: no statement then.)
+    if !holders.is_empty() {
+        tx.execute(
+            "DELETE FROM leases WHERE instance = ?1 OR (job_id = ?2 AND rerun = ?3)",
+            args![instance, job_id, rerun],
+        )?;
+    }
     tx.execute(
         "INSERT INTO leases (job_id, rerun, instance, owner, expires_at)
          VALUES (?1, ?2, ?3, ?4, ?5)",
