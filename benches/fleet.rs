@@ -65,8 +65,9 @@
 //! Beside them, per job run in the row: the simulator's CPU time (its process, at the same
 //! moment), the broker's (every `beam.smp` on this host, from the fleet's start to its stop;
 //! harness traffic included) and PostgreSQL's (every `postgres` process on this host, the same
-//! way; SQLite rows show what other databases on it did meanwhile), which show where a
-//! CPU-bound host spends its time.
+//! way; SQLite rows show what other databases on it did meanwhile), each with the CPU time of
+//! the children its topmost process reaped meanwhile (a backend that ended still counts), which
+//! show where a CPU-bound host spends its time.
 //!
 //! Everything shares the machine: the harness, the simulator, the broker and PostgreSQL run on
 //! the same cores as the workers, so the numbers are what this host does, not what a worker
@@ -344,8 +345,14 @@ fn clock_ticks_per_second() -> f64 {
 }
 
 /// CPU time (clock ticks) of every process named `command` on this host (`beam.smp`: the
-/// broker's nodes; `postgres`: PostgreSQL's server and its backends).
+/// broker's nodes; `postgres`: PostgreSQL's server and its backends), with the CPU time of the
+/// children the topmost of them reaped: a backend that exited between two readings still counts
+/// (in its postmaster's), so the total only grows.
 fn cpu_ticks_of(command: &str) -> Option<u64> {
+    let named = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .is_ok_and(|comm| comm.trim() == command)
+    };
     let mut total = None;
     for entry in std::fs::read_dir("/proc").ok()?.flatten() {
         let Some(pid) = entry
@@ -355,14 +362,29 @@ fn cpu_ticks_of(command: &str) -> Option<u64> {
         else {
             continue;
         };
-        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        if comm.trim() == command
-            && let Some((_, ticks)) = process_usage(pid)
-        {
-            *total.get_or_insert(0) += ticks;
+        if !named(pid) {
+            continue;
         }
+        let Some(fields) = stat_fields(pid) else {
+            continue;
+        };
+        let field = |index: usize| fields.get(index).and_then(|f| f.parse::<u64>().ok());
+        // Fields after the command name: ppid is field 4, utime 14, stime 15, cutime 16, cstime 17.
+        let mut ticks = field(11).unwrap_or(0) + field(12).unwrap_or(0);
+        if !field(1).is_some_and(|parent| named(parent as u32)) {
+            ticks += field(13).unwrap_or(0) + field(14).unwrap_or(0);
+        }
+        *total.get_or_insert(0) += ticks;
     }
     total
+}
+
+/// The fields of /proc/<pid>/stat after the command name (which may hold spaces): index 0 is
+/// field 3, the state.
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    Some(rest.split_whitespace().map(str::to_owned).collect())
 }
 
 /// Peak RSS (VmHWM, KiB) and CPU time (utime + stime, clock ticks) of a live process.
@@ -375,10 +397,8 @@ fn process_usage(pid: u32) -> Option<(u64, u64)> {
         .nth(1)?
         .parse()
         .ok()?;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may hold spaces): state is field 3, utime 14, stime 15.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime is field 14, stime 15.
+    let fields = stat_fields(pid)?;
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
     Some((hwm, utime + stime))
@@ -910,7 +930,7 @@ struct WorkerUsage {
 /// the host, from the fleet's start to its stop).
 struct Usage {
     workers: Vec<WorkerUsage>,
-    simulator_cpu_seconds: f64,
+    simulator_cpu_seconds: Option<f64>,
     broker_cpu_seconds: Option<f64>,
     postgres_cpu_seconds: Option<f64>,
 }
@@ -1029,7 +1049,7 @@ impl Fleet {
             .child
             .id()
             .and_then(process_usage)
-            .map_or(0.0, |(_, cpu)| cpu as f64 / ticks);
+            .map(|(_, cpu)| cpu as f64 / ticks);
         let since_start = |command: &str, start: Option<u64>| {
             cpu_ticks_of(command)
                 .zip(start)
@@ -1494,7 +1514,9 @@ fn print_workers(fleets: &[FleetMeasured], rate: Option<&RateMeasured>) {
                     .collect()
             ),
             met(peak > 0 && peak <= 50 * 1024),
-            usage.per_job(usage.simulator_cpu_seconds),
+            usage
+                .simulator_cpu_seconds
+                .map_or("not read".to_owned(), |seconds| usage.per_job(seconds)),
             usage
                 .broker_cpu_seconds
                 .map_or("not on this host".to_owned(), |seconds| usage

@@ -299,12 +299,11 @@ async fn a_worker_started_while_the_store_is_unreachable_holds_its_jobs_until_it
         direct.host_str().unwrap(),
         direct.port().unwrap_or(5432)
     );
-    // A free port, closed again: connections to it are refused until the forwarder binds it.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // A port bound but not listening: connections to it are refused, and no other socket can
+    // take it, until the forwarder listens on it.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = socket.local_addr().unwrap().port();
     direct.set_host(Some("127.0.0.1")).unwrap();
     direct.set_port(Some(port)).unwrap();
     let jobs = publish_fleet(&app, 3, 4100).await;
@@ -342,9 +341,7 @@ async fn a_worker_started_while_the_store_is_unreachable_holds_its_jobs_until_it
     );
 
     // The store comes back: the forwarder binds the port and passes connections through.
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-        .await
-        .unwrap();
+    let listener = socket.listen(64).unwrap();
     let forwarder = tokio::spawn(async move {
         while let Ok((mut inbound, _)) = listener.accept().await {
             let target = target.clone();
