@@ -48,7 +48,7 @@
 //!   fidelity held against the target. In the first second after the burst the four workers'
 //!   claims of their first 128 deliveries load both cores, and a granted call reaches the API
 //!   some tens of ms late; counting from the first call after the burst, that one late start
-//!   shortens a 10-s span and reads 1.002–1.004, while from call 20 on it reads 60.00 ± 0.02/s
+//!   shortens a 10-s span and reads 1.001–1.004, while from call 20 on it reads 60.00 ± 0.02/s
 //!   (measured on 2026-11-30, starting points 5, 20, 35, 65, 125, 245).
 //! - **from the burst** (`from` = burst), shown beside it with the start-up included.
 //!
