@@ -347,21 +347,25 @@ async fn a_fleet_survives_killed_workers_and_a_lost_node_with_every_job_recorded
         )
         .await;
     assert!(declared.ok, "{declared:?}");
-    let jobs = publish_fleet(&app, JOBS, 50_000).await;
-
     let done = || {
         app.store_rows("SELECT COUNT(*) AS n FROM toggles")[0]["n"]
             .as_i64()
             .unwrap()
     };
     let mut faults = Vec::new();
-    for (life, at) in [(1, 300), (2, 800)] {
-        wait_until(Duration::from_secs(120), || async { done() >= at }).await;
-        workers[0].start_kill().unwrap();
-        workers[0].wait().await.unwrap();
-        faults.push(format!("worker 0 killed at {} jobs", done()));
-        workers[0] = spawn(0, life);
-    }
+    // The kills follow the finished count while the jobs are still being published: publishing
+    // 2,000 confirmed messages can take longer than the first 800 jobs (on a loaded machine it
+    // took until 1,467, and both kills came then, one right after the other).
+    let kills = async {
+        for (life, at) in [(1, 300), (2, 800)] {
+            wait_until(Duration::from_secs(120), || async { done() >= at }).await;
+            workers[0].start_kill().unwrap();
+            workers[0].wait().await.unwrap();
+            faults.push(format!("worker 0 killed at {} jobs", done()));
+            workers[0] = spawn(0, life);
+        }
+    };
+    let (jobs, ()) = tokio::join!(publish_fleet(&app, JOBS, 50_000), kills);
     wait_until(Duration::from_secs(120), || async { done() >= 1_300 }).await;
     faults.push(format!(
         "{} stopped at {} jobs",
@@ -500,8 +504,36 @@ async fn a_fleet_survives_killed_workers_and_a_lost_node_with_every_job_recorded
     for worker in &mut workers {
         assert_eq!(terminate(worker, Duration::from_secs(30)).await, Some(0));
     }
+    let failures: Vec<String> = rows
+        .iter()
+        .filter(|row| row["outcome"] == "failed")
+        .map(|row| {
+            let attempts: Vec<String> = app
+                .store_rows(&format!(
+                    "SELECT call, started_at, latency_ms, http_status, error_code FROM attempts \
+                     WHERE event_id = '{}' ORDER BY number",
+                    row["event_id"].as_str().unwrap()
+                ))
+                .iter()
+                .map(|a| {
+                    format!(
+                        "{} {} {}ms {} {}",
+                        a["call"],
+                        a["started_at"],
+                        a["latency_ms"],
+                        a["http_status"],
+                        a["error_code"]
+                    )
+                })
+                .collect();
+            format!(
+                "{} after {} attempts: {} {} {attempts:?}",
+                row["job_id"], row["attempts"], row["error_code"], row["error_msg"]
+            )
+        })
+        .collect();
     eprintln!(
-        "failover: {JOBS} jobs, {} succeeded, {} failed; {}; {} Describe reconciliations, {} faults injected",
+        "failover: {JOBS} jobs, {} succeeded, {} failed {failures:?}; {}; {} Describe reconciliations, {} faults injected",
         count("succeeded"),
         count("failed"),
         faults.join(", "),
