@@ -56,7 +56,8 @@
 //! which one late first call or early last call moves less (timestamps are whole milliseconds).
 //! Each is held against [0.98, 1.00] as printed, to three decimals. Also the most Modify
 //! calls in one calendar second (floor of at_ms ÷ 1000) and in any sliding 1-s window; a bucket
-//! of 60/s with burst 5 allows at most 65 in any second.
+//! of 60/s that starts with 5 grants at most 64 within one second (65 counting both ends), and
+//! calls reach the API a few ms apart from their grants.
 //!
 //! **Per worker process**: peak RSS is VmHWM from /proc/<pid>/status, read just before the
 //! harness sends SIGTERM. CPU ms/job is (utime + stime) from /proc/<pid>/stat at the same moment ÷

@@ -248,12 +248,16 @@ async fn two_workers_share_a_project_limit_and_a_rollout_cap_through_the_store()
             "{label}: achieved {achieved:.2}/s of {rate}/s"
         );
     }
-    let workers_seen: std::collections::BTreeSet<_> = app
-        .toggles()
-        .iter()
-        .map(|row| row["worker_id"].to_string())
-        .collect();
-    assert_eq!(workers_seen.len(), 2, "both workers called");
+    // Each stream ran on both workers: one worker alone would keep its own limiter's numbers.
+    let rows = app.toggles();
+    for project in [PROJECT, OTHER_PROJECT] {
+        let workers_seen: std::collections::BTreeSet<_> = rows
+            .iter()
+            .filter(|row| row["project_id"] == project)
+            .map(|row| row["worker_id"].to_string())
+            .collect();
+        assert_eq!(workers_seen.len(), 2, "both workers called for {project}");
+    }
     for mut worker in workers {
         assert_eq!(
             terminate(&mut worker, Duration::from_secs(30)).await,
