@@ -20,6 +20,36 @@ async fn one_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
     TURN.lock().await
 }
 
+/// `count` worker processes on `app`, as that many hosts would run them, with `limits` set.
+fn spawn_workers(
+    app: &TestApp,
+    count: usize,
+    limits: &[(&str, u32)],
+) -> Vec<tokio::process::Child> {
+    (0..count)
+        .map(|n| {
+            let id = format!("{}-{n}", app.settings.worker.id);
+            let limits: Vec<(&str, String)> = limits
+                .iter()
+                .map(|(name, value)| (*name, value.to_string()))
+                .collect();
+            let mut env: Vec<(&str, &str)> = vec![("KEYTURN_WORKER__ID", id.as_str())];
+            env.extend(limits.iter().map(|(name, value)| (*name, value.as_str())));
+            app.worker_process(&env).spawn().unwrap()
+        })
+        .collect()
+}
+
+/// Stops every worker with SIGTERM; each must exit 0.
+async fn stop_workers(workers: Vec<tokio::process::Child>) {
+    for mut worker in workers {
+        assert_eq!(
+            terminate(&mut worker, Duration::from_secs(30)).await,
+            Some(0)
+        );
+    }
+}
+
 /// Modify (POST) answer times by the simulator's clock, sorted, of the instances `instances`.
 fn modify_times(app: &TestApp, instances: &std::collections::HashSet<String>) -> Vec<i64> {
     let mut times: Vec<i64> = app
@@ -72,21 +102,14 @@ async fn four_workers_share_one_global_rate_limit_through_the_store() {
     })
     .await;
     let jobs = publish_fleet(&app, 600, 1_000).await;
-    // Four worker processes, as four hosts would run them.
-    let (per_second, burst) = (PER_SECOND.to_string(), BURST.to_string());
-    let mut workers = Vec::new();
-    for n in 0..4 {
-        let id = format!("{}-{n}", app.settings.worker.id);
-        workers.push(
-            app.worker_process(&[
-                ("KEYTURN_WORKER__ID", id.as_str()),
-                ("KEYTURN_RATE_LIMIT__PER_SECOND", per_second.as_str()),
-                ("KEYTURN_RATE_LIMIT__BURST", burst.as_str()),
-            ])
-            .spawn()
-            .unwrap(),
-        );
-    }
+    let workers = spawn_workers(
+        &app,
+        4,
+        &[
+            ("KEYTURN_RATE_LIMIT__PER_SECOND", PER_SECOND),
+            ("KEYTURN_RATE_LIMIT__BURST", BURST),
+        ],
+    );
     app.wait_for_audit().await;
     // The simulator's count first (no store read while the calls go on), then the records.
     wait_until(Duration::from_secs(60), || async {
@@ -146,12 +169,7 @@ async fn four_workers_share_one_global_rate_limit_through_the_store() {
         .map(|row| row["worker_id"].to_string())
         .collect();
     assert_eq!(workers_seen.len(), 4, "all four workers called");
-    for mut worker in workers {
-        assert_eq!(
-            terminate(&mut worker, Duration::from_secs(30)).await,
-            Some(0)
-        );
-    }
+    stop_workers(workers).await;
     app.cleanup().await;
 }
 
@@ -177,20 +195,14 @@ async fn two_workers_share_a_project_limit_and_a_rollout_cap_through_the_store()
         ..Options::default()
     })
     .await;
-    let (rate, burst) = (PROJECT_RATE.to_string(), PROJECT_BURST.to_string());
-    let mut workers = Vec::new();
-    for n in 0..2 {
-        let id = format!("{}-{n}", app.settings.worker.id);
-        workers.push(
-            app.worker_process(&[
-                ("KEYTURN_WORKER__ID", id.as_str()),
-                ("KEYTURN_RATE_LIMIT__PER_PROJECT_PER_SECOND", rate.as_str()),
-                ("KEYTURN_RATE_LIMIT__PER_PROJECT_BURST", burst.as_str()),
-            ])
-            .spawn()
-            .unwrap(),
-        );
-    }
+    let workers = spawn_workers(
+        &app,
+        2,
+        &[
+            ("KEYTURN_RATE_LIMIT__PER_PROJECT_PER_SECOND", PROJECT_RATE),
+            ("KEYTURN_RATE_LIMIT__PER_PROJECT_BURST", PROJECT_BURST),
+        ],
+    );
     app.wait_for_audit().await;
     let reply = app
         .command(
@@ -258,11 +270,6 @@ async fn two_workers_share_a_project_limit_and_a_rollout_cap_through_the_store()
             .collect();
         assert_eq!(workers_seen.len(), 2, "both workers called for {project}");
     }
-    for mut worker in workers {
-        assert_eq!(
-            terminate(&mut worker, Duration::from_secs(30)).await,
-            Some(0)
-        );
-    }
+    stop_workers(workers).await;
     app.cleanup().await;
 }
