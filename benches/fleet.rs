@@ -943,10 +943,15 @@ impl Usage {
 
     /// CPU ms per job run of the whole row, for `seconds` of CPU.
     fn per_job(&self, seconds: f64) -> String {
-        match self.jobs_run() {
-            0 => "—".to_owned(),
-            jobs => format!("{:.2}", seconds * 1e3 / jobs as f64),
-        }
+        cpu_ms_per_job(seconds, self.jobs_run())
+    }
+}
+
+/// `seconds` of CPU as ms per job of `jobs` ("—" for none).
+fn cpu_ms_per_job(seconds: f64, jobs: usize) -> String {
+    match jobs {
+        0 => "—".to_owned(),
+        jobs => format!("{:.2}", seconds * 1e3 / jobs as f64),
     }
 }
 
@@ -1507,11 +1512,7 @@ fn print_workers(fleets: &[FleetMeasured], rate: Option<&RateMeasured>) {
             join(
                 workers
                     .iter()
-                    .map(|u| if u.jobs_run == 0 {
-                        "—".to_owned()
-                    } else {
-                        format!("{:.2}", u.cpu_seconds * 1e3 / u.jobs_run as f64)
-                    })
+                    .map(|u| cpu_ms_per_job(u.cpu_seconds, u.jobs_run))
                     .collect()
             ),
             met(peak > 0 && peak <= 50 * 1024),

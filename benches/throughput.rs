@@ -110,12 +110,7 @@ async fn bench_end_to_end(jobs: usize) {
 
     let mut settings = Settings::load(None, &[]).expect("defaults");
     settings.amqp.url = url;
-    settings.amqp.jobs_queue = format!("kt-bench-{run}.jobs");
-    settings.amqp.dead_queue = format!("kt-bench-{run}.dead");
-    settings.amqp.dead_letter_exchange = format!("kt-bench-{run}.dlx");
-    settings.amqp.results_exchange = format!("kt-bench-{run}.results");
-    settings.amqp.unrouted_queue = format!("kt-bench-{run}.unrouted");
-    settings.amqp.control_queue = format!("kt-bench-{run}.control");
+    settings.amqp.name_under(&format!("kt-bench-{run}"));
     settings.worker.concurrency = 64;
     settings.api.endpoint = endpoint;
     settings.rate_limit.per_second = 100_000;

@@ -875,6 +875,7 @@ impl AmqpSettings {
             .map(|(key, name)| (env_name(key), name))
             .collect()
     }
+
     /// The broker nodes to connect to, each with the key that names it in errors: the entries
     /// of `amqp.urls` (`amqp.urls[0]`, ...) when there are any, else `amqp.url`.
     pub fn nodes(&self) -> Vec<(String, &str)> {

@@ -477,7 +477,8 @@ impl AuditStore {
     }
 
     /// Drops the in-flight marker that `owner` wrote under its lease on (`job_id`, `rerun`), when
-    /// the Modify it announced was never sent (the job's rollout stopped first).
+    /// the Modify it announced was never sent (the job was parked, held too long or shut down,
+    /// or its rollout stopped, before its call).
     pub async fn unmark(&self, job_id: &str, rerun: u32, owner: &str) -> Result<(), AuditError> {
         self.write(Write::Unmark {
             job_id: job_id.to_owned(),

@@ -234,9 +234,9 @@ struct World {
     totals: Totals,
     recent: VecDeque<RequestRecord>,
     /// Requests per instance being answered now, and the most ever at once.
-    in_flight: HashMap<String, (u64, u64)>,
+    in_flight: HashMap<String, Peak>,
     /// The same over all instances.
-    in_flight_total: (u64, u64),
+    in_flight_total: Peak,
     fetches: Vec<FetchRecord>,
 }
 
@@ -285,6 +285,24 @@ impl Instance {
     }
 }
 
+/// A count of requests being answered now, and the most it ever was.
+#[derive(Debug, Default, Clone, Copy)]
+struct Peak {
+    now: u64,
+    most: u64,
+}
+
+impl Peak {
+    fn enter(&mut self) {
+        self.now += 1;
+        self.most = self.most.max(self.now);
+    }
+
+    fn leave(&mut self) {
+        self.now = self.now.saturating_sub(1);
+    }
+}
+
 /// A request being answered; see [`Simulator::enter`].
 struct InFlight {
     sim: Arc<Simulator>,
@@ -294,10 +312,10 @@ struct InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         let mut world = self.sim.world();
-        if let Some(entry) = world.in_flight.get_mut(&self.instance_id) {
-            entry.0 = entry.0.saturating_sub(1);
+        if let Some(peak) = world.in_flight.get_mut(&self.instance_id) {
+            peak.leave();
         }
-        world.in_flight_total.0 = world.in_flight_total.0.saturating_sub(1);
+        world.in_flight_total.leave();
     }
 }
 
@@ -321,7 +339,7 @@ impl Simulator {
             totals: Totals::default(),
             recent: VecDeque::new(),
             in_flight: HashMap::new(),
-            in_flight_total: (0, 0),
+            in_flight_total: Peak::default(),
             fetches: Vec::new(),
         };
         let keys = Keys {
@@ -380,12 +398,12 @@ impl Simulator {
     /// Counts a request for `instance_id` as in flight until the returned guard drops.
     fn enter(self: &Arc<Self>, instance_id: &str) -> InFlight {
         let mut world = self.world();
-        let entry = world.in_flight.entry(instance_id.to_owned()).or_default();
-        entry.0 += 1;
-        entry.1 = entry.1.max(entry.0);
-        let total = &mut world.in_flight_total;
-        total.0 += 1;
-        total.1 = total.1.max(total.0);
+        world
+            .in_flight
+            .entry(instance_id.to_owned())
+            .or_default()
+            .enter();
+        world.in_flight_total.enter();
         InFlight {
             sim: self.clone(),
             instance_id: instance_id.to_owned(),
@@ -404,13 +422,13 @@ impl Simulator {
                 .iter()
                 .map(|(id, instance)| {
                     let mut stats = instance.stats();
-                    stats.max_in_flight = world.in_flight.get(id).map_or(0, |(_, max)| *max);
+                    stats.max_in_flight = world.in_flight.get(id).map_or(0, |peak| peak.most);
                     (id.clone(), stats)
                 })
                 .collect(),
             recent: world.recent.iter().cloned().collect(),
             credential_fetches: world.fetches.clone(),
-            max_in_flight: world.in_flight_total.1,
+            max_in_flight: world.in_flight_total.most,
         }
     }
 
