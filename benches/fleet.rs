@@ -67,8 +67,11 @@
 //! moment), the broker's (every `beam.smp` on this host, from the fleet's start to its stop;
 //! harness traffic included) and PostgreSQL's (every `postgres` process on this host, the same
 //! way; SQLite rows show what other databases on it did meanwhile), each with the CPU time of
-//! the children its topmost process reaped meanwhile (a backend that ended still counts), which
-//! show where a CPU-bound host spends its time.
+//! the children its topmost process reaped meanwhile (a backend that ended still counts), and
+//! the harness's (this bench process), which show where a CPU-bound host spends its time. The
+//! raw loop's rows show the broker's and this process's CPU per job over its median run (from
+//! opening its harness to the last result, warm-up included): there the consumers run in this
+//! process, so "harness" is the harness and the raw consumers together.
 //!
 //! Everything shares the machine: the harness, the simulator, the broker and PostgreSQL run on
 //! the same cores as the workers, so the numbers are what this host does, not what a worker
@@ -241,9 +244,9 @@ async fn run(knobs: Knobs) {
         }
         let mut runs = Vec::new();
         for _ in 0..RAW_RUNS {
-            let collected = raw_loop(&knobs, consumers).await;
-            eprintln!("raw lapin loop ×{consumers}: {}", collected.summary());
-            runs.push(collected);
+            let run = raw_loop(&knobs, consumers).await;
+            eprintln!("raw lapin loop ×{consumers}: {}", run.collected.summary());
+            runs.push(run);
         }
         raw.insert(consumers, RawMeasured::median_of(runs));
     }
@@ -288,7 +291,7 @@ async fn run(knobs: Knobs) {
         print_rate(rate);
         println!();
     }
-    print_workers(&fleets, rate.as_ref());
+    print_workers(&raw, &fleets, rate.as_ref());
     println!();
     println!(
         "Whole bench: {:.0} s. Jobs: {} per 0 ms row, workers × {} × {} per 50 ms row, {} for the rate run; worker.concurrency {}, prefetch {}, window {} × consumers × prefetch.",
@@ -378,6 +381,47 @@ fn cpu_ticks_of(command: &str) -> Option<u64> {
         *total.get_or_insert(0) += ticks;
     }
     total
+}
+
+/// CPU time read at one moment from the shared processes of the host: the broker, PostgreSQL
+/// and this bench process itself (the harness, and in the raw loop its consumers too).
+#[derive(Clone, Copy)]
+struct CpuMark {
+    broker: Option<u64>,
+    postgres: Option<u64>,
+    harness: Option<u64>,
+}
+
+/// CPU seconds since a [`CpuMark`]: `None` where a reading is missing.
+#[derive(Clone, Copy, Default)]
+struct CpuSince {
+    broker: Option<f64>,
+    postgres: Option<f64>,
+    harness: Option<f64>,
+}
+
+impl CpuMark {
+    fn now() -> CpuMark {
+        CpuMark {
+            broker: cpu_ticks_of("beam.smp"),
+            postgres: cpu_ticks_of("postgres"),
+            harness: process_usage(std::process::id()).map(|(_, cpu)| cpu),
+        }
+    }
+
+    fn elapsed(&self) -> CpuSince {
+        let now = CpuMark::now();
+        let ticks = clock_ticks_per_second();
+        let since = |now: Option<u64>, start: Option<u64>| {
+            now.zip(start)
+                .map(|(now, start)| now.saturating_sub(start) as f64 / ticks)
+        };
+        CpuSince {
+            broker: since(now.broker, self.broker),
+            postgres: since(now.postgres, self.postgres),
+            harness: since(now.harness, self.harness),
+        }
+    }
 }
 
 /// The fields of /proc/<pid>/stat after the command name (which may hold spaces): index 0 is
@@ -734,22 +778,40 @@ async fn wait_for_consumers(harness: &Harness, expected: u32) {
 struct RawMeasured {
     collected: Collected,
     all_per_second: Vec<f64>,
+    /// The median run's CPU: the broker's, and this process's (harness and raw consumers).
+    cpu: CpuSince,
+    /// Jobs the median run's consumers handled, warm-up included (what `cpu` is divided by).
+    jobs_run: usize,
+}
+
+/// One raw run: its results, its CPU and the jobs it handled (warm-up included).
+struct RawRun {
+    collected: Collected,
+    cpu: CpuSince,
+    jobs_run: usize,
 }
 
 impl RawMeasured {
-    fn median_of(mut runs: Vec<Collected>) -> RawMeasured {
-        runs.sort_by(|a, b| a.per_second().total_cmp(&b.per_second()));
-        let all_per_second = runs.iter().map(Collected::per_second).collect();
-        let collected = runs.swap_remove(runs.len() / 2);
+    fn median_of(mut runs: Vec<RawRun>) -> RawMeasured {
+        runs.sort_by(|a, b| {
+            a.collected
+                .per_second()
+                .total_cmp(&b.collected.per_second())
+        });
+        let all_per_second = runs.iter().map(|r| r.collected.per_second()).collect();
+        let median = runs.swap_remove(runs.len() / 2);
         RawMeasured {
-            collected,
+            collected: median.collected,
             all_per_second,
+            cpu: median.cpu,
+            jobs_run: median.jobs_run,
         }
     }
 }
 
-async fn raw_loop(knobs: &Knobs, consumers: usize) -> Collected {
+async fn raw_loop(knobs: &Knobs, consumers: usize) -> RawRun {
     let tag = unique(&format!("raw{consumers}"));
+    let mark = CpuMark::now();
     let mut harness = Harness::open(names(knobs, &tag), &tag).await;
     let stop = CancellationToken::new();
     let mut tasks = Vec::new();
@@ -774,8 +836,13 @@ async fn raw_loop(knobs: &Knobs, consumers: usize) -> Collected {
             eprintln!("a raw consumer failed: {error}");
         }
     }
+    let cpu = mark.elapsed();
     harness.close().await;
-    collected
+    RawRun {
+        jobs_run: window + collected.received,
+        collected,
+        cpu,
+    }
 }
 
 /// One consumer of the raw loop: consume (prefetch), publish one confirmed event per delivery,
@@ -926,24 +993,18 @@ struct WorkerUsage {
     cpu_seconds: f64,
 }
 
-/// What one row's processes used: each worker, and the simulator's, the broker's and
-/// PostgreSQL's CPU time over the row (the last two: every `beam.smp` or `postgres` process on
-/// the host, from the fleet's start to its stop).
+/// What one row's processes used: each worker, the simulator, and the broker's, PostgreSQL's
+/// and the harness's CPU time over the row (every `beam.smp` or `postgres` process on the host,
+/// and this bench process, from the fleet's start to its stop).
 struct Usage {
     workers: Vec<WorkerUsage>,
     simulator_cpu_seconds: Option<f64>,
-    broker_cpu_seconds: Option<f64>,
-    postgres_cpu_seconds: Option<f64>,
+    shared: CpuSince,
 }
 
 impl Usage {
     fn jobs_run(&self) -> usize {
         self.workers.iter().map(|w| w.jobs_run).sum()
-    }
-
-    /// CPU ms per job run of the whole row, for `seconds` of CPU.
-    fn per_job(&self, seconds: f64) -> String {
-        cpu_ms_per_job(seconds, self.jobs_run())
     }
 }
 
@@ -962,8 +1023,7 @@ struct Fleet {
     workers: Vec<WorkerProcess>,
     postgres: Option<TestDatabase>,
     sources: HashMap<String, usize>,
-    broker_ticks_at_start: Option<u64>,
-    postgres_ticks_at_start: Option<u64>,
+    cpu_at_start: CpuMark,
     _dir: tempfile::TempDir,
 }
 
@@ -977,8 +1037,7 @@ impl Fleet {
         limits: &[(&str, String)],
     ) -> Fleet {
         let tag = unique(label);
-        let broker_ticks_at_start = cpu_ticks_of("beam.smp");
-        let postgres_ticks_at_start = cpu_ticks_of("postgres");
+        let cpu_at_start = CpuMark::now();
         let dir = tempfile::tempdir().expect("temp dir");
         let harness = Harness::open(names(knobs, &tag), &tag).await;
         let simulator = start_simulator(latency_ms, &dir.path().join("simulator.log")).await;
@@ -1015,8 +1074,7 @@ impl Fleet {
             workers: processes,
             postgres,
             sources: HashMap::new(),
-            broker_ticks_at_start,
-            postgres_ticks_at_start,
+            cpu_at_start,
             _dir: dir,
         };
         fleet.wait_ready(workers).await
@@ -1056,13 +1114,7 @@ impl Fleet {
             .id()
             .and_then(process_usage)
             .map(|(_, cpu)| cpu as f64 / ticks);
-        let since_start = |command: &str, start: Option<u64>| {
-            cpu_ticks_of(command)
-                .zip(start)
-                .map(|(now, start)| now.saturating_sub(start) as f64 / ticks)
-        };
-        let broker_cpu_seconds = since_start("beam.smp", self.broker_ticks_at_start);
-        let postgres_cpu_seconds = since_start("postgres", self.postgres_ticks_at_start);
+        let shared = self.cpu_at_start.elapsed();
         let mut usage = Vec::new();
         for worker in &mut self.workers {
             let (peak_rss_kib, cpu_ticks) =
@@ -1120,8 +1172,7 @@ impl Fleet {
         Usage {
             workers: usage,
             simulator_cpu_seconds,
-            broker_cpu_seconds,
-            postgres_cpu_seconds,
+            shared,
         }
     }
 }
@@ -1476,11 +1527,31 @@ fn print_rate(rate: &RateMeasured) {
     );
 }
 
-fn print_workers(fleets: &[FleetMeasured], rate: Option<&RateMeasured>) {
+fn print_workers(
+    raw: &HashMap<usize, RawMeasured>,
+    fleets: &[FleetMeasured],
+    rate: Option<&RateMeasured>,
+) {
     println!(
-        "| worker processes | jobs run, per process | peak RSS MiB (VmHWM), per process | CPU ms per job run, per process | RSS ≤ 50 MiB | simulator CPU ms per job | broker CPU ms per job | PostgreSQL CPU ms per job |"
+        "| processes | jobs run, per worker | peak RSS MiB (VmHWM), per worker | CPU ms per job run, per worker | RSS ≤ 50 MiB | simulator CPU ms per job | broker CPU ms per job | PostgreSQL CPU ms per job | harness CPU ms per job |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let shared = |cpu: Option<f64>, jobs: usize| {
+        cpu.map_or("not read".to_owned(), |seconds| {
+            cpu_ms_per_job(seconds, jobs)
+        })
+    };
+    for consumers in WORKER_COUNTS {
+        let Some(measured) = raw.get(&consumers) else {
+            continue;
+        };
+        println!(
+            "| raw lapin loop, {consumers} consumer{} (its median run; the consumers run in the harness) | — | — | — | — | — | {} | — | {} |",
+            if consumers == 1 { "" } else { "s" },
+            shared(measured.cpu.broker, measured.jobs_run),
+            shared(measured.cpu.harness, measured.jobs_run),
+        );
+    }
     let mut rows: Vec<(String, &Usage)> = fleets
         .iter()
         .map(|f| {
@@ -1500,8 +1571,9 @@ fn print_workers(fleets: &[FleetMeasured], rate: Option<&RateMeasured>) {
         let join = |values: Vec<String>| values.join(" / ");
         let workers = &usage.workers;
         let peak = workers.iter().map(|u| u.peak_rss_kib).max().unwrap_or(0);
+        let jobs = usage.jobs_run();
         println!(
-            "| {label} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {label} | {} | {} | {} | {} | {} | {} | {} | {} |",
             join(workers.iter().map(|u| u.jobs_run.to_string()).collect()),
             join(
                 workers
@@ -1516,17 +1588,10 @@ fn print_workers(fleets: &[FleetMeasured], rate: Option<&RateMeasured>) {
                     .collect()
             ),
             met(peak > 0 && peak <= 50 * 1024),
-            usage
-                .simulator_cpu_seconds
-                .map_or("not read".to_owned(), |seconds| usage.per_job(seconds)),
-            usage
-                .broker_cpu_seconds
-                .map_or("not on this host".to_owned(), |seconds| usage
-                    .per_job(seconds)),
-            usage
-                .postgres_cpu_seconds
-                .map_or("not on this host".to_owned(), |seconds| usage
-                    .per_job(seconds)),
+            shared(usage.simulator_cpu_seconds, jobs),
+            shared(usage.shared.broker, jobs),
+            shared(usage.shared.postgres, jobs),
+            shared(usage.shared.harness, jobs),
         );
     }
 }
