@@ -81,7 +81,11 @@
 //! the shipped worker.concurrency), KEYTURN_BENCH_PREFETCH (default twice the concurrency, the
 //! shipped worker.prefetch), KEYTURN_BENCH_WINDOW (default 2), KEYTURN_BENCH_ONLY (comma-separated words; only rows whose
 //! label starts with one run, part by part: labels are `sqlite/0ms/1`, `postgres/50ms/4`, `rate`;
-//! e.g. `sqlite/0ms` or `postgres`).
+//! e.g. `sqlite/0ms` or `postgres`), KEYTURN_BENCH_RAW_DELAY_MS (default 0: the raw consumers
+//! wait this long before each event, to run the raw loop at a keyturn row's rate: the broker's
+//! CPU per job grows as throughput falls, since it batches less). Every other
+//! `KEYTURN_<SECTION>__<KEY>` variable is passed to the keyturn processes (see
+//! `passed_settings`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -137,6 +141,10 @@ struct Knobs {
     /// The workers' `worker.prefetch`, and the raw loop's prefetch.
     prefetch: u16,
     window_factor: usize,
+    /// `KEYTURN_BENCH_RAW_DELAY_MS`: the raw consumers wait this long before each event (zero:
+    /// not at all), to run the raw loop at a keyturn row's rate and compare the broker's CPU at
+    /// equal throughput.
+    raw_delay: Duration,
     /// `KEYTURN_BENCH_ONLY`: run only the rows whose label (`sqlite/0ms/1`, `postgres/50ms/4`,
     /// `rate`) starts with the parts of one of these comma-separated words; empty = every row.
     only: Vec<String>,
@@ -160,6 +168,12 @@ impl Knobs {
             rate_jobs: number("KEYTURN_BENCH_RATE_JOBS", 600).min(1_000),
             concurrency: number("KEYTURN_BENCH_CONCURRENCY", 16).min(2_000) as u16,
             window_factor: number("KEYTURN_BENCH_WINDOW", 2),
+            raw_delay: Duration::from_millis(
+                std::env::var("KEYTURN_BENCH_RAW_DELAY_MS")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0),
+            ),
             prefetch: 0,
             only: std::env::var("KEYTURN_BENCH_ONLY")
                 .unwrap_or_default()
@@ -291,7 +305,7 @@ async fn run(knobs: Knobs) {
         print_rate(rate);
         println!();
     }
-    print_workers(&raw, &fleets, rate.as_ref());
+    print_workers(&knobs, &raw, &fleets, rate.as_ref());
     println!();
     println!(
         "Whole bench: {:.0} s. Jobs: {} per 0 ms row, workers × {} × {} per 50 ms row, {} for the rate run; worker.concurrency {}, prefetch {}, window {} × consumers × prefetch.",
@@ -819,6 +833,7 @@ async fn raw_loop(knobs: &Knobs, consumers: usize) -> RawRun {
         tasks.push(tokio::spawn(raw_consumer(
             harness.names.clone(),
             knobs.prefetch,
+            knobs.raw_delay,
             format!("/raw/{tag}/{n}"),
             stop.clone(),
         )));
@@ -850,6 +865,7 @@ async fn raw_loop(knobs: &Knobs, consumers: usize) -> RawRun {
 async fn raw_consumer(
     names: AmqpSettings,
     prefetch: u16,
+    delay: Duration,
     source: String,
     stop: CancellationToken,
 ) -> lapin::Result<()> {
@@ -885,6 +901,9 @@ async fn raw_consumer(
                 let exchange = names.results_exchange.clone();
                 let source = source.clone();
                 handlers.spawn(async move {
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
                     let job: Value = serde_json::from_slice(&delivery.data).unwrap_or_default();
                     let event = json!({
                         "specversion": "1.0", "source": source,
@@ -935,11 +954,22 @@ fn keyturn_command(log: &Path) -> Command {
         .env("KEYTURN_LOG__LEVEL", "warn")
         .env("CLOUD_SDK_AK", AK)
         .env("CLOUD_SDK_SK", SK)
+        .envs(passed_settings())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(file)
         .kill_on_drop(true);
     command
+}
+
+/// Settings from the bench's own environment for every keyturn process it starts: each
+/// `KEYTURN_<SECTION>__<KEY>` variable (`KEYTURN_AUDIT__SYNCHRONOUS=normal`, say), for
+/// experiments. What the bench sets per run (URLs, ids, paths, concurrency, prefetch, limits)
+/// is set later and wins.
+fn passed_settings() -> Vec<(String, String)> {
+    std::env::vars()
+        .filter(|(name, _)| name.starts_with("KEYTURN_") && name.contains("__"))
+        .collect()
 }
 
 struct SimulatorProcess {
@@ -1399,6 +1429,15 @@ fn met(ok: bool) -> &'static str {
     if ok { "met" } else { "missed" }
 }
 
+/// How the raw loop's rows say that its consumers waited before each event (nothing if not).
+fn raw_delay_note(knobs: &Knobs) -> String {
+    if knobs.raw_delay.is_zero() {
+        String::new()
+    } else {
+        format!(", waiting {} ms per job", knobs.raw_delay.as_millis())
+    }
+}
+
 fn print_throughput(knobs: &Knobs, raw: &HashMap<usize, RawMeasured>, fleets: &[FleetMeasured]) {
     println!(
         "| run | workers | store | API latency | jobs | jobs/s | p50 ms | p99 ms | in-worker p50 / p99 ms | ratio | target |"
@@ -1415,7 +1454,8 @@ fn print_throughput(knobs: &Knobs, raw: &HashMap<usize, RawMeasured>, fleets: &[
             .map(|r| format!("{r:.0}"))
             .collect();
         println!(
-            "| raw lapin loop | {consumers} consumer{} | — | — | {} | {:.0} | {} | {} | — | median of {RAW_RUNS} runs: {} jobs/s | —{} |",
+            "| raw lapin loop{} | {consumers} consumer{} | — | — | {} | {:.0} | {} | {} | — | median of {RAW_RUNS} runs: {} jobs/s | —{} |",
+            raw_delay_note(knobs),
             if consumers == 1 { "" } else { "s" },
             c.received,
             c.per_second(),
@@ -1432,6 +1472,10 @@ fn print_throughput(knobs: &Knobs, raw: &HashMap<usize, RawMeasured>, fleets: &[
                 Some(raw) if raw.collected.per_second() > 0.0 => {
                     let ratio = c.per_second() / raw.collected.per_second();
                     let target = match fleet.store {
+                        _ if !knobs.raw_delay.is_zero() => format!(
+                            "(none: the raw loop waited {} ms per job)",
+                            knobs.raw_delay.as_millis()
+                        ),
                         StoreKind::Sqlite => format!("≥ 0.5× raw: {}", met(ratio >= 0.5)),
                         StoreKind::Postgres => "(none; SQLite's is ≥ 0.5× raw)".to_owned(),
                     };
@@ -1528,6 +1572,7 @@ fn print_rate(rate: &RateMeasured) {
 }
 
 fn print_workers(
+    knobs: &Knobs,
     raw: &HashMap<usize, RawMeasured>,
     fleets: &[FleetMeasured],
     rate: Option<&RateMeasured>,
@@ -1546,7 +1591,8 @@ fn print_workers(
             continue;
         };
         println!(
-            "| raw lapin loop, {consumers} consumer{} (its median run; the consumers run in the harness) | — | — | — | — | — | {} | — | {} |",
+            "| raw lapin loop{}, {consumers} consumer{} (its median run; the consumers run in the harness) | — | — | — | — | — | {} | — | {} |",
+            raw_delay_note(knobs),
             if consumers == 1 { "" } else { "s" },
             shared(measured.cpu.broker, measured.jobs_run),
             shared(measured.cpu.harness, measured.jobs_run),
