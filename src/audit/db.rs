@@ -21,6 +21,10 @@ pub enum Value {
     Blob(Vec<u8>),
 }
 
+/// PostgreSQL's clock in milliseconds since the epoch, as [`Db::now_ms`] reads it.
+pub(super) const POSTGRES_NOW_MS: &str =
+    "SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)";
+
 /// A connection or an open transaction of either store.
 pub trait Db {
     fn dialect(&self) -> Dialect;
@@ -39,16 +43,12 @@ pub trait Db {
     }
 
     /// The store's clock, in milliseconds since the epoch: leases are compared by one clock,
-    /// the database server's, whichever host a worker runs on.
+    /// the database server's, whichever host a worker runs on. In a PostgreSQL write
+    /// transaction it is the clock read once the transaction held its lock, for all its writes.
     fn now_ms(&mut self) -> Result<i64, AuditError> {
         match self.dialect() {
             Dialect::Sqlite => Ok(chrono::Utc::now().timestamp_millis()),
-            Dialect::Postgres => self
-                .query_one(
-                    "SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)",
-                    &[],
-                )?
-                .get(0),
+            Dialect::Postgres => self.query_one(POSTGRES_NOW_MS, &[])?.get(0),
         }
     }
 }

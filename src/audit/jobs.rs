@@ -3,7 +3,7 @@
 
 use chrono::Utc;
 
-use super::db::{Db, Row, args};
+use super::db::{Db, args};
 use super::{
     AuditError, ClaimRequest, Claimed, Committed, Earlier, FinalRecord, ParkedJob, Recorded, Seen,
     StoredEvent, rollouts, timestamp,
@@ -15,16 +15,28 @@ pub(super) const FIND_FINAL: &str = "SELECT event_json, job_digest, received_at 
      WHERE job_id = ?1 AND rerun = ?2 AND outcome <> 'rejected' LIMIT 1";
 const FIND_REJECTION: &str = "SELECT event_json FROM toggles
      WHERE job_id = ?1 AND outcome = 'rejected' AND body_sha256 = ?2 LIMIT 1";
-const FIND_MARKER: &str =
-    "SELECT job_digest, first_sent_at FROM in_flight WHERE job_id = ?1 AND rerun = ?2";
+/// A key's final record and its marker, in one round trip (see [`LOOKUP`]).
+pub(super) const FIND_FINAL_OR_MARKER: &str =
+    "SELECT 'final', event_json, job_digest, received_at FROM toggles
+     WHERE job_id = ?1 AND rerun = ?2 AND outcome <> 'rejected'
+     UNION ALL SELECT 'marker', CAST(NULL AS TEXT), job_digest, first_sent_at FROM in_flight
+     WHERE job_id = ?1 AND rerun = ?2";
 
-fn seen(row: &Row) -> Result<Seen, AuditError> {
-    Ok(Seen {
-        digest: row.get(0)?,
-        at: row.get(1)?,
-    })
-}
+/// Everything a delivery's lookup reads of its key, in one statement (one snapshot, one round
+/// trip): a row per kind found, its first column naming the kind. The unique indexes allow at
+/// most one final record per key, one rejection per body, one marker and one parking.
+pub(super) const LOOKUP: &str = "SELECT 'final', event_json, job_digest, received_at FROM toggles
+     WHERE job_id = ?1 AND rerun = ?2 AND outcome <> 'rejected'
+     UNION ALL SELECT 'rejection', event_json, CAST(NULL AS TEXT), CAST(NULL AS TEXT) FROM toggles
+     WHERE job_id = ?1 AND outcome = 'rejected' AND body_sha256 = ?3
+     UNION ALL SELECT 'marker', CAST(NULL AS TEXT), job_digest, first_sent_at FROM in_flight
+     WHERE job_id = ?1 AND rerun = ?2
+     UNION ALL SELECT 'parked', CAST(NULL AS TEXT), job_digest, parked_at FROM parked
+     WHERE job_id = ?1 AND rerun = ?2";
 
+/// What the store knows of a key before a delivery of it is worked on. Without a rollout this
+/// is the one statement of [`LOOKUP`]; a rollout's view is read after it, in the same
+/// transaction when the caller opened one.
 pub(super) fn lookup(
     db: &mut dyn Db,
     job_id: &str,
@@ -32,36 +44,37 @@ pub(super) fn lookup(
     body_sha256: &str,
     rollout_id: Option<&str>,
 ) -> Result<Earlier, AuditError> {
-    let final_record = match db.query_opt(FIND_FINAL, args![job_id, rerun])? {
-        Some(row) => Some((
-            StoredEvent::parse(row.get(0)?)?,
-            Seen {
-                digest: row.get(1)?,
-                at: row.get(2)?,
-            },
-        )),
-        None => None,
+    let mut earlier = Earlier {
+        final_record: None,
+        rejection: None,
+        marker: None,
+        parked: None,
+        rollout: None,
     };
-    let rejection = find_rejection(db, job_id, body_sha256)?;
-    let mut seen_in = |sql: &str| -> Result<Option<Seen>, AuditError> {
-        db.query_opt(sql, args![job_id, rerun])?
-            .as_ref()
-            .map(seen)
-            .transpose()
-    };
-    let marker = seen_in(FIND_MARKER)?;
-    let parked =
-        seen_in("SELECT job_digest, parked_at FROM parked WHERE job_id = ?1 AND rerun = ?2")?;
-    Ok(Earlier {
-        final_record,
-        rejection,
-        marker,
-        parked,
-        rollout: rollout_id
-            .map(|id| rollouts::view(db, id))
-            .transpose()?
-            .flatten(),
-    })
+    for row in db.query(LOOKUP, args![job_id, rerun, body_sha256])? {
+        let kind: String = row.get(0)?;
+        let seen = || -> Result<Seen, AuditError> {
+            Ok(Seen {
+                digest: row.get(2)?,
+                at: row.get(3)?,
+            })
+        };
+        match kind.as_str() {
+            "final" if earlier.final_record.is_none() => {
+                earlier.final_record = Some((StoredEvent::parse(row.get(1)?)?, seen()?));
+            }
+            "rejection" if earlier.rejection.is_none() => {
+                earlier.rejection = Some(StoredEvent::parse(row.get(1)?)?);
+            }
+            "marker" if earlier.marker.is_none() => earlier.marker = Some(seen()?),
+            "parked" if earlier.parked.is_none() => earlier.parked = Some(seen()?),
+            _ => {}
+        }
+    }
+    if let Some(id) = rollout_id {
+        earlier.rollout = rollouts::view(db, id)?;
+    }
+    Ok(earlier)
 }
 
 fn find_rejection(
@@ -87,19 +100,20 @@ pub(super) fn claim(tx: &mut dyn Db, request: &ClaimRequest) -> Result<Claimed, 
         lease,
     } = request;
     let rerun = *rerun;
-    if let Some(row) = tx.query_opt(FIND_FINAL, args![job_id, rerun])? {
-        let stored = StoredEvent::parse(row.get(0)?)?;
+    let mut marker = None;
+    for row in tx.query(FIND_FINAL_OR_MARKER, args![job_id, rerun])? {
         let seen = Seen {
-            digest: row.get(1)?,
-            at: row.get(2)?,
+            digest: row.get(2)?,
+            at: row.get(3)?,
         };
-        return Ok(Claimed::Finished(Box::new((stored, seen))));
+        match row.get::<String>(0)?.as_str() {
+            "final" => {
+                let stored = StoredEvent::parse(row.get(1)?)?;
+                return Ok(Claimed::Finished(Box::new((stored, seen))));
+            }
+            _ => marker = Some(seen),
+        }
     }
-    let marker = tx
-        .query_opt(FIND_MARKER, args![job_id, rerun])?
-        .as_ref()
-        .map(seen)
-        .transpose()?;
     // The rollout may have been paused, halted or cancelled since the job was admitted: check
     // again, in the transaction that would mark its first Modify.
     if *mark

@@ -1335,17 +1335,43 @@ mod tests {
     async fn every_delivery_finds_its_job_through_an_index() {
         let audit = store(Dialect::Sqlite);
         let connection = Connection::open(audit.path()).unwrap();
-        let plan: Vec<String> = connection
-            .prepare(&format!("EXPLAIN QUERY PLAN {}", jobs::FIND_FINAL))
-            .unwrap()
-            .query_map(params!["J-1", 0], |row| row.get(3))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
+        let plan_of = |sql: &str, args: &[&dyn rusqlite::ToSql]| -> Vec<String> {
+            connection
+                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .unwrap()
+                .query_map(args, |row| row.get(3))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap()
+        };
+        let plan = plan_of(jobs::FIND_FINAL, params!["J-1", 0]);
         assert!(
             plan.iter().any(|step| step.contains("USING INDEX")),
             "a table scan per delivery makes each job slower than the last: {plan:?}"
         );
+        // The lookup and the claim read several tables in one statement: each part by an
+        // index, none scanned.
+        for (sql, parts, plan) in [
+            (
+                "lookup",
+                4,
+                plan_of(jobs::LOOKUP, params!["J-1", 0, "digest"]),
+            ),
+            (
+                "claim",
+                2,
+                plan_of(jobs::FIND_FINAL_OR_MARKER, params!["J-1", 0]),
+            ),
+        ] {
+            let searches = plan
+                .iter()
+                .filter(|step| step.starts_with("SEARCH"))
+                .count();
+            assert!(
+                searches == parts && !plan.iter().any(|step| step.starts_with("SCAN")),
+                "each part of the {sql}'s read searches an index: {plan:?}"
+            );
+        }
     }
 
     async fn reopening_applies_no_migration_twice(audit: Store) {

@@ -16,9 +16,9 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use postgres::types::{IsNull, ToSql, Type};
-use postgres::{Client, GenericClient, IsolationLevel, NoTls, Statement};
+use postgres::{Client, GenericClient, NoTls, Statement};
 
-use super::db::{Db, Dialect, Row, Value, numbered_dollars};
+use super::db::{Db, Dialect, POSTGRES_NOW_MS, Row, Value, numbered_dollars};
 use super::writer::{self, Backend};
 use super::{AuditError, Command};
 
@@ -294,49 +294,79 @@ impl Backend for Postgres {
             Role::Writes | Role::Reads => (WRITE_LOCK, ""),
         };
         // Read committed (pinned, whatever the server's default): each statement sees what
-        // the transactions before the lock committed.
-        let first = format!(
-            "SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'; {durability} SELECT pg_advisory_xact_lock({lock})"
+        // the transactions before the lock committed. The transaction's start, its settings,
+        // the lock and the clock once the lock is held go in one round trip; the transaction's
+        // writes (a batch of them) take that clock as their `now_ms`.
+        let begin = format!(
+            "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'; {durability} SELECT pg_advisory_xact_lock({lock}); {POSTGRES_NOW_MS}"
         );
-        self.transaction(IsolationLevel::ReadCommitted, false, &first, work)
+        self.transaction(&begin, true, work)
     }
 
-    /// One snapshot for all of `work`'s statements (a lookup reads several tables).
+    /// One snapshot for all of `work`'s statements (a lookup with a rollout reads several
+    /// tables).
     fn read<T>(
         &mut self,
         work: impl FnOnce(&mut dyn Db) -> Result<T, AuditError>,
     ) -> Result<T, AuditError> {
-        self.transaction(IsolationLevel::RepeatableRead, true, "", work)
+        self.transaction(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+            false,
+            work,
+        )
+    }
+
+    fn read_statement<T>(
+        &mut self,
+        work: impl FnOnce(&mut dyn Db) -> Result<T, AuditError>,
+    ) -> Result<T, AuditError> {
+        self.with(work)
     }
 }
 
 impl Postgres {
-    /// Runs `work` in a transaction that first runs `first` (when not empty); commits if it
-    /// returns `Ok`.
+    /// Runs `begin` (which opens a transaction, and may set it up), then `work`; commits if
+    /// `work` returns `Ok`, and rolls back otherwise. With `clocked`, `begin`'s last statement
+    /// reads the clock (as [`POSTGRES_NOW_MS`]), and `work`'s `now_ms` is that reading.
     fn transaction<T>(
         &mut self,
-        isolation: IsolationLevel,
-        read_only: bool,
-        first: &str,
+        begin: &str,
+        clocked: bool,
         work: impl FnOnce(&mut dyn Db) -> Result<T, AuditError>,
     ) -> Result<T, AuditError> {
         self.client()?;
         let client = self.client.as_mut().expect("connected");
-        let mut tx = client
-            .build_transaction()
-            .isolation_level(isolation)
-            .read_only(read_only)
-            .start()
-            .map_err(error)?;
-        if !first.is_empty() {
-            tx.batch_execute(first).map_err(error)?;
+        let result = client
+            .simple_query(begin)
+            .map_err(error)
+            .and_then(|answers| {
+                if clocked {
+                    clock_of(&answers).map(Some)
+                } else {
+                    Ok(None)
+                }
+            })
+            .and_then(|clock| {
+                work(&mut Pg {
+                    client: &mut *client,
+                    statements: &mut self.statements,
+                    clock,
+                })
+            });
+        match result {
+            Ok(value) => {
+                client.batch_execute("COMMIT").map_err(error)?;
+                Ok(value)
+            }
+            Err(failure) => {
+                // A connection that cannot even roll back is dropped and opened anew next time:
+                // it must not carry a transaction over into the next command.
+                if client.batch_execute("ROLLBACK").is_err() {
+                    self.client = None;
+                }
+                Err(failure)
+            }
         }
-        let result = work(&mut Pg {
-            client: &mut tx,
-            statements: &mut self.statements,
-        })?;
-        tx.commit().map_err(error)?;
-        Ok(result)
     }
 }
 
@@ -352,14 +382,30 @@ impl Postgres {
         work(&mut Pg {
             client,
             statements: &mut self.statements,
+            clock: None,
         })
     }
+}
+
+/// The value of the last row among a simple query's answers: the clock `begin` read.
+fn clock_of(answers: &[postgres::SimpleQueryMessage]) -> Result<i64, AuditError> {
+    answers
+        .iter()
+        .rev()
+        .find_map(|answer| match answer {
+            postgres::SimpleQueryMessage::Row(row) => row.get(0),
+            _ => None,
+        })
+        .and_then(|text| text.parse().ok())
+        .ok_or_else(|| AuditError::Store("the store's clock was not read".into()))
 }
 
 /// A connection or transaction as a [`Db`], with statements prepared once per connection.
 struct Pg<'a, C: GenericClient> {
     client: &'a mut C,
     statements: &'a mut HashMap<String, Statement>,
+    /// The server's clock as read when the transaction took its lock (`now_ms` answers it).
+    clock: Option<i64>,
 }
 
 impl<C: GenericClient> Pg<'_, C> {
@@ -385,6 +431,13 @@ impl<C: GenericClient> Db for Pg<'_, C> {
     fn execute(&mut self, sql: &str, args: &[Value]) -> Result<u64, AuditError> {
         let statement = self.statement(sql)?;
         self.client.execute(&statement, &bound(args)).map_err(error)
+    }
+
+    fn now_ms(&mut self) -> Result<i64, AuditError> {
+        match self.clock {
+            Some(ms) => Ok(ms),
+            None => self.query_one(POSTGRES_NOW_MS, &[])?.get(0),
+        }
     }
 
     fn query(&mut self, sql: &str, args: &[Value]) -> Result<Vec<Row>, AuditError> {

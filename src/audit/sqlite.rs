@@ -203,6 +203,13 @@ impl Backend for Sqlite {
     ) -> Result<T, AuditError> {
         self.transaction(rusqlite::TransactionBehavior::Deferred, work)
     }
+
+    fn read_statement<T>(
+        &mut self,
+        work: impl FnOnce(&mut dyn Db) -> Result<T, AuditError>,
+    ) -> Result<T, AuditError> {
+        work(&mut Lite(&self.connection))
+    }
 }
 
 impl Sqlite {

@@ -22,8 +22,16 @@ pub(super) trait Backend {
         work: impl FnOnce(&mut dyn Db) -> Result<T, AuditError>,
     ) -> Result<T, AuditError>;
 
-    /// Runs `work` outside a transaction, seeing what is committed.
+    /// Runs `work` in a read transaction: one snapshot of what is committed for all of its
+    /// statements.
     fn read<T>(
+        &mut self,
+        work: impl FnOnce(&mut dyn Db) -> Result<T, AuditError>,
+    ) -> Result<T, AuditError>;
+
+    /// Runs `work`, which makes one statement, without opening a transaction: a statement sees
+    /// one snapshot on its own, and this saves the transaction's own statements.
+    fn read_statement<T>(
         &mut self,
         work: impl FnOnce(&mut dyn Db) -> Result<T, AuditError>,
     ) -> Result<T, AuditError>;
@@ -79,10 +87,15 @@ fn answer<B: Backend>(backend: &mut B, command: Command) {
             rollout_id,
             reply,
         } => {
-            let _ =
-                reply.send(backend.read(|db| {
-                    jobs::lookup(db, &job_id, rerun, &body_sha256, rollout_id.as_deref())
-                }));
+            let lookup = |db: &mut dyn Db| {
+                jobs::lookup(db, &job_id, rerun, &body_sha256, rollout_id.as_deref())
+            };
+            // Without a rollout the lookup is one statement; a rollout's view adds more, read
+            // in the same snapshot.
+            let _ = reply.send(match rollout_id {
+                None => backend.read_statement(lookup),
+                Some(_) => backend.read(lookup),
+            });
         }
         Command::Snapshots { rollout_id, reply } => {
             let _ = reply.send(backend.read(|db| rollouts::snapshots(db, rollout_id.as_deref())));
