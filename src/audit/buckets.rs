@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use super::AuditError;
-use super::db::{Db, args};
+use super::db::{Db, Value};
 
 /// A bucket a call needs a token of.
 #[derive(Debug, Clone, PartialEq)]
@@ -20,23 +20,38 @@ pub struct Bucket {
 }
 
 /// Takes one token of every bucket; when one is short, takes none and returns how long until
-/// it has one.
+/// it has one. One statement reads every bucket and one writes them (round trips cost on
+/// PostgreSQL, where every call of the fleet makes a take).
 pub(super) fn take(tx: &mut dyn Db, buckets: &[Bucket]) -> Result<Option<Duration>, AuditError> {
+    if buckets.is_empty() {
+        return Ok(None);
+    }
     let now = tx.now_ms()?;
+    let names: Vec<Value> = buckets
+        .iter()
+        .map(|bucket| Value::Text(bucket.name.clone()))
+        .collect();
+    let placeholders = (1..=buckets.len())
+        .map(|n| format!("?{n}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let stored = tx.query(
+        &format!(
+            "SELECT name, tokens, updated_ms FROM rate_buckets WHERE name IN ({placeholders})"
+        ),
+        &names,
+    )?;
     let mut levels = Vec::with_capacity(buckets.len());
     let mut short_ms: f64 = 0.0;
     for bucket in buckets {
         let per_ms = bucket.per_second.max(f64::MIN_POSITIVE) / 1000.0;
-        let level = match tx.query_opt(
-            "SELECT tokens, updated_ms FROM rate_buckets WHERE name = ?1",
-            args![bucket.name],
-        )? {
-            Some(row) => {
-                let (tokens, updated): (f64, i64) = (row.get(0)?, row.get(1)?);
-                (tokens + (now - updated).max(0) as f64 * per_ms).min(bucket.burst)
+        let mut level = bucket.burst;
+        for row in &stored {
+            if row.get::<String>(0)? == bucket.name {
+                let (tokens, updated): (f64, i64) = (row.get(1)?, row.get(2)?);
+                level = (tokens + (now - updated).max(0) as f64 * per_ms).min(bucket.burst);
             }
-            None => bucket.burst,
-        };
+        }
         if level < 1.0 {
             short_ms = short_ms.max((1.0 - level) / per_ms);
         }
@@ -47,12 +62,24 @@ pub(super) fn take(tx: &mut dyn Db, buckets: &[Bucket]) -> Result<Option<Duratio
             (short_ms * 1000.0).ceil() as u64
         )));
     }
+    let rows = (0..buckets.len())
+        .map(|n| format!("(?{}, ?{}, ?{})", 3 * n + 1, 3 * n + 2, 3 * n + 3))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut values = Vec::with_capacity(3 * buckets.len());
     for (bucket, level) in buckets.iter().zip(levels) {
-        tx.execute(
-            "INSERT INTO rate_buckets (name, tokens, updated_ms) VALUES (?1, ?2, ?3)
-             ON CONFLICT (name) DO UPDATE SET tokens = excluded.tokens, updated_ms = excluded.updated_ms",
-            args![bucket.name, level - 1.0, now],
-        )?;
+        values.extend([
+            Value::Text(bucket.name.clone()),
+            Value::Real(level - 1.0),
+            Value::Int(now),
+        ]);
     }
+    tx.execute(
+        &format!(
+            "INSERT INTO rate_buckets (name, tokens, updated_ms) VALUES {rows}
+             ON CONFLICT (name) DO UPDATE SET tokens = excluded.tokens, updated_ms = excluded.updated_ms"
+        ),
+        &values,
+    )?;
     Ok(None)
 }
