@@ -84,8 +84,8 @@
 //! e.g. `sqlite/0ms` or `postgres`), KEYTURN_BENCH_RAW_DELAY_MS (default 0: the raw consumers
 //! wait this long before each event, to run the raw loop at a keyturn row's rate: the broker's
 //! CPU per job grows as throughput falls, since it batches less). Every other
-//! `KEYTURN_<SECTION>__<KEY>` variable is passed to the keyturn processes (see
-//! `passed_settings`).
+//! `KEYTURN_<SECTION>__<KEY>` variable but `store.url` and `log.level` is passed to the workers
+//! (see `passed_settings`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -845,13 +845,14 @@ async fn raw_loop(knobs: &Knobs, consumers: usize) -> RawRun {
     assert!(!warm.stalled, "the raw loop's warm-up stalled");
     let batch = jobs(&tag, window, knobs.jobs_0ms);
     let collected = drive(&mut harness, &batch, window, &mut sources).await;
+    // Read before the consumers stop, as a fleet's is read before its workers stop.
+    let cpu = mark.elapsed();
     stop.cancel();
     for task in tasks {
         if let Ok(Err(error)) = task.await {
             eprintln!("a raw consumer failed: {error}");
         }
     }
-    let cpu = mark.elapsed();
     harness.close().await;
     RawRun {
         jobs_run: window + collected.received,
@@ -954,7 +955,6 @@ fn keyturn_command(log: &Path) -> Command {
         .env("KEYTURN_LOG__LEVEL", "warn")
         .env("CLOUD_SDK_AK", AK)
         .env("CLOUD_SDK_SK", SK)
-        .envs(passed_settings())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(file)
@@ -962,13 +962,19 @@ fn keyturn_command(log: &Path) -> Command {
     command
 }
 
-/// Settings from the bench's own environment for every keyturn process it starts: each
+/// Settings from the bench's own environment for the workers it starts: each
 /// `KEYTURN_<SECTION>__<KEY>` variable (`KEYTURN_AUDIT__SYNCHRONOUS=normal`, say), for
-/// experiments. What the bench sets per run (URLs, ids, paths, concurrency, prefetch, limits)
-/// is set later and wins.
+/// experiments. Not `store.url` (the bench sets it for the PostgreSQL rows only, and one passed
+/// to a SQLite row would run it on PostgreSQL) nor `log.level`; what the bench sets per run
+/// (URLs, ids, paths, concurrency, prefetch, limits) is set after these and wins.
 fn passed_settings() -> Vec<(String, String)> {
-    std::env::vars()
-        .filter(|(name, _)| name.starts_with("KEYTURN_") && name.contains("__"))
+    std::env::vars_os()
+        .filter_map(|(name, value)| Some((name.into_string().ok()?, value.into_string().ok()?)))
+        .filter(|(name, _)| {
+            name.starts_with("KEYTURN_")
+                && name.contains("__")
+                && !matches!(name.as_str(), "KEYTURN_STORE__URL" | "KEYTURN_LOG__LEVEL")
+        })
         .collect()
 }
 
@@ -1081,6 +1087,7 @@ impl Fleet {
             let mut command = keyturn_command(&log);
             command
                 .arg("worker")
+                .envs(passed_settings())
                 .env("KEYTURN_AMQP__URL", &amqp.url)
                 .envs(amqp.topology_env())
                 .env("KEYTURN_WORKER__ID", &id)

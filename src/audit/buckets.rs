@@ -26,6 +26,14 @@ pub(super) fn take(tx: &mut dyn Db, buckets: &[Bucket]) -> Result<Option<Duratio
     if buckets.is_empty() {
         return Ok(None);
     }
+    // One upsert of every bucket: PostgreSQL refuses to change one row twice in a statement.
+    debug_assert!(
+        buckets
+            .iter()
+            .enumerate()
+            .all(|(n, bucket)| buckets[..n].iter().all(|b| b.name != bucket.name)),
+        "a take names each bucket once"
+    );
     let now = tx.now_ms()?;
     let names: Vec<Value> = buckets
         .iter()

@@ -298,7 +298,7 @@ impl Backend for Postgres {
         // the lock and the clock once the lock is held go in one round trip; the transaction's
         // writes (a batch of them) take that clock as their `now_ms`.
         let begin = format!(
-            "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'; {durability} SELECT pg_advisory_xact_lock({lock}); {POSTGRES_NOW_MS}"
+            "BEGIN ISOLATION LEVEL READ COMMITTED READ WRITE; SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'; {durability} SELECT pg_advisory_xact_lock({lock}); {POSTGRES_NOW_MS}"
         );
         self.transaction(&begin, true, work)
     }
@@ -371,8 +371,9 @@ impl Postgres {
 }
 
 impl Postgres {
-    /// Runs `work` on the connection outside any transaction (for the audit queries, whose
-    /// verification opens and rolls back one of its own).
+    /// Runs `work` on the connection outside any transaction (for a lookup that is one
+    /// statement, and for the audit queries, whose verification opens and rolls back one of
+    /// its own).
     pub(super) fn with<T>(
         &mut self,
         work: impl FnOnce(&mut dyn Db) -> Result<T, AuditError>,

@@ -196,7 +196,7 @@ impl Backend for Sqlite {
         self.transaction(rusqlite::TransactionBehavior::Immediate, work)
     }
 
-    /// One snapshot for all of `work`'s statements (a lookup reads several tables).
+    /// One snapshot for all of `work`'s statements (a lookup with a rollout makes several).
     fn read<T>(
         &mut self,
         work: impl FnOnce(&mut dyn Db) -> Result<T, AuditError>,
