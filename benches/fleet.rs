@@ -168,12 +168,7 @@ impl Knobs {
             rate_jobs: number("KEYTURN_BENCH_RATE_JOBS", 600).min(1_000),
             concurrency: number("KEYTURN_BENCH_CONCURRENCY", 16).min(2_000) as u16,
             window_factor: number("KEYTURN_BENCH_WINDOW", 2),
-            raw_delay: Duration::from_millis(
-                std::env::var("KEYTURN_BENCH_RAW_DELAY_MS")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0),
-            ),
+            raw_delay: Duration::from_millis(number("KEYTURN_BENCH_RAW_DELAY_MS", 0) as u64),
             prefetch: 0,
             only: std::env::var("KEYTURN_BENCH_ONLY")
                 .unwrap_or_default()
@@ -790,15 +785,13 @@ async fn wait_for_consumers(harness: &Harness, expected: u32) {
 
 /// The raw loop's run with the median jobs/s of [`RAW_RUNS`], and every run's jobs/s.
 struct RawMeasured {
-    collected: Collected,
+    /// The run with the median jobs/s.
+    median: RawRun,
     all_per_second: Vec<f64>,
-    /// The median run's CPU: the broker's, and this process's (harness and raw consumers).
-    cpu: CpuSince,
-    /// Jobs the median run's consumers handled, warm-up included (what `cpu` is divided by).
-    jobs_run: usize,
 }
 
-/// One raw run: its results, its CPU and the jobs it handled (warm-up included).
+/// One raw run: its results, its CPU (the broker's, and this process's: harness and raw
+/// consumers) and the jobs it handled, warm-up included (what the CPU is divided by).
 struct RawRun {
     collected: Collected,
     cpu: CpuSince,
@@ -813,12 +806,9 @@ impl RawMeasured {
                 .total_cmp(&b.collected.per_second())
         });
         let all_per_second = runs.iter().map(|r| r.collected.per_second()).collect();
-        let median = runs.swap_remove(runs.len() / 2);
         RawMeasured {
-            collected: median.collected,
+            median: runs.swap_remove(runs.len() / 2),
             all_per_second,
-            cpu: median.cpu,
-            jobs_run: median.jobs_run,
         }
     }
 }
@@ -1454,7 +1444,7 @@ fn print_throughput(knobs: &Knobs, raw: &HashMap<usize, RawMeasured>, fleets: &[
         let Some(measured) = raw.get(&consumers) else {
             continue;
         };
-        let c = &measured.collected;
+        let c = &measured.median.collected;
         let runs: Vec<String> = measured
             .all_per_second
             .iter()
@@ -1476,8 +1466,8 @@ fn print_throughput(knobs: &Knobs, raw: &HashMap<usize, RawMeasured>, fleets: &[
         let c = &fleet.collected;
         let (ratio, target) = if fleet.latency_ms == 0 {
             match raw.get(&fleet.workers) {
-                Some(raw) if raw.collected.per_second() > 0.0 => {
-                    let ratio = c.per_second() / raw.collected.per_second();
+                Some(raw) if raw.median.collected.per_second() > 0.0 => {
+                    let ratio = c.per_second() / raw.median.collected.per_second();
                     let target = match fleet.store {
                         _ if !knobs.raw_delay.is_zero() => format!(
                             "(none: the raw loop waited {} ms per job)",
@@ -1601,8 +1591,8 @@ fn print_workers(
             "| raw lapin loop{}, {consumers} consumer{} (its median run; the consumers run in the harness) | — | — | — | — | — | {} | — | {} |",
             raw_delay_note(knobs),
             if consumers == 1 { "" } else { "s" },
-            shared(measured.cpu.broker, measured.jobs_run),
-            shared(measured.cpu.harness, measured.jobs_run),
+            shared(measured.median.cpu.broker, measured.median.jobs_run),
+            shared(measured.median.cpu.harness, measured.median.jobs_run),
         );
     }
     let mut rows: Vec<(String, &Usage)> = fleets

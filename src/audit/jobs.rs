@@ -3,7 +3,7 @@
 
 use chrono::Utc;
 
-use super::db::{Db, args};
+use super::db::{Db, Row, args};
 use super::{
     AuditError, ClaimRequest, Claimed, Committed, Earlier, FinalRecord, ParkedJob, Recorded, Seen,
     StoredEvent, rollouts, timestamp,
@@ -15,35 +15,36 @@ pub(super) const FIND_FINAL: &str = "SELECT event_json, job_digest, received_at 
      WHERE job_id = ?1 AND rerun = ?2 AND outcome <> 'rejected' LIMIT 1";
 const FIND_REJECTION: &str = "SELECT event_json FROM toggles
      WHERE job_id = ?1 AND outcome = 'rejected' AND body_sha256 = ?2 LIMIT 1";
-/// A key's final record and its marker, in one round trip (see [`LOOKUP`]).
-pub(super) const FIND_FINAL_OR_MARKER: &str =
-    "SELECT 'final', event_json, job_digest, received_at FROM toggles
-     WHERE job_id = ?1 AND rerun = ?2 AND outcome <> 'rejected'
-     UNION ALL SELECT 'marker', CAST(NULL AS TEXT), job_digest, first_sent_at FROM in_flight
-     WHERE job_id = ?1 AND rerun = ?2";
+/// The two reads of a key that both the lookup and the claim make, as one `UNION ALL`: a row
+/// per kind found, its first column naming the kind (see [`known`]).
+macro_rules! final_or_marker {
+    () => {
+        "SELECT 'final', event_json, job_digest, received_at FROM toggles
+         WHERE job_id = ?1 AND rerun = ?2 AND outcome <> 'rejected'
+         UNION ALL SELECT 'marker', CAST(NULL AS TEXT), job_digest, first_sent_at FROM in_flight
+         WHERE job_id = ?1 AND rerun = ?2"
+    };
+}
+
+/// A key's final record and its marker, in one round trip: what a claim reads.
+pub(super) const FIND_FINAL_OR_MARKER: &str = final_or_marker!();
 
 /// Everything a delivery's lookup reads of its key, in one statement (one snapshot, one round
-/// trip): a row per kind found, its first column naming the kind. The unique indexes allow at
-/// most one final record per key, one rejection per body, one marker and one parking.
-pub(super) const LOOKUP: &str = "SELECT 'final', event_json, job_digest, received_at FROM toggles
-     WHERE job_id = ?1 AND rerun = ?2 AND outcome <> 'rejected'
+/// trip): the final record and marker, the rejection of these bytes and the parking. The unique
+/// indexes allow at most one final record per key, one rejection per body, one marker and one
+/// parking.
+pub(super) const LOOKUP: &str = concat!(
+    final_or_marker!(),
+    "
      UNION ALL SELECT 'rejection', event_json, CAST(NULL AS TEXT), CAST(NULL AS TEXT) FROM toggles
      WHERE job_id = ?1 AND outcome = 'rejected' AND body_sha256 = ?3
-     UNION ALL SELECT 'marker', CAST(NULL AS TEXT), job_digest, first_sent_at FROM in_flight
-     WHERE job_id = ?1 AND rerun = ?2
      UNION ALL SELECT 'parked', CAST(NULL AS TEXT), job_digest, parked_at FROM parked
-     WHERE job_id = ?1 AND rerun = ?2";
+     WHERE job_id = ?1 AND rerun = ?2"
+);
 
-/// What the store knows of a key before a delivery of it is worked on. Without a rollout this
-/// is the one statement of [`LOOKUP`]; a rollout's view is read after it, in the same
-/// transaction when the caller opened one.
-pub(super) fn lookup(
-    db: &mut dyn Db,
-    job_id: &str,
-    rerun: u32,
-    body_sha256: &str,
-    rollout_id: Option<&str>,
-) -> Result<Earlier, AuditError> {
+/// What the rows of [`LOOKUP`] or [`FIND_FINAL_OR_MARKER`] say of a key, in whatever order they
+/// came (without its rollout's view).
+fn known(rows: Vec<Row>) -> Result<Earlier, AuditError> {
     let mut earlier = Earlier {
         final_record: None,
         rejection: None,
@@ -51,7 +52,7 @@ pub(super) fn lookup(
         parked: None,
         rollout: None,
     };
-    for row in db.query(LOOKUP, args![job_id, rerun, body_sha256])? {
+    for row in rows {
         let kind: String = row.get(0)?;
         let seen = || -> Result<Seen, AuditError> {
             Ok(Seen {
@@ -71,6 +72,20 @@ pub(super) fn lookup(
             _ => {}
         }
     }
+    Ok(earlier)
+}
+
+/// What the store knows of a key before a delivery of it is worked on. Without a rollout this
+/// is the one statement of [`LOOKUP`]; a rollout's view is read after it, in the same
+/// transaction when the caller opened one.
+pub(super) fn lookup(
+    db: &mut dyn Db,
+    job_id: &str,
+    rerun: u32,
+    body_sha256: &str,
+    rollout_id: Option<&str>,
+) -> Result<Earlier, AuditError> {
+    let mut earlier = known(db.query(LOOKUP, args![job_id, rerun, body_sha256])?)?;
     if let Some(id) = rollout_id {
         earlier.rollout = rollouts::view(db, id)?;
     }
@@ -100,19 +115,13 @@ pub(super) fn claim(tx: &mut dyn Db, request: &ClaimRequest) -> Result<Claimed, 
         lease,
     } = request;
     let rerun = *rerun;
-    let mut marker = None;
-    for row in tx.query(FIND_FINAL_OR_MARKER, args![job_id, rerun])? {
-        let seen = Seen {
-            digest: row.get(2)?,
-            at: row.get(3)?,
-        };
-        match row.get::<String>(0)?.as_str() {
-            "final" => {
-                let stored = StoredEvent::parse(row.get(1)?)?;
-                return Ok(Claimed::Finished(Box::new((stored, seen))));
-            }
-            _ => marker = Some(seen),
-        }
+    let Earlier {
+        final_record,
+        marker,
+        ..
+    } = known(tx.query(FIND_FINAL_OR_MARKER, args![job_id, rerun])?)?;
+    if let Some(finished) = final_record {
+        return Ok(Claimed::Finished(Box::new(finished)));
     }
     // The rollout may have been paused, halted or cancelled since the job was admitted: check
     // again, in the transaction that would mark its first Modify.

@@ -12,6 +12,16 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::helpers::*;
 
+/// Every final row in the store is a success (`why` says what that shows).
+fn assert_every_row_succeeded(app: &TestApp, why: &str) {
+    assert!(
+        app.toggles()
+            .iter()
+            .all(|row| row["outcome"] == json!("succeeded")),
+        "{why}"
+    );
+}
+
 fn on_postgres(tweak: impl FnOnce(&mut keyturn::config::Settings) + Send + 'static) -> Options {
     Options {
         postgres: true,
@@ -34,12 +44,7 @@ async fn a_worker_on_postgres_finishes_every_job_once_and_the_audit_reads_the_st
     app.publish_job(&job(&jobs[0].0, 100, jobs[0].2)).await;
     app.drain().await;
     assert_one_outcome_per_job(&app, &jobs).await;
-    assert!(
-        app.toggles()
-            .iter()
-            .all(|row| row["outcome"] == json!("succeeded")),
-        "every fault was retried or settled with Describe"
-    );
+    assert_every_row_succeeded(&app, "every fault was retried or settled with Describe");
     assert!(app.stats().faults_injected > 0, "faults were injected");
 
     // `keyturn audit` reads the same rows from PostgreSQL (store.url), and verify passes there.
@@ -353,12 +358,7 @@ async fn a_worker_started_while_the_store_is_unreachable_holds_its_jobs_until_it
         }
     });
     assert_one_outcome_per_job(&app, &jobs).await;
-    assert!(
-        app.toggles()
-            .iter()
-            .all(|row| row["outcome"] == json!("succeeded")),
-        "the wait failed no job"
-    );
+    assert_every_row_succeeded(&app, "the wait failed no job");
     assert_eq!(
         terminate(&mut worker, Duration::from_secs(30)).await,
         Some(0)
