@@ -13,6 +13,7 @@ mod buckets;
 pub mod db;
 mod jobs;
 pub mod postgres;
+mod postgres_tls;
 pub mod query;
 mod rollouts;
 mod sqlite;
@@ -54,8 +55,8 @@ impl Location {
     pub fn describe(&self) -> String {
         match self {
             Location::Sqlite(path) => path.display().to_string(),
-            Location::Postgres(url) => match url.parse::<::postgres::Config>() {
-                Ok(config) => {
+            Location::Postgres(url) => match postgres_tls::parse(url) {
+                Ok(postgres_tls::Target { config, tls }) => {
                     let hosts: Vec<String> = config
                         .get_hosts()
                         .iter()
@@ -65,9 +66,10 @@ impl Location {
                         })
                         .collect();
                     format!(
-                        "postgres database {} on {}",
+                        "postgres database {} on {}{}",
                         config.get_dbname().unwrap_or("(default)"),
-                        hosts.join(",")
+                        hosts.join(","),
+                        if tls.is_some() { " over TLS" } else { "" }
                     )
                 }
                 Err(_) => "postgres database (unreadable URL)".into(),
@@ -754,6 +756,12 @@ impl AuditStore {
         thread.send(command).map_err(|_| AuditError::Closed)?;
         answer.await.map_err(|_| AuditError::Closed)?
     }
+}
+
+/// Checks a `store.url` and the certificates it names; the problem in words that never show the
+/// URL, which may hold a password.
+pub fn check_store_url(url: &str) -> Result<(), String> {
+    postgres_tls::check(url)
 }
 
 /// RFC 3339 in UTC with milliseconds: sorts as text, reads as time.

@@ -239,10 +239,9 @@ impl Postgres {
             {
                 return Err(failure.error());
             }
-            let mut config: postgres::Config = self
-                .url
-                .parse()
-                .map_err(|_| AuditError::Postgres(NOT_A_POSTGRES_URL.into()))?;
+            let super::postgres_tls::Target { mut config, tls } =
+                super::postgres_tls::parse(&self.url)
+                    .map_err(|problem| AuditError::Postgres(format!("store.url {problem}")))?;
             config.connect_timeout(CONNECT_TIMEOUT);
             config.application_name("keyturn");
             // A worker cut off mid-transaction would hold the write lock until TCP noticed
@@ -256,7 +255,19 @@ impl Postgres {
                 IDLE_IN_TRANSACTION.as_millis()
             );
             config.options(options.trim());
-            match config.connect(NoTls) {
+            let connected = match tls.map(|tls| tls.connector()) {
+                None => config.connect(NoTls),
+                Some(Ok(connector)) => config.connect(connector),
+                // The certificates named went missing since the start: hold, as for a server
+                // that does not answer, until the file is back.
+                Some(Err(problem)) => {
+                    let failure = Failure::Unreachable(format!("store.url {problem}"));
+                    let error = failure.error();
+                    self.failed_at = Some((Instant::now(), failure));
+                    return Err(error);
+                }
+            };
+            match connected {
                 Ok(client) => {
                     self.client = Some(client);
                     self.statements.clear();
@@ -458,10 +469,21 @@ impl<C: GenericClient> Db for Pg<'_, C> {
 /// The server's own words for a failed statement, or the client's for a failed connection;
 /// neither includes the URL.
 fn describe(failure: &postgres::Error) -> String {
-    match failure.as_db_error() {
-        Some(db) => format!("{}: {} ({})", db.severity(), db.message(), db.code().code()),
-        None => failure.to_string(),
+    if let Some(db) = failure.as_db_error() {
+        return format!("{}: {} ({})", db.severity(), db.message(), db.code().code());
     }
+    // The crate's words name the step ("error performing TLS handshake"); its causes say why
+    // (an untrusted certificate, a refused connection).
+    let mut words = failure.to_string();
+    let mut cause = std::error::Error::source(failure);
+    while let Some(error) = cause {
+        let said = error.to_string();
+        if !words.contains(&said) {
+            words = format!("{words}: {said}");
+        }
+        cause = error.source();
+    }
+    words
 }
 
 fn error(failure: postgres::Error) -> AuditError {

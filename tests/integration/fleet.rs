@@ -277,6 +277,14 @@ async fn a_worker_refuses_a_store_whose_schema_is_newer_and_never_shows_the_pass
             "postgres://root:pw-never-shown@127.0.0.1:99999/x",
             "no such port",
         ),
+        (
+            "postgres://root:pw-never-shown@127.0.0.1/x?sslmode=prefer",
+            "a TLS mode that may fall back to plain text",
+        ),
+        (
+            "postgres://root:pw-never-shown@127.0.0.1/x?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem",
+            "a root certificate file that is not there",
+        ),
     ] {
         let output = keyturn_binary()
             .arg("worker")
@@ -366,4 +374,127 @@ async fn a_worker_started_while_the_store_is_unreachable_holds_its_jobs_until_it
     reader.await.unwrap();
     forwarder.abort();
     app.cleanup().await;
+}
+
+/// The local server's certificate file, which the TLS test trusts. The test fails (it never
+/// skips) when the server offers no TLS.
+fn local_server_certificate() -> String {
+    let url = keyturn::audit::test_support::server_url();
+    let (ssl, certificate) = std::thread::spawn(move || {
+        let mut client = postgres::Client::connect(&url, postgres::NoTls).expect("the test server");
+        let row = client
+            .query_one(
+                "SELECT current_setting('ssl'), current_setting('ssl_cert_file')",
+                &[],
+            )
+            .unwrap();
+        (row.get::<_, String>(0), row.get::<_, String>(1))
+    })
+    .join()
+    .unwrap();
+    assert!(
+        ssl == "on" && std::fs::metadata(&certificate).is_ok(),
+        "the TLS store test needs the local PostgreSQL with ssl = on and its certificate file \
+         readable here, self-signed for the name localhost (Debian's package sets up both with \
+         its snakeoil certificate); ssl is {ssl}, the certificate file {certificate}"
+    );
+    certificate
+}
+
+/// The test database's URL on `host` over TLS, trusting `certificate`.
+fn over_tls(url: &str, host: &str, certificate: &str) -> String {
+    assert!(
+        url.contains("@127.0.0.1:"),
+        "the TLS store test runs on the local server at 127.0.0.1: {url}"
+    );
+    url.replacen("@127.0.0.1:", &format!("@{host}:"), 1)
+        + "?sslmode=verify-full&sslrootcert="
+        + certificate
+}
+
+/// Counts of the store's connections to the database (`application_name` keyturn), by whether
+/// they use TLS.
+fn keyturn_connections(db: &keyturn::audit::test_support::TestDatabase) -> (i64, i64) {
+    let rows = pg_rows(
+        db,
+        "SELECT count(*) FILTER (WHERE s.ssl) AS tls, count(*) FILTER (WHERE NOT s.ssl) AS plain \
+         FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+         WHERE a.datname = current_database() AND a.application_name = 'keyturn'",
+    );
+    (
+        rows[0]["tls"].as_i64().unwrap(),
+        rows[0]["plain"].as_i64().unwrap(),
+    )
+}
+
+/// `store.url` with `sslmode=verify-full` and `sslrootcert`: the worker runs its jobs and the
+/// audit reads them over TLS, and every connection of the store is encrypted. A server whose
+/// certificate is not trusted, or not issued for the host named, is not connected to: the store
+/// says why and holds (an unreachable store), never falls back to plain text.
+#[tokio::test]
+async fn the_store_is_reached_over_verified_tls_and_never_over_an_unchecked_one() {
+    let certificate = local_server_certificate();
+    let trusted = certificate.clone();
+    let app = TestApp::spawn_with(on_postgres(move |settings| {
+        settings.store.url = over_tls(&settings.store.url, "localhost", &trusted);
+    }))
+    .await;
+    let jobs = publish_fleet(&app, 12, 300).await;
+    app.drain().await;
+    assert_one_outcome_per_job(&app, &jobs).await;
+    assert_every_row_succeeded(&app, "every job ran with the store over TLS");
+    assert_eq!(app.toggles().len(), jobs.len(), "the audit reads over TLS");
+
+    let db = app.postgres.clone().expect("a PostgreSQL test");
+    let options = AuditOptions {
+        busy_timeout: Duration::from_secs(1),
+        synchronous_full: true,
+    };
+    let open = |url: String| {
+        let options = options.clone();
+        std::thread::spawn(move || AuditStore::open_at(&Location::Postgres(url), &options))
+            .join()
+            .unwrap()
+    };
+    let encrypted = open(app.settings.store.url.clone()).expect("the store over TLS");
+    assert_eq!(
+        Location::Postgres(app.settings.store.url.clone()).describe(),
+        format!("postgres database {} on localhost over TLS", db.name)
+    );
+    let (tls, plain) = keyturn_connections(&db);
+    assert!(tls >= 3, "writer, reader and token connections: {tls}");
+    assert_eq!(plain, 0, "no connection of the store is in plain text");
+    // The count tells the two apart: a store without sslmode connects in plain text.
+    let unencrypted = open(db.url.clone()).expect("the store in plain text");
+    let (_, plain) = keyturn_connections(&db);
+    assert!(plain >= 3, "the plain store's connections: {plain}");
+    drop((encrypted, unencrypted));
+
+    // A root of another CA (the system's roots may hold the server's certificate itself, as
+    // Debian's do with its snakeoil certificate).
+    let other_root = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])
+        .unwrap()
+        .cert
+        .pem();
+    let dir = tempfile::tempdir().unwrap();
+    let other = dir.path().join("other-ca.pem");
+    std::fs::write(&other, other_root).unwrap();
+    for (url, why) in [
+        (
+            over_tls(&db.url, "localhost", other.to_str().unwrap()),
+            "a certificate no trusted root vouches for",
+        ),
+        (
+            over_tls(&db.url, "127.0.0.1", &certificate),
+            "a certificate for another name",
+        ),
+    ] {
+        match open(url) {
+            Err(keyturn::audit::AuditError::Unreachable(problem)) => {
+                assert!(problem.contains("certificate"), "{why}: {problem}");
+            }
+            Err(other) => panic!("{why}: held as unreachable, not {other}"),
+            Ok(_) => panic!("{why}: connected"),
+        }
+    }
 }
