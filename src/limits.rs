@@ -84,13 +84,15 @@ impl Limits {
     }
 
     /// Pauses calls for `key` after a 429: `retry_after` when the API sent one, else the default.
-    pub fn throttled(&self, key: &LimitKey, retry_after: Option<Duration>) {
+    /// Returns the pause.
+    pub fn throttled(&self, key: &LimitKey, retry_after: Option<Duration>) -> Duration {
         let now = Instant::now();
         let pause = retry_after.unwrap_or(self.default_pause).min(MAX_PAUSE);
         let until = now.checked_add(pause).unwrap_or(now);
         let mut paused = self.paused_until.lock().expect("limits lock");
         let entry = paused.entry(key.clone()).or_insert(until);
         *entry = (*entry).max(until);
+        pause
     }
 
     /// Forgets keys that hold no state worth keeping: full buckets, pauses that are over.

@@ -35,6 +35,43 @@ pub(super) fn take(tx: &mut dyn Db, buckets: &[Bucket]) -> Result<Option<Duratio
         "a take names each bucket once"
     );
     let now = tx.now_ms()?;
+    let levels = levels(tx, buckets, now)?;
+    let short_ms = buckets
+        .iter()
+        .zip(&levels)
+        .filter(|(_, level)| **level < 1.0)
+        .map(|(bucket, level)| (1.0 - level) / bucket.per_ms())
+        .fold(0.0, f64::max);
+    if short_ms > 0.0 {
+        return Ok(Some(Duration::from_micros(
+            (short_ms * 1000.0).ceil() as u64
+        )));
+    }
+    let taken: Vec<f64> = levels.into_iter().map(|level| level - 1.0).collect();
+    store(tx, buckets, &taken, now)?;
+    Ok(None)
+}
+
+/// Empties `bucket` for `pause` (the API answered 429 for its project): it holds no token
+/// before `pause` from now, for every worker on the store. A bucket emptier than that keeps its
+/// own, longer wait.
+pub(super) fn pause(tx: &mut dyn Db, bucket: &Bucket, pause: Duration) -> Result<(), AuditError> {
+    let now = tx.now_ms()?;
+    let level = levels(tx, std::slice::from_ref(bucket), now)?[0];
+    let paused = 1.0 - pause.as_secs_f64() * 1000.0 * bucket.per_ms();
+    store(tx, std::slice::from_ref(bucket), &[level.min(paused)], now)
+}
+
+impl Bucket {
+    /// Tokens it gains per millisecond.
+    fn per_ms(&self) -> f64 {
+        self.per_second.max(f64::MIN_POSITIVE) / 1000.0
+    }
+}
+
+/// Each bucket's tokens at `now`: what it held when last written, refilled since, up to its
+/// burst (a bucket never written is full). One statement.
+fn levels(tx: &mut dyn Db, buckets: &[Bucket], now: i64) -> Result<Vec<f64>, AuditError> {
     let names: Vec<Value> = buckets
         .iter()
         .map(|bucket| Value::Text(bucket.name.clone()))
@@ -50,35 +87,31 @@ pub(super) fn take(tx: &mut dyn Db, buckets: &[Bucket]) -> Result<Option<Duratio
         &names,
     )?;
     let mut levels = Vec::with_capacity(buckets.len());
-    let mut short_ms: f64 = 0.0;
     for bucket in buckets {
-        let per_ms = bucket.per_second.max(f64::MIN_POSITIVE) / 1000.0;
         let mut level = bucket.burst;
         for row in &stored {
             if row.get::<String>(0)? == bucket.name {
                 let (tokens, updated): (f64, i64) = (row.get(1)?, row.get(2)?);
-                level = (tokens + (now - updated).max(0) as f64 * per_ms).min(bucket.burst);
+                level =
+                    (tokens + (now - updated).max(0) as f64 * bucket.per_ms()).min(bucket.burst);
             }
-        }
-        if level < 1.0 {
-            short_ms = short_ms.max((1.0 - level) / per_ms);
         }
         levels.push(level);
     }
-    if short_ms > 0.0 {
-        return Ok(Some(Duration::from_micros(
-            (short_ms * 1000.0).ceil() as u64
-        )));
-    }
+    Ok(levels)
+}
+
+/// Writes each bucket's tokens as of `now`, in one multi-row upsert.
+fn store(tx: &mut dyn Db, buckets: &[Bucket], tokens: &[f64], now: i64) -> Result<(), AuditError> {
     let rows = (0..buckets.len())
         .map(|n| format!("(?{}, ?{}, ?{})", 3 * n + 1, 3 * n + 2, 3 * n + 3))
         .collect::<Vec<_>>()
         .join(", ");
     let mut values = Vec::with_capacity(3 * buckets.len());
-    for (bucket, level) in buckets.iter().zip(levels) {
+    for (bucket, tokens) in buckets.iter().zip(tokens) {
         values.extend([
             Value::Text(bucket.name.clone()),
-            Value::Real(level - 1.0),
+            Value::Real(*tokens),
             Value::Int(now),
         ]);
     }
@@ -89,5 +122,5 @@ pub(super) fn take(tx: &mut dyn Db, buckets: &[Bucket]) -> Result<Option<Duratio
         ),
         &values,
     )?;
-    Ok(None)
+    Ok(())
 }

@@ -323,6 +323,7 @@ enum Write {
     Record(Box<FinalRecord>),
     Claim(Box<ClaimRequest>),
     TakeTokens(Vec<Bucket>),
+    PauseBucket(Bucket, Duration),
     ReleasePredecessors {
         worker_id: String,
         owner: String,
@@ -674,6 +675,17 @@ impl AuditStore {
         }
     }
 
+    /// Empties `bucket` for `pause`, for every worker on the store: the API answered 429 for
+    /// its project.
+    pub async fn pause_bucket(&self, bucket: Bucket, pause: Duration) -> Result<(), AuditError> {
+        let (reply, answer) = oneshot::channel();
+        let write = Write::PauseBucket(bucket, pause);
+        self.tokens
+            .send(Command::Write { write, reply })
+            .map_err(|_| AuditError::Closed)?;
+        answer.await.map_err(|_| AuditError::Closed)?.map(|_| ())
+    }
+
     /// Renews `owner`'s leases on `active` keys and drops those on `released` ones; returns
     /// the active keys whose lease is gone (expired and taken, or dropped by a final record).
     /// Queued when called, like [`AuditStore::claim`].
@@ -838,6 +850,7 @@ mod tests {
         an_expired_lease_is_taken_over_and_its_marker_seen,
         a_restarted_worker_drops_only_its_earlier_runs_leases,
         a_bucket_gives_its_burst_then_a_token_per_interval_all_or_none,
+        a_paused_bucket_grants_nothing_until_its_pause_is_over,
         parked_jobs_are_kept_once_per_key_until_unparked,
         one_write_that_cannot_commit_fails_alone,
         toggles_and_attempts_refuse_update_and_delete,
@@ -1188,6 +1201,51 @@ mod tests {
             None,
             "refilled after the wait it named"
         );
+    }
+
+    async fn a_paused_bucket_grants_nothing_until_its_pause_is_over(audit: Store) {
+        let project = Bucket {
+            name: "project:r/p".into(),
+            per_second: 100.0,
+            burst: 20.0,
+        };
+        let other = Bucket {
+            name: "project:r/q".into(),
+            ..project.clone()
+        };
+        assert_eq!(
+            audit.take_tokens(vec![project.clone()]).await.unwrap(),
+            None
+        );
+        audit
+            .pause_bucket(project.clone(), Duration::from_millis(1_500))
+            .await
+            .unwrap();
+        let short = audit
+            .take_tokens(vec![project.clone()])
+            .await
+            .unwrap()
+            .expect("a paused bucket grants nothing");
+        assert!(
+            short > Duration::from_millis(1_300) && short <= Duration::from_millis(1_500),
+            "about the pause: {short:?}"
+        );
+        assert_eq!(
+            audit.take_tokens(vec![other.clone()]).await.unwrap(),
+            None,
+            "another project's bucket is not paused"
+        );
+        // A shorter pause later does not cut the longer one short.
+        audit
+            .pause_bucket(project.clone(), Duration::from_millis(100))
+            .await
+            .unwrap();
+        let still = audit
+            .take_tokens(vec![project.clone()])
+            .await
+            .unwrap()
+            .expect("still paused");
+        assert!(still > Duration::from_millis(1_000), "{still:?}");
     }
 
     fn parked_job(job_id: &str, scope: &str) -> ParkedJob {

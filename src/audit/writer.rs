@@ -157,6 +157,10 @@ fn apply(tx: &mut dyn Db, write: &Write) -> Result<Written, AuditError> {
         Write::Record(record) => Written::Recorded(Box::new(jobs::insert(tx, record)?)),
         Write::Claim(request) => Written::Claimed(jobs::claim(tx, request)?),
         Write::TakeTokens(buckets) => Written::Tokens(buckets::take(tx, buckets)?),
+        Write::PauseBucket(bucket, pause) => {
+            buckets::pause(tx, bucket, *pause)?;
+            Written::Done
+        }
         Write::ReleasePredecessors { worker_id, owner } => {
             Written::Released(jobs::release_predecessors(tx, worker_id, owner)?)
         }

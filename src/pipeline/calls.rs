@@ -189,8 +189,11 @@ impl Pipeline {
                         CallError::Api { retry_after, .. } => *retry_after,
                         _ => None,
                     };
-                    self.limits.throttled(&key, retry_after);
+                    let pause = self.limits.throttled(&key, retry_after);
                     self.metrics.throttle_pauses.inc();
+                    if self.fleet_limits {
+                        self.pause_fleet(&key, pause).await;
+                    }
                 }
                 Verdict::Retry => {
                     progress.counted += 1;
@@ -421,11 +424,7 @@ impl Pipeline {
                 per_second: limits.per_second.into(),
                 burst: limits.burst.into(),
             },
-            Bucket {
-                name: format!("project:{}/{}", key.0, key.1),
-                per_second: limits.per_project_per_second.into(),
-                burst: limits.per_project_burst.into(),
-            },
+            self.project_bucket(key),
         ];
         if let Some((rollout_id, per_second)) = rate {
             buckets.push(Bucket {
@@ -460,6 +459,29 @@ impl Pipeline {
                     .await
                     .map_err(Ended::Held)?,
             }
+        }
+    }
+
+    /// The store's bucket of a region and project: the unit the API gateway throttles.
+    fn project_bucket(&self, key: &LimitKey) -> Bucket {
+        let limits = &self.settings.rate_limit;
+        Bucket {
+            name: format!("project:{}/{}", key.0, key.1),
+            per_second: limits.per_project_per_second.into(),
+            burst: limits.per_project_burst.into(),
+        }
+    }
+
+    /// After a 429: the project's bucket in the store grants no token for `pause`, so every
+    /// worker on the store waits, not only this one. A store that does not take the write leaves
+    /// the pause to this worker alone (the others pause when they meet a 429 themselves).
+    async fn pause_fleet(&self, key: &LimitKey, pause: Duration) {
+        if let Err(error) = self
+            .audit
+            .pause_bucket(self.project_bucket(key), pause)
+            .await
+        {
+            tracing::warn!(%error, region = %key.0, project_id = %key.1, "could not pause the project's calls for the fleet; this worker pauses alone");
         }
     }
 

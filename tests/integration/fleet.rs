@@ -4,6 +4,7 @@
 use std::process::Stdio;
 use std::time::Duration;
 
+use keyturn::amqp::worker::RunOptions;
 use keyturn::audit::{AuditOptions, AuditStore, Location};
 use keyturn::events::Outcome;
 use keyturn::simulator::{Faults, Step};
@@ -497,4 +498,99 @@ async fn the_store_is_reached_over_verified_tls_and_never_over_an_unchecked_one(
             Ok(_) => panic!("{why}: connected"),
         }
     }
+}
+
+/// A 429 pauses the project's calls for the whole fleet, not only for the worker that met it:
+/// the project's bucket in the store grants no token until the pause is over. Two workers on one
+/// store, 120 jobs of one project; the third job's first Modify is answered 429 (no
+/// `Retry-After`, as the real gateway sends none, so `rate_limit.throttle_pause`, 1.5 s, holds).
+/// Between the 429 and the pause's end the simulator hears no Modify from either worker, apart
+/// from those already granted when it came (150 ms are allowed for them); afterwards every job
+/// succeeds and both workers ran some.
+#[tokio::test]
+async fn a_429_pauses_the_projects_calls_on_every_worker_of_the_store() {
+    let pause = Duration::from_millis(1_500);
+    let app = TestApp::spawn_with(on_postgres(move |s| {
+        s.rate_limit.throttle_pause = pause;
+    }))
+    .await;
+    app.simulator.script(
+        &instance(402),
+        vec![Step::Error {
+            status: 429,
+            code: "APIGW.0308".into(),
+            msg: Some("The throttling threshold has been reached".into()),
+            retry_after_secs: None,
+            apply: false,
+        }],
+    );
+    let jobs = publish_fleet(&app, 120, 400).await;
+    let idle = || RunOptions {
+        exit_when_idle: Some(Duration::from_millis(600)),
+    };
+    let mut second = app.settings.clone();
+    second.worker.id = "second".into();
+    let (_, first_run) = app.start_worker_with(app.credentials(), idle());
+    let (_, second_run) = app.start_worker_on(second, app.credentials(), idle());
+    for run in [first_run, second_run] {
+        tokio::time::timeout(Duration::from_secs(60), run)
+            .await
+            .expect("both workers drained in time")
+            .unwrap();
+    }
+    // Every job once, as `assert_one_outcome_per_job` checks, but for the throttled one, whose
+    // 429 was a Modify sent and not applied: it was sent again after the pause.
+    let events = app
+        .events_until(|events| by_job(events).len() >= jobs.len())
+        .await;
+    assert_eq!(by_job(&events).len(), jobs.len());
+    assert_eq!(
+        app.toggles().len(),
+        jobs.len(),
+        "one final audit row per job"
+    );
+    assert_every_row_succeeded(&app, "the throttled job ran once the pause was over");
+    let stats = app.stats();
+    for (job_id, n, status) in &jobs {
+        assert_eq!(
+            app.simulator.status_of(PROJECT, &instance(*n)).as_deref(),
+            Some(*status),
+            "{job_id}"
+        );
+        let calls = &stats.instances[&instance(*n)];
+        let sent = if *n == 402 { 2 } else { 1 };
+        assert_eq!(
+            (calls.modify_calls, calls.toggles_applied),
+            (sent, 1),
+            "{job_id}"
+        );
+    }
+    let workers: std::collections::BTreeSet<String> = app
+        .toggles()
+        .iter()
+        .map(|row| row["worker_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(workers.len(), 2, "both workers ran jobs: {workers:?}");
+
+    let recent = stats.recent;
+    let throttled = recent
+        .iter()
+        .find(|request| request.status == 429)
+        .expect("the scripted 429")
+        .at_ms;
+    let modifies = |from: i64, to: i64| {
+        recent
+            .iter()
+            .filter(|r| r.method == "POST" && r.at_ms > from && r.at_ms < to)
+            .count()
+    };
+    let pause_ms = pause.as_millis() as i64;
+    let during = modifies(throttled + 150, throttled + pause_ms - 100);
+    assert_eq!(
+        during, 0,
+        "no Modify from any worker while the project is paused"
+    );
+    let after = modifies(throttled + pause_ms - 100, i64::MAX);
+    assert!(after > 50, "calls went on after the pause: {after}");
+    app.cleanup().await;
 }
