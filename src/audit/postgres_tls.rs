@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use postgres::Socket;
-use postgres::config::SslMode;
+use postgres::config::{Host, SslMode};
 use postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect, TlsStream};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
@@ -44,22 +44,33 @@ pub(super) struct Tls {
 
 /// Reads `url` without reading the files it names (for words about it).
 pub(super) fn parse(url: &str) -> Result<Target, String> {
-    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let (base, query) = split_query(url);
     let mut passed = Vec::new();
     let mut mode = None;
     let mut root_file = None;
     for pair in query.split('&').filter(|pair| !pair.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        match key {
-            "sslmode" => mode = Some(value.to_owned()),
-            "sslrootcert" => root_file = Some(PathBuf::from(percent_decoded(value)?)),
+        match (
+            percent_decoded(key)?.as_str(),
+            percent_decoded(value)?.as_str(),
+        ) {
+            ("sslmode", mode_given) => mode = Some(mode_given.to_owned()),
+            // libpq's word for the system's roots.
+            ("sslrootcert", "system") => root_file = None,
+            ("sslrootcert", path) => root_file = Some(PathBuf::from(path)),
+            ("channel_binding", "require") => {
+                return Err("has channel_binding=require, which keyturn does not offer: leave it out (SCRAM authenticates without it)".into());
+            }
+            ("sslnegotiation", "direct") => {
+                return Err("has sslnegotiation=direct: keyturn asks the server for TLS the PostgreSQL way (leave it out)".into());
+            }
             _ => passed.push(pair),
         }
     }
     let tls = match mode.as_deref() {
         None | Some("disable") if root_file.is_some() => {
             return Err(
-                "has sslrootcert without sslmode=verify-full: the certificate would not be used"
+                "has sslrootcert without sslmode=verify-full or require: the certificate would not be used"
                     .into(),
             );
         }
@@ -79,10 +90,35 @@ pub(super) fn parse(url: &str) -> Result<Target, String> {
     let mut config: postgres::Config = rest
         .parse()
         .map_err(|_| super::postgres::NOT_A_POSTGRES_URL.to_owned())?;
-    if tls.is_some() {
-        config.ssl_mode(SslMode::Require);
+    match tls {
+        Some(_) => {
+            let hosts = config.get_hosts();
+            if hosts.is_empty() || hosts.iter().any(|host| !matches!(host, Host::Tcp(_))) {
+                return Err("asks for TLS without a host name to check the certificate against (a socket path, or no host)".into());
+            }
+            config.ssl_mode(SslMode::Require);
+        }
+        // Any other TLS setting reached the crate: refuse it rather than connect without TLS.
+        None if config.get_ssl_mode() != SslMode::Prefer => {
+            return Err("has a TLS setting keyturn does not read: use sslmode=verify-full".into());
+        }
+        None => {}
     }
     Ok(Target { config, tls })
+}
+
+/// The URL before its query, and the query. The query starts at the first `?` after the user
+/// and password, which end at the first `@` (as the `postgres` crate reads them): a password may
+/// hold a `?`.
+fn split_query(url: &str) -> (&str, &str) {
+    let credentials_end = url.find('@').map_or(0, |at| at + 1);
+    match url[credentials_end..].find('?') {
+        Some(at) => (
+            &url[..credentials_end + at],
+            &url[credentials_end + at + 1..],
+        ),
+        None => (url, ""),
+    }
 }
 
 /// Reads `url` and the certificates it names: what a worker checks at start.
@@ -154,8 +190,9 @@ fn percent_decoded(value: &str) -> Result<String, String> {
         if bytes[index] == b'%' {
             let hex = value
                 .get(index + 1..index + 3)
+                .filter(|hex| hex.bytes().all(|digit| digit.is_ascii_hexdigit()))
                 .and_then(|hex| u8::from_str_radix(hex, 16).ok())
-                .ok_or("has an sslrootcert with a broken %-escape")?;
+                .ok_or("has a broken %-escape in its parameters")?;
             out.push(hex);
             index += 3;
         } else {
@@ -163,7 +200,7 @@ fn percent_decoded(value: &str) -> Result<String, String> {
             index += 1;
         }
     }
-    String::from_utf8(out).map_err(|_| "has an sslrootcert that is not UTF-8".into())
+    String::from_utf8(out).map_err(|_| "has a parameter that is not UTF-8".into())
 }
 
 /// Makes TLS connections for the `postgres` crate with rustls (ring), as the broker's and the
@@ -210,8 +247,8 @@ impl TlsConnect<Socket> for RustlsConnector {
 pub(super) struct RustlsStream(tokio_rustls::client::TlsStream<Socket>);
 
 impl TlsStream for RustlsStream {
-    // No channel binding: SCRAM authenticates without it, as libpq does by default
-    // (`channel_binding=prefer` uses it only when offered both ways).
+    // No channel binding: SCRAM-SHA-256 authenticates without it (libpq would use it when the
+    // server offers it; `channel_binding=require` is refused when the URL is read).
     fn channel_binding(&self) -> ChannelBinding {
         ChannelBinding::none()
     }
@@ -279,6 +316,14 @@ mod tests {
                 .tls
                 .is_none()
         );
+        let system = parse("postgres://u@db/kt?sslmode=verify-full&sslrootcert=system").unwrap();
+        assert_eq!(system.tls, Some(Tls { root_file: None }), "libpq's word");
+
+        // A password may hold `?` and `&`: the query starts after it, and keys are decoded.
+        let odd = parse("postgres://u:p?w&d@db/kt?ssl%6Dode=verify-full").unwrap();
+        assert_eq!(odd.config.get_password(), Some(&b"p?w&d"[..]));
+        assert_eq!(odd.tls, Some(Tls { root_file: None }));
+        assert_eq!(odd.config.get_dbname(), Some("kt"));
     }
 
     #[test]
@@ -308,10 +353,30 @@ mod tests {
                 "postgres://u:secret-pw@db/kt?nonsense=1",
                 "is not a PostgreSQL URL",
             ),
+            (
+                "postgres://u:secret-pw@db/kt?sslmode=verify-full&sslrootcert=%+1",
+                "%-escape",
+            ),
+            (
+                "postgres://u:secret-pw@db/kt?sslmode=verify-full&channel_binding=require",
+                "channel_binding=require",
+            ),
+            (
+                "postgres://u:secret-pw@db/kt?sslmode=verify-full&sslnegotiation=direct",
+                "sslnegotiation=direct",
+            ),
+            (
+                "postgres://u:secret-pw@%2Frun%2Fpostgresql/kt?sslmode=verify-full",
+                "without a host name",
+            ),
+            (
+                "postgres://u:s?cret-pw@db/kt?sslmode=verify-ca",
+                "sslmode=verify-ca",
+            ),
         ] {
             let problem = parse(url).err().unwrap_or_else(|| panic!("{url} parsed"));
             assert!(problem.contains(words), "{url}: {problem}");
-            assert!(!problem.contains("secret-pw"), "{problem}");
+            assert!(!problem.contains("cret-pw"), "{problem}");
         }
     }
 
