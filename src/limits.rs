@@ -55,11 +55,16 @@ impl Limits {
 
     /// Waits until a call for `key` may go out.
     pub async fn acquire(&self, key: &LimitKey) {
+        self.unpaused(key).await;
+        self.per_key.until_key_ready(key).await;
+        self.global.until_ready().await;
+    }
+
+    /// Waits until `key` is not paused after a 429 (taking no token).
+    pub async fn unpaused(&self, key: &LimitKey) {
         while let Some(until) = self.paused(key) {
             tokio::time::sleep_until(until).await;
         }
-        self.per_key.until_key_ready(key).await;
-        self.global.until_ready().await;
     }
 
     /// Waits for a token of `rollout_id`'s own cap of `per_second` calls (burst 1).

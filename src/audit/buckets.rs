@@ -43,9 +43,10 @@ pub(super) fn take(tx: &mut dyn Db, buckets: &[Bucket]) -> Result<Option<Duratio
         .map(|(bucket, level)| (1.0 - level) / bucket.per_ms())
         .fold(0.0, f64::max);
     if short_ms > 0.0 {
-        return Ok(Some(Duration::from_micros(
-            (short_ms * 1000.0).ceil() as u64
-        )));
+        // Workers configured with other rates read another's pause at their own: never longer
+        // than the longest pause a 429 may set.
+        let wait = Duration::from_micros((short_ms * 1000.0).ceil() as u64);
+        return Ok(Some(wait.min(crate::limits::MAX_PAUSE)));
     }
     let taken: Vec<f64> = levels.into_iter().map(|level| level - 1.0).collect();
     store(tx, buckets, &taken, now)?;

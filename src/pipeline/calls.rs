@@ -311,6 +311,10 @@ impl Pipeline {
         rate: Option<&(String, u32)>,
         ctx: &Context<'_>,
     ) -> Result<tokio::sync::SemaphorePermit<'_>, Ended> {
+        // A paused project's jobs wait without a slot, so jobs of other projects get the slots.
+        self.hold(ctx, self.limits.unpaused(key))
+            .await
+            .map_err(Ended::Held)?;
         let slot = self.call_slot(ctx).await?;
         self.wait_until_open(region, ctx).await?;
         let holding = |pipeline: &Pipeline| pipeline.circuits.holding(region).map(Ended::Parked);
@@ -339,18 +343,32 @@ impl Pipeline {
         first_modify: bool,
         ctx: &Context<'_>,
     ) -> Result<tokio::sync::SemaphorePermit<'_>, Ended> {
-        let slot = self
-            .wait_to_call(job.region.as_str(), key, rate, ctx)
-            .await?;
-        if first_modify {
-            self.rollout_still_runs(job, ctx).await?;
-        }
-        self.trust_lease(job, ctx).await?;
-        if self.fleet_limits {
-            self.take_fleet_tokens(key, rate, ctx).await?;
+        loop {
+            let slot = self
+                .wait_to_call(job.region.as_str(), key, rate, ctx)
+                .await?;
+            if first_modify {
+                self.rollout_still_runs(job, ctx).await?;
+            }
             self.trust_lease(job, ctx).await?;
+            if !self.fleet_limits {
+                return Ok(slot);
+            }
+            match self.take_fleet_tokens(key, rate, ctx).await? {
+                Granted::Yes => {
+                    self.trust_lease(job, ctx).await?;
+                    return Ok(slot);
+                }
+                // A paused project (a 429 met by any worker): wait without the slot, then go
+                // through the local limits again.
+                Granted::After(wait) => {
+                    drop(slot);
+                    self.hold(ctx, tokio::time::sleep(wait))
+                        .await
+                        .map_err(Ended::Held)?;
+                }
+            }
         }
-        Ok(slot)
     }
 
     /// Before a delivery's first Modify, after its waits for a slot and the local rate limits:
@@ -416,7 +434,7 @@ impl Pipeline {
         key: &LimitKey,
         rate: Option<&(String, u32)>,
         ctx: &Context<'_>,
-    ) -> Result<(), Ended> {
+    ) -> Result<Granted, Ended> {
         let limits = &self.settings.rate_limit;
         let mut buckets = vec![
             Bucket {
@@ -453,7 +471,8 @@ impl Pipeline {
                 .await
                 .ok_or(Ended::Held(Held::Shutdown))?;
             match short {
-                None => return Ok(()),
+                None => return Ok(Granted::Yes),
+                Some(wait) if wait > LONG_TOKEN_WAIT => return Ok(Granted::After(wait)),
                 Some(wait) => self
                     .hold(ctx, tokio::time::sleep(wait))
                     .await
@@ -473,16 +492,17 @@ impl Pipeline {
     }
 
     /// After a 429: the project's bucket in the store grants no token for `pause`, so every
-    /// worker on the store waits, not only this one. A store that does not take the write leaves
-    /// the pause to this worker alone (the others pause when they meet a 429 themselves).
+    /// worker on the store waits, not only this one. A store that does not take the write
+    /// within a second leaves the pause to this worker alone (the others pause when they meet a
+    /// 429 themselves).
     async fn pause_fleet(&self, key: &LimitKey, pause: Duration) {
-        if let Err(error) = self
-            .audit
-            .pause_bucket(self.project_bucket(key), pause)
-            .await
-        {
-            tracing::warn!(%error, region = %key.0, project_id = %key.1, "could not pause the project's calls for the fleet; this worker pauses alone");
-        }
+        let write = self.audit.pause_bucket(self.project_bucket(key), pause);
+        let failed = match tokio::time::timeout(Duration::from_secs(1), write).await {
+            Ok(Ok(())) => return,
+            Ok(Err(error)) => error.to_string(),
+            Err(_) => "the store did not answer within 1 s".to_owned(),
+        };
+        tracing::warn!(error = %failed, region = %key.0, project_id = %key.1, "could not pause the project's calls for the fleet; this worker pauses alone");
     }
 
     /// Feeds an answer to the circuits; returns the scope that holds this job if the answer
@@ -553,8 +573,18 @@ impl Pipeline {
             return Run::ok(status, exchanges);
         };
         self.acquire(&key).await;
-        if self.fleet_limits && self.take_fleet_tokens(&key, rate, ctx).await.is_err() {
-            return Run::ok(status, exchanges);
+        if self.fleet_limits {
+            loop {
+                match self.take_fleet_tokens(&key, rate, ctx).await {
+                    Ok(Granted::Yes) => break,
+                    Ok(Granted::After(wait)) => {
+                        if self.hold(ctx, tokio::time::sleep(wait)).await.is_err() {
+                            return Run::ok(status, exchanges);
+                        }
+                    }
+                    Err(_) => return Run::ok(status, exchanges),
+                }
+            }
         }
         self.leases.calling(job.id.as_str(), job.rerun);
         let confirmation = self.api(Call::Describe, job).await;
@@ -576,6 +606,18 @@ impl Pipeline {
             Err(_) => Run::ok(status, exchanges),
         }
     }
+}
+
+/// A wait for the store's tokens longer than this (a project paused after a 429) is waited
+/// without the job's call slot; shorter ones, a bucket refilling at its rate, are waited with it,
+/// next to the call.
+const LONG_TOKEN_WAIT: Duration = Duration::from_millis(250);
+
+/// What the store's buckets said to a take.
+enum Granted {
+    Yes,
+    /// Nothing before this long: wait without holding a call slot.
+    After(Duration),
 }
 
 /// True when a Modify that failed this way may still have been applied: no answer came (a

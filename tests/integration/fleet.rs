@@ -509,17 +509,27 @@ async fn the_store_is_reached_over_verified_tls_and_never_over_an_unchecked_one(
 }
 
 /// A 429 pauses the project's calls for the whole fleet, not only for the worker that met it:
-/// the project's bucket in the store grants no token until the pause is over. Two workers on one
-/// store, 120 jobs of one project; the third job's first Modify is answered 429 (no
-/// `Retry-After`, as the real gateway sends none, so `rate_limit.throttle_pause`, 1.5 s, holds).
-/// Between the 429 and the pause's end the simulator hears no Modify from either worker, apart
-/// from those already granted when it came (150 ms are allowed for them); afterwards every job
-/// succeeds and both workers ran some.
+/// the project's bucket in the store grants no token until the pause is over, and another
+/// project's calls go on meanwhile. Two workers on one store, projects limited to 20 calls/s;
+/// 60 jobs of one project with 20 of another between them. The third job's first Modify is answered 429 (no `Retry-After`, as the
+/// real gateway sends none, so `rate_limit.throttle_pause`, 1.5 s, holds). From 300 ms after the
+/// 429 (calls already granted when it came may still land) until the pause's end, the simulator
+/// hears no Modify for the paused project from either worker, and some for the other one (a
+/// paused job gives its call slot back while it waits). Afterwards every job succeeds, and each
+/// worker finished jobs after the pause.
 #[tokio::test]
 async fn a_429_pauses_the_projects_calls_on_every_worker_of_the_store() {
+    const OTHER_PROJECT: &str = "0a1b2c3d4e5f60718293a4b5c6d7e8f9";
     let pause = Duration::from_millis(1_500);
     let app = TestApp::spawn_with(on_postgres(move |s| {
         s.rate_limit.throttle_pause = pause;
+        // Slow enough that the other project's 20 jobs take about a second: they are still
+        // there to run during the pause.
+        s.rate_limit.per_project_per_second = 20;
+        s.rate_limit.per_project_burst = 2;
+        // Every job is delivered at once (half to each worker), so the other project's jobs are
+        // held while the paused ones wait: they need the call slots (4) the paused ones do not.
+        s.worker.prefetch = 40;
     }))
     .await;
     app.simulator.script(
@@ -532,7 +542,21 @@ async fn a_429_pauses_the_projects_calls_on_every_worker_of_the_store() {
             apply: false,
         }],
     );
-    let jobs = publish_fleet(&app, 120, 400).await;
+    // (job_id, instance number, status, project)
+    let mut jobs = Vec::new();
+    for i in 0..80u32 {
+        let (n, project) = if i % 4 == 3 {
+            (700 + i / 4, OTHER_PROJECT)
+        } else {
+            (400 + i - i / 4, PROJECT)
+        };
+        let status = if i % 3 == 0 { "off" } else { "on" };
+        let job_id = format!("J-{n}");
+        let mut body = job(&job_id, n, status);
+        body["project_id"] = json!(project);
+        app.publish_job(&body).await;
+        jobs.push((job_id, n, status, project));
+    }
     let idle = || RunOptions {
         exit_when_idle: Some(Duration::from_millis(600)),
     };
@@ -552,16 +576,13 @@ async fn a_429_pauses_the_projects_calls_on_every_worker_of_the_store() {
         .events_until(|events| by_job(events).len() >= jobs.len())
         .await;
     assert_eq!(by_job(&events).len(), jobs.len());
-    assert_eq!(
-        app.toggles().len(),
-        jobs.len(),
-        "one final audit row per job"
-    );
+    let rows = app.toggles();
+    assert_eq!(rows.len(), jobs.len(), "one final audit row per job");
     assert_every_row_succeeded(&app, "the throttled job ran once the pause was over");
     let stats = app.stats();
-    for (job_id, n, status) in &jobs {
+    for (job_id, n, status, project) in &jobs {
         assert_eq!(
-            app.simulator.status_of(PROJECT, &instance(*n)).as_deref(),
+            app.simulator.status_of(project, &instance(*n)).as_deref(),
             Some(*status),
             "{job_id}"
         );
@@ -573,12 +594,6 @@ async fn a_429_pauses_the_projects_calls_on_every_worker_of_the_store() {
             "{job_id}"
         );
     }
-    let workers: std::collections::BTreeSet<String> = app
-        .toggles()
-        .iter()
-        .map(|row| row["worker_id"].as_str().unwrap().to_owned())
-        .collect();
-    assert_eq!(workers.len(), 2, "both workers ran jobs: {workers:?}");
 
     let recent = stats.recent;
     let throttled = recent
@@ -586,19 +601,51 @@ async fn a_429_pauses_the_projects_calls_on_every_worker_of_the_store() {
         .find(|request| request.status == 429)
         .expect("the scripted 429")
         .at_ms;
-    let modifies = |from: i64, to: i64| {
+    let paused: std::collections::HashSet<String> = jobs
+        .iter()
+        .filter(|job| job.3 == PROJECT)
+        .map(|job| instance(job.1))
+        .collect();
+    let modifies = |from: i64, to: i64, of_paused: bool| {
         recent
             .iter()
             .filter(|r| r.method == "POST" && r.at_ms > from && r.at_ms < to)
+            .filter(|r| r.instance_id.as_ref().is_some_and(|id| paused.contains(id)) == of_paused)
             .count()
     };
     let pause_ms = pause.as_millis() as i64;
-    let during = modifies(throttled + 150, throttled + pause_ms - 100);
+    let (from, to) = (throttled + 300, throttled + pause_ms - 100);
     assert_eq!(
-        during, 0,
-        "no Modify from any worker while the project is paused"
+        modifies(from, to, true),
+        0,
+        "no Modify of the paused project from any worker while it is paused"
     );
-    let after = modifies(throttled + pause_ms - 100, i64::MAX);
-    assert!(after > 50, "calls went on after the pause: {after}");
+    let others = modifies(from, to, false);
+    assert!(
+        others > 0,
+        "the other project's calls went on during the pause"
+    );
+    let after = modifies(to, i64::MAX, true);
+    assert!(
+        after >= 30,
+        "the project's calls went on after the pause: {after}"
+    );
+    eprintln!(
+        "429 pause: in the window, {others} Modify calls of the other project; {after} of the paused one after it"
+    );
+    // Both workers had the project's jobs to run after the pause, so both were held by it.
+    let resumed = chrono::DateTime::from_timestamp_millis(throttled + pause_ms).unwrap();
+    for worker in [app.settings.worker.id.as_str(), "second"] {
+        assert!(
+            rows.iter().any(|row| row["worker_id"] == json!(worker)
+                && row["finished_at"]
+                    .as_str()
+                    .unwrap()
+                    .parse::<chrono::DateTime<chrono::Utc>>()
+                    .unwrap()
+                    > resumed),
+            "{worker} finished jobs after the pause"
+        );
+    }
     app.cleanup().await;
 }
