@@ -60,6 +60,11 @@ impl Limits {
         self.global.until_ready().await;
     }
 
+    /// Whether `key` is paused after a 429 now.
+    pub fn is_paused(&self, key: &LimitKey) -> bool {
+        self.paused(key).is_some()
+    }
+
     /// Waits until `key` is not paused after a 429 (taking no token).
     pub async fn unpaused(&self, key: &LimitKey) {
         while let Some(until) = self.paused(key) {

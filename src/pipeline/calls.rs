@@ -311,11 +311,7 @@ impl Pipeline {
         rate: Option<&(String, u32)>,
         ctx: &Context<'_>,
     ) -> Result<tokio::sync::SemaphorePermit<'_>, Ended> {
-        // A paused project's jobs wait without a slot, so jobs of other projects get the slots.
-        self.hold(ctx, self.limits.unpaused(key))
-            .await
-            .map_err(Ended::Held)?;
-        let slot = self.call_slot(ctx).await?;
+        let slot = self.unpaused_slot(key, ctx).await?;
         self.wait_until_open(region, ctx).await?;
         let holding = |pipeline: &Pipeline| pipeline.circuits.holding(region).map(Ended::Parked);
         let waiting = tokio::time::Instant::now();
@@ -329,6 +325,25 @@ impl Pipeline {
             .map_err(Ended::Held)?;
         observe(&self.metrics.rate_limit_wait, waiting.elapsed());
         holding(self).map_or(Ok(slot), Err)
+    }
+
+    /// A call slot, taken once `key` is not paused after a 429: a paused project's jobs wait
+    /// without a slot, so that the worker's jobs of other projects get the slots.
+    async fn unpaused_slot(
+        &self,
+        key: &LimitKey,
+        ctx: &Context<'_>,
+    ) -> Result<tokio::sync::SemaphorePermit<'_>, Ended> {
+        loop {
+            self.hold(ctx, self.limits.unpaused(key))
+                .await
+                .map_err(Ended::Held)?;
+            let slot = self.call_slot(ctx).await?;
+            // A 429 may have come while this job waited for the slot.
+            if !self.limits.is_paused(key) {
+                return Ok(slot);
+            }
+        }
     }
 
     /// Everything between a job's claim and its call: a call slot and the local rate limits,
@@ -459,6 +474,12 @@ impl Pipeline {
             .map(|bucket| bucket.name.as_str())
             .collect::<Vec<_>>()
             .join("|");
+        // The longest wait a bucket refilling at its rate gives: one longer is a pause.
+        let ordinary = buckets
+            .iter()
+            .map(|bucket| Duration::from_secs_f64(1.0 / bucket.per_second.max(0.001)))
+            .max()
+            .unwrap_or_default();
         let _one_at_a_time = self
             .hold(ctx, self.fleet_gates.lock(&gate))
             .await
@@ -472,7 +493,9 @@ impl Pipeline {
                 .ok_or(Ended::Held(Held::Shutdown))?;
             match short {
                 None => return Ok(Granted::Yes),
-                Some(wait) if wait > LONG_TOKEN_WAIT => return Ok(Granted::After(wait)),
+                Some(wait) if wait > ordinary.max(LONG_TOKEN_WAIT) => {
+                    return Ok(Granted::After(wait));
+                }
                 Some(wait) => self
                     .hold(ctx, tokio::time::sleep(wait))
                     .await
@@ -500,9 +523,10 @@ impl Pipeline {
         let failed = match tokio::time::timeout(Duration::from_secs(1), write).await {
             Ok(Ok(())) => return,
             Ok(Err(error)) => error.to_string(),
+            // The write stays queued and may still reach the store, later.
             Err(_) => "the store did not answer within 1 s".to_owned(),
         };
-        tracing::warn!(error = %failed, region = %key.0, project_id = %key.1, "could not pause the project's calls for the fleet; this worker pauses alone");
+        tracing::warn!(error = %failed, region = %key.0, project_id = %key.1, "the fleet-wide pause of the project's calls is not confirmed; this worker pauses meanwhile");
     }
 
     /// Feeds an answer to the circuits; returns the scope that holds this job if the answer
@@ -569,23 +593,28 @@ impl Pipeline {
         }
         let key: LimitKey = (job.region.to_string(), job.project_id.to_string());
         // The Modify landed: a wait cut short by shutdown or a hold still reads nothing back.
-        let Ok(_slot) = self.call_slot(ctx).await else {
-            return Run::ok(status, exchanges);
-        };
-        self.acquire(&key).await;
-        if self.fleet_limits {
-            loop {
-                match self.take_fleet_tokens(&key, rate, ctx).await {
-                    Ok(Granted::Yes) => break,
-                    Ok(Granted::After(wait)) => {
-                        if self.hold(ctx, tokio::time::sleep(wait)).await.is_err() {
-                            return Run::ok(status, exchanges);
-                        }
-                    }
-                    Err(_) => return Run::ok(status, exchanges),
-                }
+        // A pause is waited without the slot, as before a Modify.
+        let _slot = loop {
+            let Ok(slot) = self.unpaused_slot(&key, ctx).await else {
+                return Run::ok(status, exchanges);
+            };
+            if self.hold(ctx, self.acquire(&key)).await.is_err() {
+                return Run::ok(status, exchanges);
             }
-        }
+            if !self.fleet_limits {
+                break slot;
+            }
+            match self.take_fleet_tokens(&key, rate, ctx).await {
+                Ok(Granted::Yes) => break slot,
+                Ok(Granted::After(wait)) => {
+                    drop(slot);
+                    if self.hold(ctx, tokio::time::sleep(wait)).await.is_err() {
+                        return Run::ok(status, exchanges);
+                    }
+                }
+                Err(_) => return Run::ok(status, exchanges),
+            }
+        };
         self.leases.calling(job.id.as_str(), job.rerun);
         let confirmation = self.api(Call::Describe, job).await;
         self.leases.called(job.id.as_str(), job.rerun);
@@ -608,9 +637,9 @@ impl Pipeline {
     }
 }
 
-/// A wait for the store's tokens longer than this (a project paused after a 429) is waited
-/// without the job's call slot; shorter ones, a bucket refilling at its rate, are waited with it,
-/// next to the call.
+/// A wait for the store's tokens longer than both this and the interval at which its buckets
+/// refill (so a project paused after a 429) is waited without the job's call slot; others, a
+/// bucket refilling at its rate, are waited with it, next to the call.
 const LONG_TOKEN_WAIT: Duration = Duration::from_millis(250);
 
 /// What the store's buckets said to a take.
