@@ -1246,6 +1246,28 @@ mod tests {
             .unwrap()
             .expect("still paused");
         assert!(still > Duration::from_millis(1_000), "{still:?}");
+
+        // A worker configured with a far lower rate reads the longest pause of one with a far
+        // higher rate: its wait is never longer than that pause.
+        let fast = Bucket {
+            name: "project:r/fast".into(),
+            per_second: 100_000.0,
+            burst: 20.0,
+        };
+        audit
+            .pause_bucket(fast.clone(), crate::limits::MAX_PAUSE)
+            .await
+            .unwrap();
+        let slow = Bucket {
+            per_second: 1.0,
+            ..fast
+        };
+        let wait = audit
+            .take_tokens(vec![slow])
+            .await
+            .unwrap()
+            .expect("paused");
+        assert_eq!(wait, crate::limits::MAX_PAUSE);
     }
 
     fn parked_job(job_id: &str, scope: &str) -> ParkedJob {
