@@ -632,15 +632,13 @@ impl Settings {
     fn validate_store(&self) -> Result<(), ConfigError> {
         let url = &self.store.url;
         let postgres = url.starts_with("postgres://") || url.starts_with("postgresql://");
-        if !url.is_empty() && !postgres {
-            return Err(config_error(
-                "store.url",
-                crate::audit::postgres::NOT_A_POSTGRES_URL,
-            ));
-        }
         if !url.is_empty() {
-            crate::audit::check_store_url(url)
-                .map_err(|problem| config_error("store.url", problem))?;
+            let checked = if postgres {
+                crate::audit::check_store_url(url)
+            } else {
+                Err(crate::audit::postgres::NOT_A_POSTGRES_URL.to_owned())
+            };
+            checked.map_err(|problem| config_error("store.url", problem))?;
         }
         if self.store.lease < Duration::from_secs(2) || self.store.lease > 10 * MINUTE {
             return Err(config_error(

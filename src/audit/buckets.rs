@@ -68,6 +68,12 @@ impl Bucket {
     fn per_ms(&self) -> f64 {
         self.per_second.max(f64::MIN_POSITIVE) / 1000.0
     }
+
+    /// The time it takes to gain one token: the longest wait it gives while refilling at its
+    /// rate (a longer one is a pause after a 429).
+    pub fn interval(&self) -> Duration {
+        Duration::from_secs_f64(1.0 / self.per_second.max(0.001))
+    }
 }
 
 /// Each bucket's tokens at `now`: what it held when last written, refilled since, up to its

@@ -664,12 +664,7 @@ impl AuditStore {
     /// Takes one token of each bucket for an API call, all or none; `Some(wait)`: one is short
     /// for about `wait`.
     pub async fn take_tokens(&self, buckets: Vec<Bucket>) -> Result<Option<Duration>, AuditError> {
-        let (reply, answer) = oneshot::channel();
-        let write = Write::TakeTokens(buckets);
-        self.tokens
-            .send(Command::Write { write, reply })
-            .map_err(|_| AuditError::Closed)?;
-        match answer.await.map_err(|_| AuditError::Closed)?? {
+        match self.token_write(Write::TakeTokens(buckets)).await? {
             Written::Tokens(wait) => Ok(wait),
             _ => unreachable!("a take of tokens answers Tokens"),
         }
@@ -678,12 +673,18 @@ impl AuditStore {
     /// Empties `bucket` for `pause`, for every worker on the store: the API answered 429 for
     /// its project.
     pub async fn pause_bucket(&self, bucket: Bucket, pause: Duration) -> Result<(), AuditError> {
+        self.token_write(Write::PauseBucket(bucket, pause))
+            .await
+            .map(|_| ())
+    }
+
+    /// A write of the rate buckets, on the thread of token takes.
+    async fn token_write(&self, write: Write) -> Result<Written, AuditError> {
         let (reply, answer) = oneshot::channel();
-        let write = Write::PauseBucket(bucket, pause);
         self.tokens
             .send(Command::Write { write, reply })
             .map_err(|_| AuditError::Closed)?;
-        answer.await.map_err(|_| AuditError::Closed)?.map(|_| ())
+        answer.await.map_err(|_| AuditError::Closed)?
     }
 
     /// Renews `owner`'s leases on `active` keys and drops those on `released` ones; returns

@@ -255,17 +255,20 @@ impl Postgres {
                 IDLE_IN_TRANSACTION.as_millis()
             );
             config.options(options.trim());
+            let refused = |error: postgres::Error| {
+                let problem = describe(&error);
+                if error.as_db_error().is_some() {
+                    Failure::Refused(problem)
+                } else {
+                    Failure::Unreachable(problem)
+                }
+            };
             let connected = match tls.map(|tls| tls.connector()) {
-                None => config.connect(NoTls),
-                Some(Ok(connector)) => config.connect(connector),
+                None => config.connect(NoTls).map_err(refused),
+                Some(Ok(connector)) => config.connect(connector).map_err(refused),
                 // The certificates named went missing since the start: hold, as for a server
                 // that does not answer, until the file is back.
-                Some(Err(problem)) => {
-                    let failure = Failure::Unreachable(format!("store.url {problem}"));
-                    let error = failure.error();
-                    self.failed_at = Some((Instant::now(), failure));
-                    return Err(error);
-                }
+                Some(Err(problem)) => Err(Failure::Unreachable(format!("store.url {problem}"))),
             };
             match connected {
                 Ok(client) => {
@@ -273,13 +276,7 @@ impl Postgres {
                     self.statements.clear();
                     self.failed_at = None;
                 }
-                Err(error) => {
-                    let problem = describe(&error);
-                    let failure = if error.as_db_error().is_some() {
-                        Failure::Refused(problem)
-                    } else {
-                        Failure::Unreachable(problem)
-                    };
+                Err(failure) => {
                     let error = failure.error();
                     self.failed_at = Some((Instant::now(), failure));
                     return Err(error);

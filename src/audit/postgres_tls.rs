@@ -9,8 +9,10 @@
 //!   certificate under `require` too (libpq does not): a connection that an attacker on the path
 //!   could read is not what `require` is asked for;
 //! - `sslrootcert=/path/ca.pem`: the PEM certificates to trust instead of the system's roots;
-//! - `prefer`, `allow` and `verify-ca` are refused: the first two may fall back to plain text,
-//!   and keyturn always checks the host name.
+//! - `sslrootcert=system`: the system's roots, as in libpq;
+//! - refused: `prefer`, `allow` and `verify-ca` (the first two may fall back to plain text, and
+//!   keyturn always checks the host name), TLS to a socket path (no host name to check),
+//!   `channel_binding=require` (not offered) and `sslnegotiation=direct`.
 //!
 //! Problems are told without the URL, which may hold a password.
 

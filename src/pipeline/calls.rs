@@ -369,19 +369,31 @@ impl Pipeline {
             if !self.fleet_limits {
                 return Ok(slot);
             }
-            match self.take_fleet_tokens(key, rate, ctx).await? {
-                Granted::Yes => {
-                    self.trust_lease(job, ctx).await?;
-                    return Ok(slot);
-                }
-                // A paused project (a 429 met by any worker): wait without the slot, then go
-                // through the local limits again.
-                Granted::After(wait) => {
-                    drop(slot);
-                    self.hold(ctx, tokio::time::sleep(wait))
-                        .await
-                        .map_err(Ended::Held)?;
-                }
+            if let Some(slot) = self.fleet_tokens(slot, key, rate, ctx).await? {
+                self.trust_lease(job, ctx).await?;
+                return Ok(slot);
+            }
+        }
+    }
+
+    /// The store's tokens for a call that holds `slot`: the slot back once they are granted.
+    /// `None` after a paused project (a 429 met by any worker) was waited out without the slot:
+    /// the caller goes through its slot and the local limits again.
+    async fn fleet_tokens<'a>(
+        &'a self,
+        slot: tokio::sync::SemaphorePermit<'a>,
+        key: &LimitKey,
+        rate: Option<&(String, u32)>,
+        ctx: &Context<'_>,
+    ) -> Result<Option<tokio::sync::SemaphorePermit<'a>>, Ended> {
+        match self.take_fleet_tokens(key, rate, ctx).await? {
+            Granted::Yes => Ok(Some(slot)),
+            Granted::After(wait) => {
+                drop(slot);
+                self.hold(ctx, tokio::time::sleep(wait))
+                    .await
+                    .map_err(Ended::Held)?;
+                Ok(None)
             }
         }
     }
@@ -474,12 +486,6 @@ impl Pipeline {
             .map(|bucket| bucket.name.as_str())
             .collect::<Vec<_>>()
             .join("|");
-        // The longest wait a bucket refilling at its rate gives: one longer is a pause.
-        let ordinary = buckets
-            .iter()
-            .map(|bucket| Duration::from_secs_f64(1.0 / bucket.per_second.max(0.001)))
-            .max()
-            .unwrap_or_default();
         let _one_at_a_time = self
             .hold(ctx, self.fleet_gates.lock(&gate))
             .await
@@ -493,10 +499,7 @@ impl Pipeline {
                 .ok_or(Ended::Held(Held::Shutdown))?;
             match short {
                 None => return Ok(Granted::Yes),
-                // The store rounds its wait up to a microsecond: a millisecond of slack.
-                Some(wait) if wait > (ordinary + Duration::from_millis(1)).max(LONG_TOKEN_WAIT) => {
-                    return Ok(Granted::After(wait));
-                }
+                Some(wait) if is_pause(wait, &buckets) => return Ok(Granted::After(wait)),
                 Some(wait) => self
                     .hold(ctx, tokio::time::sleep(wait))
                     .await
@@ -605,14 +608,9 @@ impl Pipeline {
             if !self.fleet_limits {
                 break slot;
             }
-            match self.take_fleet_tokens(&key, rate, ctx).await {
-                Ok(Granted::Yes) => break slot,
-                Ok(Granted::After(wait)) => {
-                    drop(slot);
-                    if self.hold(ctx, tokio::time::sleep(wait)).await.is_err() {
-                        return Run::ok(status, exchanges);
-                    }
-                }
+            match self.fleet_tokens(slot, &key, rate, ctx).await {
+                Ok(Some(slot)) => break slot,
+                Ok(None) => {}
                 Err(_) => return Run::ok(status, exchanges),
             }
         };
@@ -642,6 +640,18 @@ impl Pipeline {
 /// refill (so a project paused after a 429) is waited without the job's call slot; others, a
 /// bucket refilling at its rate, are waited with it, next to the call.
 const LONG_TOKEN_WAIT: Duration = Duration::from_millis(250);
+
+/// Whether the store's `wait` for `buckets` is a pause after a 429: longer than
+/// [`LONG_TOKEN_WAIT`] and than any of them takes to refill one token (with a millisecond of
+/// slack, as the store rounds its wait up to a microsecond).
+fn is_pause(wait: Duration, buckets: &[Bucket]) -> bool {
+    let refill = buckets
+        .iter()
+        .map(Bucket::interval)
+        .max()
+        .unwrap_or_default();
+    wait > (refill + Duration::from_millis(1)).max(LONG_TOKEN_WAIT)
+}
 
 /// What the store's buckets said to a take.
 enum Granted {
